@@ -1,0 +1,213 @@
+"""Model configuration: one flat dataclass with the paper's names, its presets, and YAML I/O.
+
+The presets `base` and `big` are the two rows of Table 3 of the paper:
+
+    N  d_model  d_ff  h   d_k  d_v  P_drop  eps_ls  train steps  params
+    6  512      2048  8   64   64   0.1     0.1     100K         65M    (base)
+    6  1024     4096  16  64   64   0.3     0.1     300K         213M   (big)
+
+(eps_ls, label smoothing, is a property of training, not of the model: see `train.py`.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from aiayn.errors import ConfigError
+
+NormPlacement = Literal["post", "pre"]
+Positions = Literal["sinusoidal", "learned"]
+Activation = Literal["relu", "gelu"]
+AttentionImpl = Literal["sdpa", "reference"]
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "norm": ("post", "pre"),
+    "positions": ("sinusoidal", "learned"),
+    "activation": ("relu", "gelu"),
+    "attention": ("sdpa", "reference"),
+}
+
+
+@dataclass
+class TransformerConfig:
+    """Hyper-parameters of the Transformer. Defaults are the paper's base model (Table 3).
+
+    Every field is used by the model and validated on construction; `n_encoder_layers=0`
+    gives a decoder-only language model and `n_decoder_layers=0` an encoder-only model.
+    """
+
+    src_vocab_size: int = 37000  # §5.1: a shared source-target BPE vocabulary of ~37000 tokens
+    tgt_vocab_size: int = 37000
+    d_model: int = 512  # width of every sub-layer output and of the embeddings (§3.1)
+    n_heads: int = 8  # h, parallel attention heads; d_k = d_v = d_model / h (§3.2.2)
+    d_ff: int = 2048  # inner width of the position-wise feed-forward network (§3.3)
+    n_encoder_layers: int = 6  # N (§3.1)
+    n_decoder_layers: int = 6  # N (§3.1)
+    dropout: float = 0.1  # P_drop: on every sub-layer output and on embeddings + positions (§5.4)
+    attention_dropout: float = 0.0  # on attention weights; not in the paper (0 follows it)
+    activation_dropout: float = 0.0  # inside the FFN after the activation; not in the paper
+    max_len: int = 512  # longest sequence the positional encoding covers
+    pad_id: int = 0  # padding token id: masked as a key, excluded from the loss
+    shared_vocab: bool = True  # one embedding matrix for source and target (§3.4)
+    tie_embeddings: bool = True  # output projection = target embedding matrix transposed (§3.4)
+    norm: NormPlacement = (
+        "post"  # "post": LayerNorm(x + Sublayer(x)) as the paper; "pre": x + Sublayer(LayerNorm(x))
+    )
+    positions: Positions = "sinusoidal"  # §3.5; "learned" is the variant of Table 3 row (E)
+    activation: Activation = (
+        "relu"  # FFN(x) = max(0, xW1 + b1)W2 + b2 (eq. 2); "gelu" for BERT-style models
+    )
+    layer_norm_eps: float = 1e-5  # not given in the paper; PyTorch's default
+    attention: AttentionImpl = "sdpa"  # "reference": softmax(QK^T/sqrt(d_k))V written out (eq. 1)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def d_k(self) -> int:
+        """Width of one head's queries, keys and values: d_k = d_v = d_model / h."""
+        return self.d_model // self.n_heads
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise `ConfigError` naming the first field whose value is not allowed."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            expected = {"int": int, "float": float, "bool": bool}.get(str(f.type))
+            if expected is int and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(f"{f.name} must be an integer, got {value!r}")
+            if expected is float:
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    raise ConfigError(f"{f.name} must be a number, got {value!r}")
+                setattr(self, f.name, float(value))
+            if expected is bool and not isinstance(value, bool):
+                raise ConfigError(f"{f.name} must be true or false, got {value!r}")
+            if f.name in _CHOICES and value not in _CHOICES[f.name]:
+                allowed = ", ".join(repr(c) for c in _CHOICES[f.name])
+                raise ConfigError(f"{f.name} must be one of {allowed}, got {value!r}")
+        for name in ("src_vocab_size", "tgt_vocab_size", "d_model", "n_heads", "d_ff", "max_len"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        for name in ("n_encoder_layers", "n_decoder_layers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.n_encoder_layers == 0 and self.n_decoder_layers == 0:
+            raise ConfigError(
+                "n_encoder_layers and n_decoder_layers are both 0: set at least one to a positive integer"
+            )
+        if self.d_model % self.n_heads != 0:
+            raise ConfigError(
+                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}); "
+                f"allowed n_heads for this d_model: {_divisors(self.d_model)}"
+            )
+        for name in ("dropout", "attention_dropout", "activation_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not (math.isfinite(self.layer_norm_eps) and self.layer_norm_eps > 0):
+            raise ConfigError(
+                f"layer_norm_eps must be a positive number, got {self.layer_norm_eps}"
+            )
+        if not 0 <= self.pad_id < min(self.src_vocab_size, self.tgt_vocab_size):
+            raise ConfigError(
+                f"pad_id must be a token id in [0, {min(self.src_vocab_size, self.tgt_vocab_size)}), "
+                f"got {self.pad_id}"
+            )
+        has_both = self.n_encoder_layers > 0 and self.n_decoder_layers > 0
+        if self.shared_vocab and has_both and self.src_vocab_size != self.tgt_vocab_size:
+            raise ConfigError(
+                f"shared_vocab needs src_vocab_size == tgt_vocab_size, got {self.src_vocab_size} "
+                f"and {self.tgt_vocab_size}: make them equal or set shared_vocab: false"
+            )
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> TransformerConfig:
+        """A named configuration: `base` and `big` (Table 3 of the paper) or `tiny` (tests).
+
+        `vocab_size=V` is accepted as a shorthand for `src_vocab_size=tgt_vocab_size=V`.
+        """
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        values = dict(PRESETS[name])
+        if "vocab_size" in overrides:
+            vocab_size = overrides.pop("vocab_size")
+            values["src_vocab_size"] = values["tgt_vocab_size"] = vocab_size
+        values.update(overrides)
+        return cls.from_dict(values)
+
+    # ------------------------------------------------------------------ dict / YAML
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TransformerConfig:
+        """Build a config from a mapping; an unknown key is a `ConfigError` naming it."""
+        if not isinstance(values, dict):
+            raise ConfigError(
+                f"a model config must be a mapping of field: value, got {type(values).__name__}"
+            )
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown model config key {unknown[0]!r}; allowed keys: {', '.join(sorted(known))}"
+            )
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> TransformerConfig:
+        """A copy with some fields changed (validated like a new config)."""
+        return self.from_dict({**self.to_dict(), **changes})
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        """The config as YAML text; also written to `path` when one is given."""
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text, encoding="utf-8")
+        return text
+
+    @classmethod
+    def from_yaml(cls, source: str | Path) -> TransformerConfig:
+        """Read a config from a YAML file path, or from YAML text when `source` is not a file."""
+        text = (
+            Path(source).read_text(encoding="utf-8") if Path(str(source)).is_file() else str(source)
+        )
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"model config is not valid YAML: {exc}".replace("\n", " ")) from exc
+        return cls.from_dict(values or {})
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0 and d <= 64)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Table 3, row "base".
+    "base": dict(
+        d_model=512, n_heads=8, d_ff=2048, n_encoder_layers=6, n_decoder_layers=6, dropout=0.1
+    ),
+    # Table 3, row "big".
+    "big": dict(
+        d_model=1024, n_heads=16, d_ff=4096, n_encoder_layers=6, n_decoder_layers=6, dropout=0.3
+    ),
+    # Small enough for unit tests on a CPU in milliseconds.
+    "tiny": dict(
+        src_vocab_size=64,
+        tgt_vocab_size=64,
+        d_model=32,
+        n_heads=4,
+        d_ff=64,
+        n_encoder_layers=2,
+        n_decoder_layers=2,
+        dropout=0.0,
+        max_len=64,
+    ),
+}

@@ -1,0 +1,195 @@
+"""Subword BPE tokenizer (Sennrich et al. 2016) on Hugging Face ``tokenizers``.
+
+The paper (§5.1) encodes WMT En-De with a shared source-target BPE vocabulary of about 37,000
+tokens; :meth:`Tokenizer.train` builds such a joint vocabulary when given source and target
+texts together.
+
+Pipeline: NFKC normalisation -> Metaspace pre-tokenisation (spaces become ``▁`` and start the
+following word, as in SentencePiece) -> BPE -> Metaspace decoding. Because the space is part
+of the token, decoding restores the exact text ("A man, in a hat." round-trips), with no
+detokeniser heuristics. Characters never seen in training map to ``<unk>``, which decoding
+drops along with the other specials.
+
+Special tokens have fixed ids, shared by the whole project: ``<pad>``=0, ``<s>``=1,
+``</s>``=2, ``<unk>``=3.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import tokenizers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+from aiayn.errors import ConfigError, DataError
+
+PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)  # order = ids 0, 1, 2, 3
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+
+_SPACE = "\u2581"  # '▁', SentencePiece's visible space
+
+
+class Tokenizer:
+    """A BPE subword tokenizer with the project's fixed special-token ids.
+
+    Build one with :meth:`train` or :meth:`load`; the constructor wraps an existing
+    ``tokenizers.Tokenizer`` and checks its special tokens.
+    """
+
+    def __init__(self, tok: tokenizers.Tokenizer) -> None:
+        for expected_id, token in enumerate(SPECIAL_TOKENS):
+            got = tok.token_to_id(token)
+            if got != expected_id:
+                raise DataError(
+                    f"tokenizer has {token!r} at id {got}, expected {expected_id}; retrain it "
+                    f"with aiayn (specials must be {', '.join(SPECIAL_TOKENS)} = ids 0-3)"
+                )
+        self._tok = tok
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+        """Learn a BPE vocabulary of at most ``vocab_size`` tokens (specials included).
+
+        For a joint source-target vocabulary (the paper's setup) pass both sides together,
+        e.g. ``Tokenizer.train(src_lines + tgt_lines, 37000)``. A merge is learned only for
+        pairs seen at least ``min_frequency`` times. The vocabulary can end up smaller than
+        ``vocab_size`` when the corpus runs out of merges.
+
+        Raises:
+            ConfigError: ``vocab_size`` cannot hold the special tokens, or ``min_frequency``
+                is below 1.
+            DataError: ``texts`` holds no non-blank text.
+        """
+        if vocab_size <= len(SPECIAL_TOKENS):
+            raise ConfigError(
+                f"vocab_size {vocab_size} leaves no room beyond the {len(SPECIAL_TOKENS)} "
+                f"special tokens; use a few thousand or more"
+            )
+        if min_frequency < 1:
+            raise ConfigError(f"min_frequency {min_frequency} must be >= 1")
+        texts = list(texts)
+        if not any(t.strip() for t in texts):
+            raise DataError("cannot train a tokenizer on no text; pass the training sentences")
+
+        tok = tokenizers.Tokenizer(models.BPE(unk_token=UNK))
+        tok.normalizer = normalizers.NFKC()
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=_SPACE, prepend_scheme="always")
+        tok.decoder = decoders.Metaspace(replacement=_SPACE, prepend_scheme="always")
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=list(SPECIAL_TOKENS),  # added first, so they get ids 0..3
+            show_progress=False,
+        )
+        tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+        return cls(tok)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Tokenizer:
+        """Load a tokenizer saved by :meth:`save` (a ``tokenizer.json`` file).
+
+        Raises:
+            DataError: the file is missing, is not a tokenizer file, or lacks the specials.
+        """
+        p = Path(path)
+        if not p.is_file():
+            raise DataError(f"{p}: tokenizer file not found; train one first or fix the path")
+        try:
+            tok = tokenizers.Tokenizer.from_file(str(p))
+        except Exception as e:  # the Rust side raises a bare Exception for bad JSON/schema
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise DataError(
+                f"{p}: not a valid tokenizer.json ({msg}); retrain the tokenizer or restore "
+                f"the file"
+            ) from e
+        try:
+            return cls(tok)
+        except DataError as e:
+            raise DataError(f"{p}: {e}") from None
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the tokenizer as ``tokenizer.json`` at ``path`` (parent folders created).
+
+        Written to a temporary file then renamed, so an interrupted save never leaves a
+        half-written file behind.
+        """
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            self._tok.save(tmp)
+            os.replace(tmp, p)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, without ``<s>``/``</s>`` (the caller adds those)."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """:meth:`encode` for many texts at once (parallelised in Rust)."""
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Detokenised text of ``ids``; special tokens (pad, bos, eos, unk) are dropped.
+
+        Accepts a list of ints or a 1-D tensor. Callers usually cut at the first ``</s>``
+        before decoding, since tokens after it are not part of the output.
+        """
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def decode_batch(self, batch: Sequence[Sequence[int]]) -> list[str]:
+        """:meth:`decode` for many sequences at once."""
+        return self._tok.decode_batch(
+            [[int(i) for i in ids] for ids in batch], skip_special_tokens=True
+        )
+
+    def tokens(self, text: str) -> list[str]:
+        """The subword strings of ``text`` (for inspection and debugging)."""
+        return self._tok.encode(text, add_special_tokens=False).tokens
+
+    def token_to_id(self, token: str) -> int | None:
+        """Id of ``token``, or None if it is not in the vocabulary."""
+        return self._tok.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        """The token with id ``token_id``, or None if out of range."""
+        return self._tok.id_to_token(token_id)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, specials included: the embedding and output-layer size."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def pad_id(self) -> int:
+        return PAD_ID
+
+    @property
+    def bos_id(self) -> int:
+        return BOS_ID
+
+    @property
+    def eos_id(self) -> int:
+        return EOS_ID
+
+    @property
+    def unk_id(self) -> int:
+        return UNK_ID
+
+    @property
+    def backend(self) -> tokenizers.Tokenizer:
+        """The wrapped ``tokenizers.Tokenizer``."""
+        return self._tok
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size})"

@@ -1,0 +1,417 @@
+"""Greedy and beam search over any incremental decoder.
+
+The search never touches the model directly. It talks to an :class:`IncrementalDecoder`,
+a three-method protocol (fairseq style), so that the search can be tested against a tiny
+scripted decoder whose probabilities are known by hand, and so that the model is free to
+keep whatever it likes (encoder memory, padding mask, key/value cache) in its state:
+
+* ``start(src_ids)`` encodes the sources once and returns the decoder state;
+* ``step(tokens, state)`` feeds one token per row and returns next-token log-probabilities;
+* ``reorder(state, index)`` selects, reorders or duplicates rows of the state.
+
+Paper, §6.1: "we used beam search with a beam size of 4 and length penalty α = 0.6 [...]
+We set the maximum output length during inference to input length + 50, but terminate
+early when possible." Those are the defaults here.
+
+Choices this module makes (each one is the fairseq one):
+
+* **Length normalisation.** Hypotheses are ranked by ``log P(Y) / lp(Y)`` with the length
+  penalty of Wu et al. (2016), ``lp(Y) = ((5 + |Y|) / 6) ** alpha``, where ``|Y|`` counts
+  the output tokens *and the eos* (bos is not counted). ``log P(Y)`` includes the eos's
+  log-probability. ``alpha = 0`` ranks by plain log-probability.
+* **Stopping.** A source stops as soon as it has ``beam_size`` finished hypotheses. The
+  search is not exhaustive: with ``alpha > 0`` a live beam might, in principle, still have
+  grown into a better normalised score. This rule is what makes ``beam_size=1`` exactly
+  greedy search, and it is what "terminate early when possible" means in practice.
+* **Maximum length.** A source may emit at most ``max_len_a * source_length + max_len_b``
+  tokens before the eos (``source_length`` = non-pad tokens of that source row). At that
+  length only the eos is allowed, so the live beams are finalised with an eos appended and
+  its log-probability counted, as in fairseq.
+* **Banned tokens.** pad and bos are never emitted (their log-probabilities are set to
+  -inf), so a half-trained model cannot produce them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from aiayn.errors import ConfigError, DataError
+
+__all__ = [
+    "DecoderState",
+    "Hypothesis",
+    "IncrementalDecoder",
+    "beam_search",
+    "beam_step",
+    "greedy_search",
+    "length_penalty_factor",
+    "max_output_lengths",
+]
+
+# The decoder's state is opaque to the search: it only ever hands it back to the decoder.
+DecoderState = Any
+
+
+class IncrementalDecoder(Protocol):
+    """What the search needs from a model: encode once, then decode one token at a time."""
+
+    def start(self, src_ids: Tensor) -> DecoderState:
+        """Encode the sources and return the initial decoder state.
+
+        Args:
+            src_ids: (B, S) source token ids, right-padded with the pad id.
+
+        Returns:
+            The state for B rows, one per source, positioned before the first target token.
+        """
+        ...
+
+    def step(self, tokens: Tensor, state: DecoderState) -> Tensor:
+        """Feed one token per row and advance ``state`` by one position, in place.
+
+        Args:
+            tokens: (N, 1) the last token of each row (bos at the first step).
+            state: the state for N rows.
+
+        Returns:
+            (N, V) log-probabilities (log_softmax) of the next token of each row.
+        """
+        ...
+
+    def reorder(self, state: DecoderState, index: Tensor) -> DecoderState:
+        """Select rows of the state: row ``i`` of the result is row ``index[i]`` of ``state``.
+
+        Args:
+            state: the state for N rows.
+            index: (N',) long tensor of row numbers in ``[0, N)``; may repeat or drop rows.
+
+        Returns:
+            The state for N' rows (like ``index_select`` along the batch dimension).
+        """
+        ...
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    """One finished output of beam search.
+
+    Attributes:
+        tokens: the output token ids, without bos and eos.
+        score: the length-normalised score used for ranking, ``log_prob / lp(len(tokens) + 1)``.
+        log_prob: the sum of the token log-probabilities, the eos's included.
+    """
+
+    tokens: list[int]
+    score: float
+    log_prob: float
+
+
+def length_penalty_factor(length: int, alpha: float) -> float:
+    """The length penalty of Wu et al. (2016): ``((5 + length) / 6) ** alpha``.
+
+    Args:
+        length: the hypothesis length, counting its eos token (not bos).
+        alpha: the strength; 0 disables normalisation (the factor is 1).
+
+    Returns:
+        The divisor of the hypothesis's log-probability.
+    """
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+def max_output_lengths(
+    src_ids: Tensor, *, pad_id: int, max_len: int | None, max_len_a: int, max_len_b: int
+) -> list[int]:
+    """How many tokens (eos excluded) each source may emit.
+
+    Args:
+        src_ids: (B, S) source ids, right-padded with ``pad_id``.
+        pad_id: the padding id; pad tokens do not count towards the source length.
+        max_len: if given, the limit for every source, overriding ``max_len_a``/``max_len_b``.
+        max_len_a: the limit is ``max_len_a * source_length + max_len_b`` otherwise.
+        max_len_b: see ``max_len_a``.
+
+    Returns:
+        B non-negative limits.
+    """
+    if max_len is not None:
+        return [max(0, max_len)] * src_ids.size(0)
+    source_lengths = src_ids.ne(pad_id).sum(dim=1).tolist()
+    return [max(0, max_len_a * length + max_len_b) for length in source_lengths]
+
+
+def beam_step(
+    log_probs: Tensor, scores: Tensor, num_candidates: int | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One expansion of the beam: the best ``num_candidates`` (beam, token) pairs per source.
+
+    Every beam is extended by every token and the extensions of all K beams of a source
+    compete together (top-k over K * V). Dead beams carry a score of -inf; at the first
+    step only beam 0 is alive, which is what stops the K identical copies of the start
+    state from filling the beam with K duplicates.
+
+    Args:
+        log_probs: (B, K, V) next-token log-probabilities of each beam.
+        scores: (B, K) cumulative log-probability of each beam (-inf for a dead beam).
+        num_candidates: how many candidates to return per source; K when not given.
+            It must not exceed K * V.
+
+    Returns:
+        ``(candidate_scores, beam_index, token)``, each (B, num_candidates), best first:
+        the cumulative log-probability of the extended beam, the beam it extends (in
+        ``[0, K)``), and the token appended.
+    """
+    batch, beam, vocab = log_probs.shape
+    if num_candidates is None:
+        num_candidates = beam
+    # Broadcasting adds each beam's score to all of its V extensions.
+    total = scores.unsqueeze(-1) + log_probs  # (B, K, V)
+    candidate_scores, flat_index = total.reshape(batch, beam * vocab).topk(num_candidates, dim=1)
+    # The flat index over K * V is beam * V + token.
+    return candidate_scores, flat_index // vocab, flat_index % vocab
+
+
+def _check_inputs(src_ids: Tensor) -> None:
+    if src_ids.dim() != 2:
+        raise DataError(
+            f"src_ids must be a (batch, length) tensor of token ids, got shape {tuple(src_ids.shape)}"
+        )
+
+
+def _next_log_probs(
+    decoder: IncrementalDecoder, tokens: Tensor, state: DecoderState, banned: list[int]
+) -> Tensor:
+    """Run one decoder step and return its (N, V) log-probabilities, banned ids at -inf."""
+    log_probs = decoder.step(tokens, state)
+    if log_probs.dim() != 2 or log_probs.size(0) != tokens.size(0):
+        raise ValueError(
+            f"decoder.step must return (rows, vocab) log-probabilities for {tokens.size(0)} rows, "
+            f"got shape {tuple(log_probs.shape)}"
+        )
+    # Accumulate scores in at least float32 even when the model runs in half precision,
+    # but keep float64 if that is what the decoder gives.
+    log_probs = log_probs.to(torch.promote_types(log_probs.dtype, torch.float32))
+    if banned:
+        # masked_fill returns a copy, so the decoder's own tensor is never modified.
+        is_banned = torch.zeros(log_probs.size(-1), dtype=torch.bool, device=log_probs.device)
+        is_banned[banned] = True
+        log_probs = log_probs.masked_fill(is_banned, float("-inf"))
+    return log_probs
+
+
+def _banned_ids(*, bos_id: int, eos_id: int, pad_id: int) -> list[int]:
+    # Some vocabularies use one id for bos and eos (fairseq does); eos must stay allowed.
+    return sorted({pad_id, bos_id} - {eos_id})
+
+
+def greedy_search(
+    decoder: IncrementalDecoder,
+    src_ids: Tensor,
+    *,
+    bos_id: int = 1,
+    eos_id: int = 2,
+    pad_id: int = 0,
+    max_len: int | None = None,
+    max_len_a: int = 1,
+    max_len_b: int = 50,
+) -> list[list[int]]:
+    """Decode each source by always taking the most probable next token.
+
+    A row stops at its eos or after its maximum length (see :func:`max_output_lengths`);
+    finished rows are dropped from the decoder state, and the search stops when all rows
+    have finished.
+
+    Args:
+        decoder: the model, behind the :class:`IncrementalDecoder` protocol.
+        src_ids: (B, S) source ids, right-padded with ``pad_id``.
+        bos_id: the id fed at the first step.
+        eos_id: the id that ends an output.
+        pad_id: the padding id of ``src_ids``.
+        max_len: if given, the maximum output length of every source.
+        max_len_a: otherwise each source's maximum is ``max_len_a * its length + max_len_b``.
+        max_len_b: see ``max_len_a``.
+
+    Returns:
+        B lists of output token ids, without bos and eos.
+    """
+    _check_inputs(src_ids)
+    batch = src_ids.size(0)
+    limits = max_output_lengths(
+        src_ids, pad_id=pad_id, max_len=max_len, max_len_a=max_len_a, max_len_b=max_len_b
+    )
+    banned = _banned_ids(bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)
+    outputs: list[list[int]] = [[] for _ in range(batch)]
+
+    # `active[i]` is the source that row i of the decoder state belongs to.
+    active = [b for b in range(batch) if limits[b] > 0]
+    if not active:
+        return outputs
+    device = src_ids.device
+    state = decoder.start(src_ids)
+    if len(active) < batch:
+        state = decoder.reorder(state, torch.tensor(active, device=device))
+    last = torch.full((len(active), 1), bos_id, dtype=torch.long, device=device)
+
+    while True:
+        log_probs = _next_log_probs(decoder, last, state, banned)  # (A, V)
+        next_tokens = log_probs.argmax(dim=-1)  # (A,)
+        keep = []
+        for row, (source, token) in enumerate(zip(active, next_tokens.tolist(), strict=True)):
+            if token == eos_id:
+                continue
+            outputs[source].append(token)
+            if len(outputs[source]) < limits[source]:
+                keep.append(row)
+        if not keep:
+            return outputs
+        if len(keep) < len(active):
+            # Drop the finished rows so that no more compute is spent on them.
+            index = torch.tensor(keep, device=device)
+            state = decoder.reorder(state, index)
+            next_tokens = next_tokens[index]
+            active = [active[row] for row in keep]
+        last = next_tokens.unsqueeze(1)
+
+
+def beam_search(
+    decoder: IncrementalDecoder,
+    src_ids: Tensor,
+    *,
+    beam_size: int = 4,
+    length_penalty: float = 0.6,
+    bos_id: int = 1,
+    eos_id: int = 2,
+    pad_id: int = 0,
+    max_len: int | None = None,
+    max_len_a: int = 1,
+    max_len_b: int = 50,
+    n_best: int = 1,
+) -> list[list[Hypothesis]]:
+    """Decode each source with beam search, batched over B sources x ``beam_size`` beams.
+
+    Each step expands the K live beams of a source into its 2K best (beam, token)
+    candidates (:func:`beam_step`). Candidates ending in eos that rank among the top K are
+    finished hypotheses; the K best candidates not ending in eos are the next live beams.
+    (Taking 2K candidates guarantees K of them do not end in eos.)
+
+    A source stops when it has ``beam_size`` finished hypotheses, or at its maximum length,
+    where the live beams are finalised with an eos appended (its log-probability counted);
+    see the module docstring. Finished sources are dropped from the decoder state, and the
+    search stops when every source has stopped.
+
+    Scores are length-normalised with Wu et al.'s penalty: ``score = log P(Y) / lp(|Y|)``,
+    ``lp(n) = ((5 + n) / 6) ** length_penalty``, where ``|Y|`` and ``log P(Y)`` include
+    the eos. The penalty only ranks finished hypotheses; live beams compete on plain
+    log-probability (all have the same length).
+
+    Args:
+        decoder: the model, behind the :class:`IncrementalDecoder` protocol.
+        src_ids: (B, S) source ids, right-padded with ``pad_id``.
+        beam_size: K, the number of live beams per source (and of finished hypotheses kept).
+        length_penalty: alpha of the length penalty; 0 ranks by log-probability.
+        bos_id: the id fed at the first step.
+        eos_id: the id that ends an output.
+        pad_id: the padding id of ``src_ids``.
+        max_len: if given, the maximum output length (eos excluded) of every source.
+        max_len_a: otherwise each source's maximum is ``max_len_a * its length + max_len_b``.
+        max_len_b: see ``max_len_a``.
+        n_best: how many hypotheses to return per source, ``1 <= n_best <= beam_size``.
+
+    Returns:
+        B lists of up to ``n_best`` hypotheses, best (highest score) first. A list is
+        shorter only if the decoder gave probability 0 to every way of finishing.
+    """
+    _check_inputs(src_ids)
+    if beam_size < 1:
+        raise ConfigError(f"beam_size must be at least 1, got {beam_size}")
+    if not 1 <= n_best <= beam_size:
+        raise ConfigError(f"n_best must be between 1 and beam_size={beam_size}, got {n_best}")
+    batch = src_ids.size(0)
+    if batch == 0:
+        return []
+    k = beam_size
+    device = src_ids.device
+    limits = max_output_lengths(
+        src_ids, pad_id=pad_id, max_len=max_len, max_len_a=max_len_a, max_len_b=max_len_b
+    )
+    banned = _banned_ids(bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)
+    finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
+
+    # Layout: row a * K + j of the decoder state is beam j of the a-th active source, and
+    # `active[a]` is that source's index in the batch. Encode once, then copy each source's
+    # state K times.
+    state = decoder.start(src_ids)
+    state = decoder.reorder(state, torch.arange(batch, device=device).repeat_interleave(k))
+    active = list(range(batch))
+    # (A, K) cumulative log-probabilities; only beam 0 is alive before the first step.
+    scores = torch.full((batch, k), float("-inf"), device=device)
+    scores[:, 0] = 0.0
+    history = torch.empty((batch * k, 0), dtype=torch.long, device=device)  # (A*K, t)
+    last = torch.full((batch * k, 1), bos_id, dtype=torch.long, device=device)
+
+    for step in range(max(limits) + 1):
+        log_probs = _next_log_probs(decoder, last, state, banned)  # (A*K, V)
+        vocab = log_probs.size(-1)
+        log_probs = log_probs.view(len(active), k, vocab)
+
+        # Sources at their maximum length may only end: every token but eos gets -inf.
+        at_limit = torch.tensor([limits[s] <= step for s in active], device=device)
+        not_eos = torch.arange(vocab, device=device).ne(eos_id)
+        force_eos = at_limit.view(-1, 1, 1) & not_eos.view(1, 1, -1)  # (A, 1, V)
+        log_probs = log_probs.masked_fill(force_eos, float("-inf"))
+
+        cand_scores, cand_beams, cand_tokens = beam_step(
+            log_probs, scores, num_candidates=min(2 * k, k * vocab)
+        )  # each (A, 2K)
+        cand_is_eos = cand_tokens.eq(eos_id)
+
+        # Finalise the eos candidates that rank among the top K, best first, while the
+        # source has room. A -inf candidate extends a dead beam and is skipped.
+        top_is_eos = cand_is_eos[:, :k].tolist()
+        top_scores = cand_scores[:, :k].tolist()
+        top_beams = cand_beams[:, :k].tolist()
+        for a, source in enumerate(active):
+            for c in range(k):
+                log_prob = top_scores[a][c]
+                if not top_is_eos[a][c] or log_prob == float("-inf"):
+                    continue
+                if len(finished[source]) == k:
+                    break
+                tokens = history[a * k + top_beams[a][c]].tolist()
+                score = log_prob / length_penalty_factor(len(tokens) + 1, length_penalty)
+                finished[source].append(Hypothesis(tokens, score, log_prob))
+
+        # The next live beams: the K best candidates that do not end in eos. A stable sort
+        # on the eos flag moves them to the front while keeping their rank order.
+        live = cand_is_eos.to(torch.uint8).argsort(dim=1, stable=True)[:, :k]  # (A, K)
+        live_scores = cand_scores.gather(1, live)
+        # Only with a vocabulary of one token could an eos be picked here; it must be dead.
+        live_scores = live_scores.masked_fill(cand_is_eos.gather(1, live), float("-inf"))
+        live_beams = cand_beams.gather(1, live)
+        live_tokens = cand_tokens.gather(1, live)
+
+        keep = [
+            a
+            for a, source in enumerate(active)
+            if len(finished[source]) < k
+            and step < limits[source]
+            and bool(live_scores[a].isfinite().any())
+        ]
+        if not keep:
+            break
+        kept = torch.tensor(keep, device=device)
+        # Rows of the current state that the kept sources' new beams extend.
+        rows = (kept * k).unsqueeze(1) + live_beams[kept]  # (A', K)
+        rows = rows.view(-1)
+        state = decoder.reorder(state, rows)
+        last = live_tokens[kept].view(-1, 1)
+        history = torch.cat([history[rows], last], dim=1)
+        scores = live_scores[kept]
+        active = [active[a] for a in keep]
+
+    # sorted() is stable, so equal scores keep the order in which they finished.
+    return [sorted(hyps, key=lambda h: h.score, reverse=True)[:n_best] for hyps in finished]
