@@ -430,3 +430,20 @@ def test_tiny_model_overfits_sequence_reversal():
     assert accuracy == 1.0, (
         f"token accuracy {accuracy:.4f} after {steps} steps (loss {loss.item():.4f})"
     )
+
+
+def test_recording_attention_gives_the_weights_of_eq_1():
+    from aiayn.model import recording_attention
+
+    torch.manual_seed(11)
+    model = Transformer(tiny()).eval()
+    src, tgt = random_batch(model.cfg, [5, 3], [4, 4], seed=11)
+    plain = model(src, tgt)
+    with recording_attention(model):
+        recorded = model(src, tgt)
+    torch.testing.assert_close(recorded, plain)  # recording does not change the output
+    weights = model.decoder.layers[-1].cross_attn.weights  # (B, h, T, S)
+    assert weights.shape == (2, model.cfg.n_heads, 4, 5)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, model.cfg.n_heads, 4))
+    assert torch.all(weights[1, :, :, 3:] == 0)  # no attention to the second source's padding
+    assert not model.decoder.layers[-1].cross_attn.record_weights

@@ -23,13 +23,13 @@ from aiayn.errors import ConfigError
 
 NormPlacement = Literal["post", "pre"]
 Positions = Literal["sinusoidal", "learned"]
-Activation = Literal["relu", "gelu"]
+Activation = Literal["relu", "gelu", "silu"]
 AttentionImpl = Literal["sdpa", "reference"]
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "norm": ("post", "pre"),
     "positions": ("sinusoidal", "learned"),
-    "activation": ("relu", "gelu"),
+    "activation": ("relu", "gelu", "silu"),
     "attention": ("sdpa", "reference"),
 }
 
@@ -56,15 +56,17 @@ class TransformerConfig:
     pad_id: int = 0  # padding token id: masked as a key, excluded from the loss
     shared_vocab: bool = True  # one embedding matrix for source and target (§3.4)
     tie_embeddings: bool = True  # output projection = target embedding matrix transposed (§3.4)
-    norm: NormPlacement = (
-        "post"  # "post": LayerNorm(x + Sublayer(x)) as the paper; "pre": x + Sublayer(LayerNorm(x))
-    )
+    # "post": LayerNorm(x + Sublayer(x)) as the paper; "pre": x + Sublayer(LayerNorm(x)).
+    norm: NormPlacement = "post"
     positions: Positions = "sinusoidal"  # §3.5; "learned" is the variant of Table 3 row (E)
-    activation: Activation = (
-        "relu"  # FFN(x) = max(0, xW1 + b1)W2 + b2 (eq. 2); "gelu" for BERT-style models
-    )
+    # "relu": FFN(x) = max(0, xW1 + b1)W2 + b2 (eq. 2); "gelu" for BERT, "silu" (swish) for Marian.
+    activation: Activation = "relu"
     layer_norm_eps: float = 1e-5  # not given in the paper; PyTorch's default
     attention: AttentionImpl = "sdpa"  # "reference": softmax(QK^T/sqrt(d_k))V written out (eq. 1)
+    # Options for imported weights; the defaults follow the paper.
+    scale_embeddings: bool = True  # §3.4: embeddings times sqrt(d_model); BERT does not scale
+    embedding_norm: bool = False  # a LayerNorm on embeddings + positions, as in BERT
+    output_bias: bool = False  # a bias on the output logits (Marian's final_logits_bias)
 
     def __post_init__(self) -> None:
         self.validate()

@@ -19,6 +19,8 @@ Masks are boolean and mean "may attend" (True) as in `F.scaled_dot_product_atten
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +31,25 @@ from aiayn.config import TransformerConfig
 from aiayn.errors import DataError
 
 # --------------------------------------------------------------------------- attention (§3.2)
+
+
+def attention_weights(q: Tensor, k: Tensor, mask: Tensor | None = None) -> Tensor:
+    """softmax(Q K^T / sqrt(d_k)): how much each query attends to each key, (B, h, T_q, T_k).
+
+    Args:
+        q: (B, h, T_q, d_k) queries.  k: (B, h, T_k, d_k) keys.
+        mask: boolean, broadcastable to (B, h, T_q, T_k); False where a query must not attend.
+    """
+    # "We suspect that for large values of d_k, the dot products grow large in magnitude, pushing
+    # the softmax function into regions where it has extremely small gradients. To counteract
+    # this effect, we scale the dot products by 1/sqrt(d_k)."
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, h, T_q, T_k)
+    if mask is not None:
+        # -inf, not -1e9: exact zeros after the softmax, and no overflow in float16.
+        scores = scores.masked_fill(~mask, float("-inf"))
+    # The softmax runs in at least float32, so bfloat16 and float16 scores do not lose mass.
+    weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+    return weights.to(q.dtype)
 
 
 def scaled_dot_product_attention(
@@ -43,16 +64,7 @@ def scaled_dot_product_attention(
     Returns:
         (B, h, T_q, d_v).
     """
-    # "We suspect that for large values of d_k, the dot products grow large in magnitude, pushing
-    # the softmax function into regions where it has extremely small gradients. To counteract
-    # this effect, we scale the dot products by 1/sqrt(d_k)."
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, h, T_q, T_k)
-    if mask is not None:
-        # -inf, not -1e9: exact zeros after the softmax, and no overflow in float16.
-        scores = scores.masked_fill(~mask, float("-inf"))
-    # The softmax runs in at least float32, so bfloat16 and float16 scores do not lose mass.
-    weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
-    weights = weights.to(q.dtype)
+    weights = attention_weights(q, k, mask)
     if dropout_p > 0.0:
         weights = F.dropout(weights, p=dropout_p)
     return weights @ v
@@ -95,6 +107,9 @@ class MultiHeadAttention(nn.Module):
         self.w_k = nn.Linear(d_model, d_model)
         self.w_v = nn.Linear(d_model, d_model)
         self.w_o = nn.Linear(d_model, d_model)
+        # Set by `recording_attention`: keep the latest attention weights (for plots).
+        self.record_weights = False
+        self.weights: Tensor | None = None
 
     def split_heads(self, x: Tensor) -> Tensor:
         """(B, T, d_model) -> (B, h, T, d_k)."""
@@ -127,6 +142,8 @@ class MultiHeadAttention(nn.Module):
             mask = causal if mask is None else mask & causal
             is_causal = False
         dropout_p = self.attention_dropout if self.training else 0.0
+        if self.record_weights:
+            self.weights = attention_weights(q, k, mask).detach()
         if self.impl == "reference":
             out = scaled_dot_product_attention(q, k, v, mask, dropout_p)
         else:
@@ -148,7 +165,7 @@ class PositionwiseFeedForward(nn.Module):
         super().__init__()
         self.w_1 = nn.Linear(d_model, d_ff)
         self.w_2 = nn.Linear(d_ff, d_model)
-        self.activation = nn.ReLU() if activation == "relu" else nn.GELU()
+        self.activation = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}[activation]()
         self.dropout = nn.Dropout(activation_dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -162,10 +179,10 @@ class PositionwiseFeedForward(nn.Module):
 class Embeddings(nn.Module):
     """§3.4: learned token embeddings; "we multiply those weights by sqrt(d_model)"."""
 
-    def __init__(self, vocab_size: int, d_model: int, pad_id: int) -> None:
+    def __init__(self, vocab_size: int, d_model: int, pad_id: int, scale: bool = True) -> None:
         super().__init__()
         self.lut = nn.Embedding(vocab_size, d_model, padding_idx=pad_id)
-        self.scale = math.sqrt(d_model)
+        self.scale = math.sqrt(d_model) if scale else 1.0
 
     def forward(self, ids: Tensor) -> Tensor:
         """(B, T) token ids -> (B, T, d_model)."""
@@ -402,21 +419,26 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         has_encoder, has_decoder = cfg.n_encoder_layers > 0, cfg.n_decoder_layers > 0
+
         # Embeddings: one matrix for source and target when the vocabulary is shared (§3.4).
-        self.src_embed = (
-            Embeddings(cfg.src_vocab_size, cfg.d_model, cfg.pad_id) if has_encoder else None
-        )
+        def embeddings(vocab_size: int) -> Embeddings:
+            return Embeddings(vocab_size, cfg.d_model, cfg.pad_id, cfg.scale_embeddings)
+
+        self.src_embed = embeddings(cfg.src_vocab_size) if has_encoder else None
+        self.tgt_embed = None
         if has_decoder:
             share = cfg.shared_vocab and has_encoder
-            self.tgt_embed = (
-                self.src_embed if share else Embeddings(cfg.tgt_vocab_size, cfg.d_model, cfg.pad_id)
-            )
-        else:
-            self.tgt_embed = None
+            self.tgt_embed = self.src_embed if share else embeddings(cfg.tgt_vocab_size)
         if cfg.positions == "sinusoidal":
             self.positions = SinusoidalPositionalEncoding(cfg.d_model, cfg.max_len)
         else:
             self.positions = LearnedPositionalEmbedding(cfg.d_model, cfg.max_len)
+        # BERT-style models normalise the embedding sum; the paper does not.
+        self.embed_norm = (
+            nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+            if cfg.embedding_norm
+            else nn.Identity()
+        )
         # §5.4: "we apply dropout to the sums of the embeddings and the positional encodings".
         self.embed_dropout = nn.Dropout(cfg.dropout)
         self.encoder = Encoder(cfg) if has_encoder else None
@@ -424,7 +446,9 @@ class Transformer(nn.Module):
         # §3.4: "we share the same weight matrix between the two embedding layers and the
         # pre-softmax linear transformation". Tied: `generator.weight` IS the embedding matrix.
         self.generator = (
-            nn.Linear(cfg.d_model, cfg.tgt_vocab_size, bias=False) if has_decoder else None
+            nn.Linear(cfg.d_model, cfg.tgt_vocab_size, bias=cfg.output_bias)
+            if has_decoder
+            else None
         )
         self._init_parameters()
         if has_decoder and cfg.tie_embeddings:
@@ -489,7 +513,9 @@ class Transformer(nn.Module):
     def _embed(self, embed: Embeddings, ids: Tensor, start: int = 0) -> Tensor:
         """Token embeddings plus positions, then dropout: (B, T) -> (B, T, d)."""
         x = embed(ids)
-        return self.embed_dropout(x + self.positions(start, ids.size(1)).to(x.dtype))
+        return self.embed_dropout(
+            self.embed_norm(x + self.positions(start, ids.size(1)).to(x.dtype))
+        )
 
     # ------------------------------------------------------------------ encoder / decoder
     def encode(self, src_ids: Tensor) -> Tensor:
@@ -538,3 +564,20 @@ class Transformer(nn.Module):
     def forward(self, src_ids: Tensor, tgt_ids: Tensor) -> Tensor:
         """Teacher-forced logits (B, T, V_tgt) for source ids (B, S) and shifted-right target ids (B, T)."""
         return self.decode(tgt_ids, self.encode(src_ids), src_ids)
+
+
+@contextmanager
+def recording_attention(model: nn.Module) -> Iterator[None]:
+    """Within the block, every `MultiHeadAttention` of `model` keeps its latest attention weights.
+
+    After a forward pass, `model.decoder.layers[i].cross_attn.weights` is (B, h, T, S): how much
+    each target position attended to each source position in layer i. Costs one extra QK^T.
+    """
+    modules = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
+    for m in modules:
+        m.record_weights = True
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.record_weights = False
