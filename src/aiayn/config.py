@@ -15,7 +15,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -26,16 +26,104 @@ Positions = Literal["sinusoidal", "learned"]
 Activation = Literal["relu", "gelu", "silu"]
 AttentionImpl = Literal["sdpa", "reference"]
 
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "norm": ("post", "pre"),
-    "positions": ("sinusoidal", "learned"),
-    "activation": ("relu", "gelu", "silu"),
-    "attention": ("sdpa", "reference"),
-}
+
+class ConfigSection:
+    """Shared behaviour of the config dataclasses: typed fields, dict and YAML round trips.
+
+    Subclasses are dataclasses whose fields are annotated `int`, `float`, `bool`, `str`, a
+    `Literal` alias listed in `CHOICES`, or `X | None`; `check()` adds their own range rules.
+    """
+
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {}
+    SECTION: ClassVar[str] = "config"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise `ConfigError` naming the first field whose value is not allowed."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            annotation = str(f.type)
+            if annotation.endswith(" | None"):
+                if value is None:
+                    continue
+                annotation = annotation.removesuffix(" | None")
+            where = f"{self.SECTION}.{f.name}"
+            if annotation == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(f"{where} must be an integer, got {value!r}")
+            if annotation == "float":
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    raise ConfigError(f"{where} must be a number, got {value!r}")
+                setattr(self, f.name, float(value))
+            if annotation == "bool" and not isinstance(value, bool):
+                raise ConfigError(f"{where} must be true or false, got {value!r}")
+            if annotation == "str" and not isinstance(value, str):
+                raise ConfigError(f"{where} must be a string, got {value!r}")
+            if f.name in self.CHOICES and value not in self.CHOICES[f.name]:
+                allowed = ", ".join(repr(c) for c in self.CHOICES[f.name])
+                raise ConfigError(f"{where} must be one of {allowed}, got {value!r}")
+        self.check()
+
+    def check(self) -> None:
+        """Rules between fields and value ranges; overridden by each section."""
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]):
+        """Build from a mapping; an unknown key is a `ConfigError` naming it and the allowed keys."""
+        if not isinstance(values, dict):
+            raise ConfigError(
+                f"{cls.SECTION} must be a mapping of key: value, got {type(values).__name__}"
+            )
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown {cls.SECTION} key {unknown[0]!r}; allowed keys: {', '.join(sorted(known))}"
+            )
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any):
+        """A copy with some fields changed (validated like a new config)."""
+        return self.from_dict({**self.to_dict(), **changes})
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        """The config as YAML text; also written to `path` when one is given."""
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text, encoding="utf-8")
+        return text
+
+    @classmethod
+    def from_yaml(cls, source: str | Path):
+        """Read a config from a YAML file path, or from YAML text when `source` is not a file."""
+        text = str(source)
+        if "\n" not in text and Path(text).is_file():
+            text = Path(text).read_text(encoding="utf-8")
+        return cls.from_dict(load_yaml_mapping(text, what=cls.SECTION))
+
+
+def load_yaml_mapping(text: str, what: str) -> dict[str, Any]:
+    """Parse YAML text that must hold a mapping (an empty document is an empty mapping)."""
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        detail = " ".join(str(exc).split())
+        raise ConfigError(f"{what} is not valid YAML: {detail}") from exc
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(
+            f"{what} must be a YAML mapping of key: value, got {type(values).__name__}"
+        )
+    return values
 
 
 @dataclass
-class TransformerConfig:
+class TransformerConfig(ConfigSection):
     """Hyper-parameters of the Transformer. Defaults are the paper's base model (Table 3).
 
     Every field is used by the model and validated on construction; `n_encoder_layers=0`
@@ -68,8 +156,13 @@ class TransformerConfig:
     embedding_norm: bool = False  # a LayerNorm on embeddings + positions, as in BERT
     output_bias: bool = False  # a bias on the output logits (Marian's final_logits_bias)
 
-    def __post_init__(self) -> None:
-        self.validate()
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "norm": ("post", "pre"),
+        "positions": ("sinusoidal", "learned"),
+        "activation": ("relu", "gelu", "silu"),
+        "attention": ("sdpa", "reference"),
+    }
+    SECTION: ClassVar[str] = "model"
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -78,22 +171,7 @@ class TransformerConfig:
         return self.d_model // self.n_heads
 
     # ------------------------------------------------------------------ validation
-    def validate(self) -> None:
-        """Raise `ConfigError` naming the first field whose value is not allowed."""
-        for f in fields(self):
-            value = getattr(self, f.name)
-            expected = {"int": int, "float": float, "bool": bool}.get(str(f.type))
-            if expected is int and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ConfigError(f"{f.name} must be an integer, got {value!r}")
-            if expected is float:
-                if isinstance(value, bool) or not isinstance(value, int | float):
-                    raise ConfigError(f"{f.name} must be a number, got {value!r}")
-                setattr(self, f.name, float(value))
-            if expected is bool and not isinstance(value, bool):
-                raise ConfigError(f"{f.name} must be true or false, got {value!r}")
-            if f.name in _CHOICES and value not in _CHOICES[f.name]:
-                allowed = ", ".join(repr(c) for c in _CHOICES[f.name])
-                raise ConfigError(f"{f.name} must be one of {allowed}, got {value!r}")
+    def check(self) -> None:
         for name in ("src_vocab_size", "tgt_vocab_size", "d_model", "n_heads", "d_ff", "max_len"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
@@ -143,48 +221,6 @@ class TransformerConfig:
             values["src_vocab_size"] = values["tgt_vocab_size"] = vocab_size
         values.update(overrides)
         return cls.from_dict(values)
-
-    # ------------------------------------------------------------------ dict / YAML
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TransformerConfig:
-        """Build a config from a mapping; an unknown key is a `ConfigError` naming it."""
-        if not isinstance(values, dict):
-            raise ConfigError(
-                f"a model config must be a mapping of field: value, got {type(values).__name__}"
-            )
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown model config key {unknown[0]!r}; allowed keys: {', '.join(sorted(known))}"
-            )
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def replace(self, **changes: Any) -> TransformerConfig:
-        """A copy with some fields changed (validated like a new config)."""
-        return self.from_dict({**self.to_dict(), **changes})
-
-    def to_yaml(self, path: str | Path | None = None) -> str:
-        """The config as YAML text; also written to `path` when one is given."""
-        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
-        if path is not None:
-            Path(path).write_text(text, encoding="utf-8")
-        return text
-
-    @classmethod
-    def from_yaml(cls, source: str | Path) -> TransformerConfig:
-        """Read a config from a YAML file path, or from YAML text when `source` is not a file."""
-        text = (
-            Path(source).read_text(encoding="utf-8") if Path(str(source)).is_file() else str(source)
-        )
-        try:
-            values = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"model config is not valid YAML: {exc}".replace("\n", " ")) from exc
-        return cls.from_dict(values or {})
 
 
 def _divisors(n: int) -> str:

@@ -9,6 +9,10 @@ keep whatever it likes (encoder memory, padding mask, key/value cache) in its st
 * ``step(tokens, state)`` feeds one token per row and returns next-token log-probabilities;
 * ``reorder(state, index)`` selects, reorders or duplicates rows of the state.
 
+:class:`TransformerDecoder` puts an encoder-decoder :class:`~aiayn.model.Transformer`
+behind the protocol (encoder memory once, then one cached decoder position per step), and
+:func:`translate_ids` runs the whole thing: ids in, best output ids out.
+
 Paper, §6.1: "we used beam search with a beam size of 4 and length penalty α = 0.6 [...]
 We set the maximum output length during inference to input length + 50, but terminate
 early when possible." Those are the defaults here.
@@ -27,29 +31,43 @@ Choices this module makes (each one is the fairseq one):
   tokens before the eos (``source_length`` = non-pad tokens of that source row). At that
   length only the eos is allowed, so the live beams are finalised with an eos appended and
   its log-probability counted, as in fairseq.
+* **Positional limit.** A decoder may declare ``max_output_length``, an int: the longest
+  output (eos excluded) its positions allow. Every limit above, ``max_len`` included, is
+  capped to it, so the search never feeds the model a position it does not have (fairseq
+  caps with ``max_decoder_positions()`` the same way). :class:`TransformerDecoder` sets
+  it to ``cfg.max_len - 2``: bos + output + eos then fit in ``max_len`` positions, as a
+  training example does.
 * **Banned tokens.** pad and bos are never emitted (their log-probabilities are set to
   -inf), so a half-trained model cannot produce them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from aiayn.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from aiayn.model import KVCache, Transformer
 
 __all__ = [
     "DecoderState",
     "Hypothesis",
     "IncrementalDecoder",
+    "TransformerDecoder",
+    "TransformerDecoderState",
     "beam_search",
     "beam_step",
     "greedy_search",
     "length_penalty_factor",
     "max_output_lengths",
+    "translate_ids",
 ]
 
 # The decoder's state is opaque to the search: it only ever hands it back to the decoder.
@@ -124,7 +142,13 @@ def length_penalty_factor(length: int, alpha: float) -> float:
 
 
 def max_output_lengths(
-    src_ids: Tensor, *, pad_id: int, max_len: int | None, max_len_a: int, max_len_b: int
+    src_ids: Tensor,
+    *,
+    pad_id: int,
+    max_len: int | None,
+    max_len_a: int,
+    max_len_b: int,
+    cap: int | None = None,
 ) -> list[int]:
     """How many tokens (eos excluded) each source may emit.
 
@@ -134,14 +158,27 @@ def max_output_lengths(
         max_len: if given, the limit for every source, overriding ``max_len_a``/``max_len_b``.
         max_len_a: the limit is ``max_len_a * source_length + max_len_b`` otherwise.
         max_len_b: see ``max_len_a``.
+        cap: if given, an upper bound on every limit (the decoder's ``max_output_length``).
 
     Returns:
         B non-negative limits.
     """
     if max_len is not None:
-        return [max(0, max_len)] * src_ids.size(0)
-    source_lengths = src_ids.ne(pad_id).sum(dim=1).tolist()
-    return [max(0, max_len_a * length + max_len_b) for length in source_lengths]
+        limits = [max_len] * src_ids.size(0)
+    else:
+        source_lengths = src_ids.ne(pad_id).sum(dim=1).tolist()
+        limits = [max_len_a * length + max_len_b for length in source_lengths]
+    if cap is not None:
+        limits = [min(limit, cap) for limit in limits]
+    return [max(0, limit) for limit in limits]
+
+
+def _output_cap(decoder: IncrementalDecoder) -> int | None:
+    """The decoder's optional ``max_output_length`` (see the module docstring), or None."""
+    cap = getattr(decoder, "max_output_length", None)
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int)):
+        raise TypeError(f"decoder.max_output_length must be an int or None, got {cap!r}")
+    return cap
 
 
 def beam_step(
@@ -221,7 +258,8 @@ def greedy_search(
 ) -> list[list[int]]:
     """Decode each source by always taking the most probable next token.
 
-    A row stops at its eos or after its maximum length (see :func:`max_output_lengths`);
+    A row stops at its eos or after its maximum length (see :func:`max_output_lengths`;
+    it is capped by the decoder's ``max_output_length``, if it has one);
     finished rows are dropped from the decoder state, and the search stops when all rows
     have finished.
 
@@ -241,7 +279,12 @@ def greedy_search(
     _check_inputs(src_ids)
     batch = src_ids.size(0)
     limits = max_output_lengths(
-        src_ids, pad_id=pad_id, max_len=max_len, max_len_a=max_len_a, max_len_b=max_len_b
+        src_ids,
+        pad_id=pad_id,
+        max_len=max_len,
+        max_len_a=max_len_a,
+        max_len_b=max_len_b,
+        cap=_output_cap(decoder),
     )
     banned = _banned_ids(bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)
     outputs: list[list[int]] = [[] for _ in range(batch)]
@@ -298,7 +341,8 @@ def beam_search(
     finished hypotheses; the K best candidates not ending in eos are the next live beams.
     (Taking 2K candidates guarantees K of them do not end in eos.)
 
-    A source stops when it has ``beam_size`` finished hypotheses, or at its maximum length,
+    A source stops when it has ``beam_size`` finished hypotheses, or at its maximum length
+    (capped by the decoder's ``max_output_length``, if it has one),
     where the live beams are finalised with an eos appended (its log-probability counted);
     see the module docstring. Finished sources are dropped from the decoder state, and the
     search stops when every source has stopped.
@@ -336,7 +380,12 @@ def beam_search(
     k = beam_size
     device = src_ids.device
     limits = max_output_lengths(
-        src_ids, pad_id=pad_id, max_len=max_len, max_len_a=max_len_a, max_len_b=max_len_b
+        src_ids,
+        pad_id=pad_id,
+        max_len=max_len,
+        max_len_a=max_len_a,
+        max_len_b=max_len_b,
+        cap=_output_cap(decoder),
     )
     banned = _banned_ids(bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)
     finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
@@ -415,3 +464,151 @@ def beam_search(
 
     # sorted() is stable, so equal scores keep the order in which they finished.
     return [sorted(hyps, key=lambda h: h.score, reverse=True)[:n_best] for hyps in finished]
+
+
+# --- the Transformer behind the protocol ----------------------------------------------------
+
+
+@dataclass
+class TransformerDecoderState:
+    """The state of :class:`TransformerDecoder` for N rows.
+
+    Attributes:
+        memory: (N, S, d_model) encoder output of each row's source.
+        src_ids: (N, S) each row's source ids, for the padding mask over ``memory``.
+        cache: the decoder's key/value cache, N rows, ``cache.length`` positions so far.
+    """
+
+    memory: Tensor
+    src_ids: Tensor
+    cache: KVCache
+
+
+class TransformerDecoder:
+    """:class:`IncrementalDecoder` for an encoder-decoder :class:`~aiayn.model.Transformer`.
+
+    The sources are encoded once; each step then runs the decoder on the one new position,
+    reusing the keys and values of the past ones from a :class:`~aiayn.model.KVCache`.
+    Everything runs under ``torch.inference_mode``. The model is used in whatever mode it is
+    in: put it in eval mode first (:func:`translate_ids` does), or dropout makes the search
+    random.
+
+    Attributes:
+        model: the wrapped model.
+        max_output_length: ``model.cfg.max_len - 2``, the longest output (eos excluded) the
+            search may ask for: bos + output + eos then fit in the model's ``max_len``
+            positions. The search reads it and caps its limits (see the module docstring).
+    """
+
+    def __init__(self, model: Transformer) -> None:
+        if model.encoder is None or model.decoder is None:
+            raise ConfigError(
+                "TransformerDecoder needs an encoder-decoder model; this one has "
+                f"n_encoder_layers={model.cfg.n_encoder_layers} and "
+                f"n_decoder_layers={model.cfg.n_decoder_layers}"
+            )
+        self.model = model
+
+    @property
+    def max_output_length(self) -> int:
+        """``cfg.max_len - 2``: bos + output + eos fit in the model's positions."""
+        return self.model.cfg.max_len - 2
+
+    @torch.inference_mode()
+    def start(self, src_ids: Tensor) -> TransformerDecoderState:
+        """Encode the sources: (B, S) ids on the model's device -> the state for B rows."""
+        device = self.model.generator.weight.device
+        if src_ids.device != device:
+            # The search creates its tokens on src_ids' device; they must meet the model there.
+            raise DataError(
+                f"src_ids are on {src_ids.device} but the model is on {device}: "
+                "move them with src_ids.to(device)"
+            )
+        memory = self.model.encode(src_ids)  # (B, S, d)
+        return TransformerDecoderState(memory, src_ids, self.model.new_cache())
+
+    @torch.inference_mode()
+    def step(self, tokens: Tensor, state: TransformerDecoderState) -> Tensor:
+        """Feed tokens (N, 1) at position ``state.cache.length``; (N, V) log-probabilities.
+
+        Any id of the vocabulary may be fed, pad and bos included: the search feeds them to
+        dead beams, whose outputs it ignores.
+        """
+        logits = self.model.decode(tokens, state.memory, state.src_ids, cache=state.cache)
+        last = logits[:, -1]  # (N, V): the cache holds the past, so this is the only position
+        # The softmax runs in at least float32 even for a half-precision model, so that the
+        # search's sums of log-probabilities do not lose precision (float64 stays float64).
+        return last.log_softmax(dim=-1, dtype=torch.promote_types(last.dtype, torch.float32))
+
+    @torch.inference_mode()
+    def reorder(self, state: TransformerDecoderState, index: Tensor) -> TransformerDecoderState:
+        """Rows ``index`` (N',) of the state. The cache is reordered in place, so the old
+        state must not be used afterwards (the search never does)."""
+        index = index.to(state.memory.device)
+        state.cache.reorder(index)
+        return TransformerDecoderState(
+            state.memory.index_select(0, index), state.src_ids.index_select(0, index), state.cache
+        )
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Within the block the whole model is in eval mode; after it, every submodule is back in
+    its own previous mode (a model may mix them, e.g. a frozen encoder kept in eval)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def translate_ids(
+    model: Transformer,
+    src_ids: Tensor,
+    *,
+    beam_size: int = 4,
+    length_penalty: float = 0.6,
+    bos_id: int = 1,
+    eos_id: int = 2,
+    pad_id: int = 0,
+    max_len_a: int = 1,
+    max_len_b: int = 50,
+) -> list[list[int]]:
+    """Translate a batch of sources with an encoder-decoder model: the paper's decoding (§6.1).
+
+    The model is put in eval mode for the call (no dropout) and each of its modules is then
+    restored to its previous mode, even if the search raises. The output length of a source
+    is at most ``max_len_a * source_length + max_len_b``, and at most ``model.cfg.max_len - 2``
+    (so that bos + output + eos fit in the model's positions).
+
+    Args:
+        model: an encoder-decoder :class:`~aiayn.model.Transformer`.
+        src_ids: (B, S) source ids, right-padded with ``pad_id``; moved to the model's device.
+        beam_size: 1 for greedy search, more for beam search.
+        length_penalty: alpha of the length penalty (beam search only).
+        bos_id: the id that starts every output.
+        eos_id: the id that ends an output.
+        pad_id: the padding id; must be the model's ``cfg.pad_id``.
+        max_len_a: see above.
+        max_len_b: see above.
+
+    Returns:
+        B lists of output token ids, without bos and eos: the best hypothesis of each source.
+    """
+    if pad_id != model.cfg.pad_id:
+        # The model masks its own pad id; the search counts source lengths with this one.
+        raise ConfigError(f"pad_id={pad_id} differs from the model's cfg.pad_id={model.cfg.pad_id}")
+    decoder = TransformerDecoder(model)
+    src_ids = src_ids.to(model.generator.weight.device)
+    ids = dict(bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)
+    lengths = dict(max_len_a=max_len_a, max_len_b=max_len_b)
+    with _eval_mode(model):
+        if beam_size == 1:
+            return greedy_search(decoder, src_ids, **ids, **lengths)
+        hypotheses = beam_search(
+            decoder, src_ids, beam_size=beam_size, length_penalty=length_penalty, **ids, **lengths
+        )
+    # A source has no hypothesis only if the model gave probability 0 to every ending.
+    return [hyps[0].tokens if hyps else [] for hyps in hypotheses]

@@ -1,0 +1,573 @@
+"""The training loop (§5): token batches, Adam with warm-up, label smoothing, checkpoints, resume.
+
+One loop serves every task. A task hands the `Trainer` a `TokenBatchSampler`, a function that
+turns a list of example indices into a `Batch`, a loss, and optionally an evaluation; the
+trainer owns the optimiser, the learning-rate schedule, precision, gradient accumulation,
+distributed data parallelism, logging and checkpoints.
+
+An interrupted run resumes exactly: the model, the optimiser, the step, the position in the
+data (epoch and batches consumed) and every random number generator are checkpointed, so
+`--resume` continues as if the run had never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from aiayn import checkpoint as ckpt
+from aiayn.config import ConfigSection
+from aiayn.data.batching import TokenBatchSampler
+from aiayn.errors import AiaynError, CheckpointError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingError(AiaynError):
+    """Training cannot go on (for example the loss or gradients stay non-finite)."""
+
+
+@dataclass
+class TrainConfig(ConfigSection):
+    """How to train. Defaults follow §5 of the paper (base model, 100K steps)."""
+
+    SECTION: ClassVar[str] = "train"
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "precision": ("auto", "fp32", "bf16", "fp16"),
+        "device": ("auto", "cpu", "cuda", "mps"),
+    }
+
+    max_steps: int = 100_000  # §5.2: base models trained for 100,000 steps
+    max_epochs: int | None = None  # stop after this many passes over the data, if reached first
+    max_tokens: int = 4096  # padded tokens per batch and side (§5.1 used ~25000 per step)
+    grad_accum: int = (
+        1  # batches per optimiser step: effective batch = max_tokens * grad_accum * GPUs
+    )
+    warmup_steps: int = 4000  # §5.3: warmup_steps = 4000
+    lr_scale: float = 1.0  # multiplies the §5.3 learning rate (1.0 is the paper's)
+    adam_beta1: float = 0.9  # §5.3
+    adam_beta2: float = 0.98  # §5.3
+    adam_eps: float = 1e-9  # §5.3
+    weight_decay: float = 0.0  # not in the paper; decoupled (AdamW) and on matrices only
+    label_smoothing: float = 0.1  # §5.4: eps_ls = 0.1
+    clip_norm: float = 0.0  # gradient-norm clipping; 0 turns it off (the paper does not clip)
+    precision: str = (
+        "auto"  # bf16 autocast on a GPU that has it, else fp32; fp16 uses a grad scaler
+    )
+    compile: bool = False  # torch.compile the model for training
+    device: str = "auto"  # cuda if available, else cpu
+    seed: int = 1  # seeds the model's initialisation, the batch order and dropout
+    log_every: int = 100  # steps between metrics lines in train.jsonl
+    eval_every: int = 1000  # steps between validations (0: only at the end)
+    save_every: int = 1000  # steps between checkpoints (0: only at the end)
+    keep_last: int = 5  # checkpoints kept besides the best (§6.1 averages the last 5)
+    max_bad_steps: int = 10  # non-finite steps in a row before training stops
+
+    def check(self) -> None:
+        for name in (
+            "max_steps",
+            "max_tokens",
+            "grad_accum",
+            "log_every",
+            "keep_last",
+            "max_bad_steps",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_epochs is not None and self.max_epochs < 1:
+            raise ConfigError(f"train.max_epochs must be >= 1 or null, got {self.max_epochs}")
+        if self.lr_scale <= 0:
+            raise ConfigError(f"train.lr_scale must be > 0, got {self.lr_scale}")
+        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
+            raise ConfigError("train.adam_beta1 and train.adam_beta2 must be in [0, 1)")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(
+                f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}"
+            )
+        if self.clip_norm < 0 or self.weight_decay < 0 or self.adam_eps <= 0:
+            raise ConfigError(
+                "train.clip_norm and train.weight_decay must be >= 0, train.adam_eps > 0"
+            )
+
+
+def learning_rate(step: int, d_model: int, warmup_steps: int, scale: float = 1.0) -> float:
+    """Eq. (3), §5.3: lrate = d_model^-0.5 * min(step_num^-0.5, step_num * warmup_steps^-1.5).
+
+    "This corresponds to increasing the learning rate linearly for the first warmup_steps
+    training steps, and decreasing it thereafter proportionally to the inverse square root of
+    the step number." `step` counts from 1; warmup_steps 0 means no warm-up.
+    """
+    step = max(step, 1)
+    warmup = step * warmup_steps**-1.5 if warmup_steps > 0 else math.inf
+    return scale * d_model**-0.5 * min(step**-0.5, warmup)
+
+
+def label_smoothed_nll(logits: Tensor, target: Tensor, pad_id: int, smoothing: float) -> Tensor:
+    """Summed cross-entropy with label smoothing over the non-padding positions (§5.4).
+
+    "During training, we employed label smoothing of value eps_ls = 0.1. This hurts
+    perplexity, as the model learns to be more unsure, but improves accuracy and BLEU score."
+    The target distribution is (1 - eps) on the reference token and eps spread uniformly over
+    the vocabulary (PyTorch's convention).
+
+    Args:
+        logits: (B, T, V).  target: (B, T) token ids; pad_id positions are ignored.
+    Returns:
+        a scalar: the loss summed over tokens (divide by the token count for the mean).
+    """
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(),
+        target.flatten(),
+        ignore_index=pad_id,
+        reduction="sum",
+        label_smoothing=smoothing,
+    )
+
+
+class Batch(Protocol):
+    """What a task's batches offer the trainer."""
+
+    n_tokens: int  # target tokens that count in the loss (for normalisation and tokens/s)
+
+    def to(self, device: torch.device) -> Batch: ...
+
+
+# A task's loss: (model, batch on device) -> summed loss over the batch's n_tokens tokens.
+LossFn = Callable[[nn.Module, Any], Tensor]
+# A task's evaluation: model -> metrics such as {"val_loss": 2.1, "bleu": 35.2}.
+EvalFn = Callable[[nn.Module], dict[str, float]]
+
+
+@dataclass
+class TrainResult:
+    step: int
+    metrics: dict[str, float]
+    run_dir: Path
+
+
+# --------------------------------------------------------------------------- distributed helpers
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a `torchrun` job (world 1 when run alone)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> Distributed:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return cls()
+        return cls(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_device(name: str, dist_info: Distributed) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                "train.device is 'cuda' but no CUDA GPU is visible; use device: cpu or auto"
+            )
+        return torch.device("cuda", dist_info.local_rank)
+    return torch.device(name)
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    if name == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if name == "fp16" and device.type != "cuda":
+        raise ConfigError("train.precision fp16 needs a CUDA GPU; use fp32 or bf16 on this device")
+    return name
+
+
+# --------------------------------------------------------------------------- the data stream
+
+
+class BatchStream:
+    """An endless stream of training batches (lists of example indices), epoch after epoch.
+
+    Epoch e's order is `sampler.batches(e)`, a pure function of the data, the seed and e, so
+    the stream's state is just (epoch, consumed) and resuming it is exact.
+    """
+
+    def __init__(self, sampler: TokenBatchSampler, epoch: int = 0, consumed: int = 0) -> None:
+        self.sampler, self.epoch, self.consumed = sampler, epoch, consumed
+        self._order = sampler.batches(epoch)
+
+    def next(self) -> list[int]:
+        if self.consumed == len(self._order):
+            self.epoch, self.consumed = self.epoch + 1, 0
+            self._order = self.sampler.batches(self.epoch)
+        self.consumed += 1
+        return self._order[self.consumed - 1]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "consumed": self.consumed}
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    """Trains `model` on a task; see the module docstring.
+
+    Args:
+        model: the model to train (its parameters are updated in place).
+        cfg: the `TrainConfig`.
+        sampler: batches of example indices by token budget (the training split).
+        make_batch: example indices -> a `Batch` on the CPU.
+        loss_fn: (model, batch) -> summed loss (label-smoothed for translation).
+        run_dir: where checkpoints, `train.jsonl` and plots go.
+        run_config: the whole experiment config, stored in every checkpoint.
+        d_model: for the learning-rate schedule (eq. 3).
+        evaluate: model -> validation metrics, run every `eval_every` steps and at the end.
+        best_metric: the metric that picks the best checkpoint, e.g. "bleu" or "val_loss".
+        higher_is_better: whether a larger `best_metric` is better.
+        extra_files: files copied into every checkpoint (the tokenizer).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: TrainConfig,
+        *,
+        sampler: TokenBatchSampler,
+        make_batch: Callable[[list[int]], Any],
+        loss_fn: LossFn,
+        run_dir: Path,
+        run_config: dict[str, Any],
+        d_model: int,
+        evaluate: EvalFn | None = None,
+        best_metric: str = "val_loss",
+        higher_is_better: bool = False,
+        extra_files: dict[str, Path] | None = None,
+    ) -> None:
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.dist = Distributed.from_env()
+        self.device = resolve_device(cfg.device, self.dist)
+        self.precision = resolve_precision(cfg.precision, self.device)
+        self.model = model.to(self.device)
+        self.sampler, self.make_batch, self.loss_fn = sampler, make_batch, loss_fn
+        self.run_config, self.d_model = run_config, d_model
+        self.evaluate_fn, self.best_metric, self.higher_is_better = (
+            evaluate,
+            best_metric,
+            higher_is_better,
+        )
+        self.extra_files = extra_files or {}
+        self.optimizer = self._make_optimizer()
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+        self.step, self.stream = 0, BatchStream(sampler)
+        self.best_value: float | None = None
+        self.train_model = self._wrap(model)
+        self._stop_signal: int | None = None
+
+    # ------------------------------------------------------------------ setup
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        # Weight decay (if any) only on matrices, not on biases and LayerNorm gains (nanoGPT).
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [
+            {"params": decay, "weight_decay": self.cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        fused = self.device.type == "cuda"
+        return torch.optim.AdamW(
+            groups,
+            lr=learning_rate(1, self.d_model, self.cfg.warmup_steps, self.cfg.lr_scale),
+            betas=(self.cfg.adam_beta1, self.cfg.adam_beta2),
+            eps=self.cfg.adam_eps,
+            fused=fused or None,
+        )
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        wrapped = model
+        if self.dist.world_size > 1:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        if self.cfg.compile:
+            wrapped = torch.compile(wrapped)
+        return wrapped
+
+    def _autocast(self):
+        if self.precision in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            return torch.autocast(self.device.type, dtype=dtype)
+        return nullcontext()
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def save(self) -> Path | None:
+        """Checkpoint the current step (main process only); returns its directory."""
+        if not self.dist.is_main:
+            return None
+        state = {
+            "step": self.step,
+            "data": self.stream.state_dict(),
+            "sampler_seed": self.sampler.seed,
+            "best_value": self.best_value,
+            "rng": ckpt.capture_rng_state(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "world_size": self.dist.world_size,
+        }
+        path = ckpt.save_checkpoint(
+            ckpt.checkpoint_path(self.checkpoint_root, self.step),
+            model=self.model,
+            config=self.run_config,
+            optimizer=self.optimizer,
+            trainer_state=state,
+            files=self.extra_files,
+        )
+        best = ckpt.read_best_pointer(self.checkpoint_root)
+        ckpt.prune_checkpoints(
+            self.checkpoint_root, self.cfg.keep_last, keep=[best] if best else []
+        )
+        return path
+
+    def resume(self, path: Path | None = None) -> int:
+        """Restore everything from `path` (default: the latest checkpoint of the run)."""
+        path = path or ckpt.latest_checkpoint(self.checkpoint_root)
+        if path is None:
+            raise CheckpointError(
+                f"--resume: no checkpoint under {self.checkpoint_root}; start without --resume"
+            )
+        loaded = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer)
+        state = loaded.trainer_state
+        if state.get("world_size", 1) != self.dist.world_size:
+            logger.warning(
+                "resuming a run saved with %s processes on %s: the data order continues, "
+                "but the result will not be bit-identical",
+                state.get("world_size", 1),
+                self.dist.world_size,
+            )
+        if state.get("sampler_seed") != self.sampler.seed:
+            raise CheckpointError(
+                f"{path} was trained with seed {state.get('sampler_seed')} but this run uses "
+                f"{self.sampler.seed}; resume with the same train.seed"
+            )
+        self.step = int(state["step"])
+        self.stream = BatchStream(self.sampler, **state["data"])
+        self.best_value = state.get("best_value")
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        ckpt.restore_rng_state(state["rng"])
+        logger.info("resumed from %s at step %d", path, self.step)
+        return self.step
+
+    # ------------------------------------------------------------------ logging
+    def _log(self, record: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / "train.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # ------------------------------------------------------------------ one step
+    def _next_batches(self) -> list[Any]:
+        """This process's share of the next optimiser step's batches (CPU tensors).
+
+        A step consumes grad_accum x world_size batches of the stream; process r takes every
+        world_size-th, so N processes see exactly the batches one process would with
+        grad_accum x N, and the parameters after a step are the same.
+        """
+        n = self.cfg.grad_accum * self.dist.world_size
+        indices = [self.stream.next() for _ in range(n)]
+        return [self.make_batch(ix) for ix in indices[self.dist.rank :: self.dist.world_size]]
+
+    def train_step(self) -> tuple[float, int, bool]:
+        """One optimiser step. Returns (summed loss, target tokens, whether the update was applied)."""
+        self.train_model.train()
+        batches = self._next_batches()
+        n_tokens = sum(b.n_tokens for b in batches)
+        total_tokens = n_tokens
+        if self.dist.world_size > 1:
+            count = torch.tensor([n_tokens], dtype=torch.long, device=self.device)
+            dist.all_reduce(count)
+            total_tokens = int(count.item())
+        # The loss of a step is the mean over all its target tokens, on every process: each
+        # micro-batch contributes its sum / total tokens. DDP averages gradients over
+        # processes, so multiply by world_size to get the sum back.
+        scale = self.dist.world_size / max(total_tokens, 1)
+        lr = learning_rate(self.step + 1, self.d_model, self.cfg.warmup_steps, self.cfg.lr_scale)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=self.device)
+        for i, batch in enumerate(batches):
+            batch = batch.to(self.device)
+            last = i == len(batches) - 1
+            sync = nullcontext()
+            if self.dist.world_size > 1 and not last:
+                sync = self.train_model.no_sync()  # all-reduce gradients once, after the last
+            with sync, self._autocast():
+                loss = self.loss_fn(self.train_model, batch)
+            scaled = loss * scale
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            loss_sum += loss.detach().float()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = self.cfg.clip_norm if self.cfg.clip_norm > 0 else math.inf
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss_sum))
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skips the update itself when gradients overflowed
+            self.scaler.update()
+        elif finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return float(loss_sum), n_tokens, finite
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> dict[str, float]:
+        if self.evaluate_fn is None or not self.dist.is_main:
+            return {}
+        self.model.eval()
+        with torch.no_grad():
+            metrics = self.evaluate_fn(self.model)
+        self.model.train()
+        return metrics
+
+    def _is_better(self, value: float) -> bool:
+        if self.best_value is None:
+            return True
+        return value > self.best_value if self.higher_is_better else value < self.best_value
+
+    def _evaluate_and_save(self) -> dict[str, float]:
+        """Validate, checkpoint, and point `best.json` at this checkpoint if it is the best."""
+        metrics = self.evaluate()
+        value = metrics.get(self.best_metric)
+        improved = value is not None and self._is_better(value)
+        if improved:
+            self.best_value = value  # before saving, so a resumed run compares against it
+        path = self.save()
+        if metrics:
+            self._log({"step": self.step, **metrics})
+            logger.info(
+                "step %d: %s", self.step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+            )
+        if improved and path is not None:
+            ckpt.write_best_pointer(path, metric=self.best_metric, value=value)
+        if self.dist.world_size > 1:
+            dist.barrier()
+        return metrics
+
+    # ------------------------------------------------------------------ the loop
+    @contextmanager
+    def _graceful_stop(self) -> Iterator[None]:
+        """SIGINT/SIGTERM finish the current step, save a checkpoint and stop (then `--resume`)."""
+
+        def handler(signum, frame):  # noqa: ARG001
+            if self._stop_signal is not None:
+                raise KeyboardInterrupt  # a second Ctrl-C stops at once
+            self._stop_signal = signum
+            logger.warning(
+                "stopping after this step (signal %d); a checkpoint will be saved", signum
+            )
+
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            for s in previous:
+                signal.signal(s, handler)
+        except ValueError:  # not the main thread: leave signals alone
+            previous = {}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def _done(self) -> bool:
+        if self.step >= self.cfg.max_steps:
+            return True
+        return self.cfg.max_epochs is not None and self.stream.epoch >= self.cfg.max_epochs
+
+    def fit(self, progress: bool = True) -> TrainResult:
+        """Train until max_steps (or max_epochs); returns the last validation metrics."""
+        from tqdm.auto import tqdm  # local: only the loop needs it
+
+        cfg = self.cfg
+        metrics: dict[str, float] = {}
+        bar = tqdm(
+            total=cfg.max_steps,
+            initial=self.step,
+            disable=not (progress and self.dist.is_main) or None,
+            dynamic_ncols=True,
+            desc="train",
+        )
+        window_loss, window_tokens, window_start, bad_in_a_row = 0.0, 0, time.perf_counter(), 0
+        with self._graceful_stop():
+            while not self._done():
+                loss_sum, n_tokens, finite = self.train_step()
+                if not finite:
+                    bad_in_a_row += 1
+                    self._log({"step": self.step, "skipped_non_finite": True})
+                    if bad_in_a_row >= cfg.max_bad_steps:
+                        raise TrainingError(
+                            f"loss or gradients were not finite for {bad_in_a_row} steps in a row "
+                            f"(last at step {self.step}): lower train.lr_scale, use bf16 instead of "
+                            "fp16, or check the data for empty or broken examples"
+                        )
+                    continue
+                bad_in_a_row = 0
+                window_loss += loss_sum
+                window_tokens += n_tokens
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                    elapsed = time.perf_counter() - window_start
+                    record = {
+                        "step": self.step,
+                        "epoch": self.stream.epoch,
+                        "loss": window_loss / max(window_tokens, 1),
+                        "lr": self.optimizer.param_groups[0]["lr"],
+                        "tokens_per_s": window_tokens * self.dist.world_size / max(elapsed, 1e-9),
+                    }
+                    self._log(record)
+                    bar.set_postfix(
+                        loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}"
+                    )
+                    window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+                if self._stop_signal is not None:
+                    break
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and not self._done():
+                    metrics = self._evaluate_and_save() or metrics
+                elif cfg.save_every and self.step % cfg.save_every == 0 and not self._done():
+                    self.save()
+            if self._stop_signal is not None:
+                bar.close()
+                path = self.save()
+                raise TrainingError(
+                    f"stopped by signal {self._stop_signal} at step {self.step}; checkpoint "
+                    f"{path} saved: continue with --resume"
+                )
+            metrics = self._evaluate_and_save() or metrics
+        bar.close()
+        return TrainResult(step=self.step, metrics=metrics, run_dir=self.run_dir)

@@ -1,0 +1,305 @@
+"""Greedy and beam search on a real Transformer, through :class:`TransformerDecoder`.
+
+The search itself is tested against hand-computed probabilities in ``test_decoding.py``;
+these tests check the model adapter: that the key/value cache, the reordering of beams and
+the padding of a batch give the same outputs and log-probabilities as recomputing a full
+forward pass, and that the model's limits (eval mode, ``max_len``) are respected.
+
+A random model is a poor test subject: it often emits eos at once or repeats one token, so
+most tests use a tiny model trained for a few dozen steps to copy its source. Half-trained,
+it gives outputs of varied lengths (some ending in eos, some reaching the length limit) and
+beams that genuinely compete.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from aiayn.config import TransformerConfig
+from aiayn.decoding import (
+    Hypothesis,
+    TransformerDecoder,
+    beam_search,
+    greedy_search,
+    length_penalty_factor,
+    max_output_lengths,
+    translate_ids,
+)
+from aiayn.errors import ConfigError
+from aiayn.model import Transformer
+
+PAD, BOS, EOS = 0, 1, 2
+VOCAB = 16  # words are 3 .. 15
+MAX_LEN_B = 10  # outputs of at most source length + 10 tokens keep the tests fast
+
+# A padded batch of three sources of different lengths.
+SRC = torch.tensor(
+    [
+        [5, 6, 7, 8, 9, 10],
+        [3, 4, 5, PAD, PAD, PAD],
+        [11, 12, 13, 14, PAD, PAD],
+    ]
+)
+
+
+def tiny_config(**overrides) -> TransformerConfig:
+    return TransformerConfig.from_preset("tiny", vocab_size=VOCAB, **overrides)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Run this module's tiny models on one CPU thread, then restore the setting.
+
+    Matrices of 32 x 64 gain nothing from intra-op threads, and on a busy machine the
+    threads' spin-waiting made the training fixture ~100x slower (50 s instead of 0.5 s).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    """A tiny model trained for 40 seeded steps to copy sources of 6 words (in eval mode)."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_config())
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3, betas=(0.9, 0.98))
+    for _ in range(40):
+        src = torch.randint(3, VOCAB, (32, 6))
+        tgt_in = torch.cat([torch.full((32, 1), BOS), src], dim=1)  # bos + copy
+        tgt_out = torch.cat([src, torch.full((32, 1), EOS)], dim=1)  # copy + eos
+        loss = nn.functional.cross_entropy(model(src, tgt_in).flatten(0, 1), tgt_out.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def unpadded(row: Tensor) -> Tensor:
+    """A (S,) source row -> (1, S') without its padding."""
+    return row[row.ne(PAD)].unsqueeze(0)
+
+
+def limit_of(row: Tensor, max_len_a: int = 1, max_len_b: int = MAX_LEN_B) -> int:
+    return max_len_a * int(row.ne(PAD).sum()) + max_len_b
+
+
+@torch.no_grad()
+def naive_greedy(model: Transformer, src: Tensor, limit: int) -> list[int]:
+    """Greedy search without a cache: a full forward pass of the whole prefix at each step.
+
+    Args:
+        src: (1, S) one source, unpadded.
+        limit: the most tokens to emit before stopping (eos excluded).
+    """
+    prefix = [BOS]
+    while len(prefix) - 1 < limit:
+        log_probs = model(src, torch.tensor([prefix]))[0, -1].log_softmax(-1)  # (V,)
+        log_probs[[PAD, BOS]] = float("-inf")  # the search never emits them
+        token = int(log_probs.argmax())
+        if token == EOS:
+            break
+        prefix.append(token)
+    return prefix[1:]
+
+
+@torch.no_grad()
+def full_log_prob(model: Transformer, src: Tensor, tokens: list[int]) -> float:
+    """log P(tokens + eos | src) from one teacher-forced forward pass; src is (1, S)."""
+    tgt_in = torch.tensor([[BOS, *tokens]])
+    targets = torch.tensor([[*tokens, EOS]])
+    log_probs = model(src, tgt_in).log_softmax(-1)  # (1, T, V)
+    return float(log_probs.gather(-1, targets.unsqueeze(-1)).sum())
+
+
+def summary(hyps: list[Hypothesis]) -> list[tuple[list[int], float, float]]:
+    return [
+        (h.tokens, pytest.approx(h.score, abs=1e-4), pytest.approx(h.log_prob, abs=1e-4))
+        for h in hyps
+    ]
+
+
+# --- greedy -------------------------------------------------------------------------------
+
+
+def test_cached_greedy_equals_naive_greedy_on_a_padded_batch(model: Transformer) -> None:
+    outputs = greedy_search(TransformerDecoder(model), SRC, max_len_b=MAX_LEN_B)
+    for row, output in zip(SRC, outputs, strict=True):
+        assert output == naive_greedy(model, unpadded(row), limit_of(row))
+    # Not a degenerate case: real outputs, one ending at its eos and one at its limit.
+    lengths = [len(output) for output in outputs]
+    assert min(lengths) > 1
+    assert any(length < limit_of(row) for row, length in zip(SRC, lengths, strict=True))
+    assert any(length == limit_of(row) for row, length in zip(SRC, lengths, strict=True))
+
+
+def test_beam_size_1_is_greedy(model: Transformer) -> None:
+    decoder = TransformerDecoder(model)
+    greedy = greedy_search(decoder, SRC, max_len_b=MAX_LEN_B)
+    beam = beam_search(decoder, SRC, beam_size=1, max_len_b=MAX_LEN_B)
+    assert [hyps[0].tokens for hyps in beam] == greedy
+    assert translate_ids(model, SRC, beam_size=1, max_len_b=MAX_LEN_B) == greedy
+
+
+# --- beam search --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("max_len_a", "max_len_b"),
+    [(1, MAX_LEN_B), (0, 3)],  # (0, 3): every source reaches its limit and is given an eos
+)
+def test_hypothesis_log_prob_is_the_full_forward_log_prob(
+    model: Transformer, max_len_a: int, max_len_b: int
+) -> None:
+    alpha = 0.6
+    results = beam_search(
+        TransformerDecoder(model),
+        SRC,
+        beam_size=4,
+        n_best=4,
+        length_penalty=alpha,
+        max_len_a=max_len_a,
+        max_len_b=max_len_b,
+    )
+    for row, hyps in zip(SRC, results, strict=True):
+        assert len(hyps) == 4
+        assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
+        assert len({tuple(h.tokens) for h in hyps}) == 4  # four different hypotheses
+        for h in hyps:
+            assert len(h.tokens) <= limit_of(row, max_len_a, max_len_b)
+            if max_len_a == 0:  # the half-trained model does not stop within 3 tokens
+                assert len(h.tokens) == max_len_b
+            assert not {PAD, BOS, EOS} & set(h.tokens)
+            assert h.log_prob == pytest.approx(
+                full_log_prob(model, unpadded(row), h.tokens), abs=1e-4
+            )
+            assert h.score == pytest.approx(
+                h.log_prob / length_penalty_factor(len(h.tokens) + 1, alpha)
+            )
+
+
+def test_batched_beam_search_equals_one_source_at_a_time(model: Transformer) -> None:
+    decoder = TransformerDecoder(model)
+    batched = beam_search(decoder, SRC, beam_size=4, n_best=4, max_len_b=MAX_LEN_B)
+    for row, hyps in zip(SRC, batched, strict=True):
+        [alone] = beam_search(decoder, unpadded(row), beam_size=4, n_best=4, max_len_b=MAX_LEN_B)
+        assert summary(hyps) == summary(alone)
+
+
+def test_translate_ids_returns_the_best_hypothesis(model: Transformer) -> None:
+    best = [
+        hyps[0].tokens
+        for hyps in beam_search(TransformerDecoder(model), SRC, beam_size=4, max_len_b=MAX_LEN_B)
+    ]
+    assert translate_ids(model, SRC, max_len_b=MAX_LEN_B) == best
+
+
+# --- the decoder adapter ------------------------------------------------------------------
+
+
+def test_step_accepts_pad_and_bos_and_rows_are_independent(model: Transformer) -> None:
+    # The search may feed pad or bos to a dead beam; that row's output is ignored, but the
+    # step must not fail, and it must not change the other rows.
+    decoder = TransformerDecoder(model)
+    state = decoder.start(SRC)
+    decoder.step(torch.full((3, 1), BOS), state)
+    log_probs = decoder.step(torch.tensor([[PAD], [BOS], [7]]), state)  # (3, V)
+    assert log_probs.shape == (3, VOCAB) and log_probs.dtype == torch.float32
+    assert torch.isfinite(log_probs).all()
+    torch.testing.assert_close(log_probs.exp().sum(-1), torch.ones(3))
+    with torch.no_grad():
+        expected = model(unpadded(SRC[2]), torch.tensor([[BOS, 7]]))[0, -1].log_softmax(-1)
+    torch.testing.assert_close(log_probs[2], expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_log_probs_are_at_least_float32(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    model = Transformer(tiny_config()).to(dtype).eval()
+    decoder = TransformerDecoder(model)
+    log_probs = decoder.step(torch.full((3, 1), BOS), decoder.start(SRC))
+    assert log_probs.dtype == torch.promote_types(dtype, torch.float32)
+
+
+def test_a_decoder_only_model_or_another_pad_id_is_refused() -> None:
+    lm = Transformer(tiny_config(n_encoder_layers=0))
+    with pytest.raises(ConfigError, match="encoder-decoder"):
+        TransformerDecoder(lm)
+    with pytest.raises(ConfigError, match="pad_id"):
+        translate_ids(Transformer(tiny_config()), SRC, pad_id=3)
+
+
+# --- eval mode ----------------------------------------------------------------------------
+
+
+def test_translate_ids_runs_in_eval_mode_and_restores_the_modes() -> None:
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(dropout=0.5))
+    model.eval()
+    expected = greedy_search(TransformerDecoder(model), SRC, max_len_b=5)
+
+    # A mixed state: training, except for a frozen encoder.
+    model.train()
+    model.encoder.eval()
+    modes = {name: module.training for name, module in model.named_modules()}
+    for beam_size in (1, 2, 1, 2):
+        # With dropout at 0.5 in train mode the outputs would vary from call to call.
+        outputs = translate_ids(model, SRC, beam_size=beam_size, max_len_b=5)
+        if beam_size == 1:
+            assert outputs == expected
+        assert {name: module.training for name, module in model.named_modules()} == modes
+
+    # Restored even when the search raises.
+    with pytest.raises(ConfigError, match="beam_size"):
+        translate_ids(model, SRC, beam_size=0)
+    assert {name: module.training for name, module in model.named_modules()} == modes
+
+    model.eval()
+    translate_ids(model, SRC, max_len_b=5)
+    assert not any(module.training for module in model.modules())
+
+
+# --- the max_len cap ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def eos_averse_model() -> Transformer:
+    """A random model with max_len=10 that never emits eos unless the search forces it."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(max_len=10, output_bias=True)).eval()
+    with torch.no_grad():
+        model.generator.bias[EOS] = -1e4
+    return model
+
+
+def test_output_length_is_capped_so_bos_output_eos_fit_in_max_len(
+    eos_averse_model: Transformer,
+) -> None:
+    model = eos_averse_model
+    src = torch.tensor([[3] * 10, [4, 5, 6] + [PAD] * 7])  # the longest source that fits
+    decoder = TransformerDecoder(model)
+    assert decoder.max_output_length == 8
+    # max_len_b=50 asks for 53 and 60 tokens; 8 (+ bos + eos = 10 positions) is the most.
+    for beam_size in (1, 4):
+        outputs = translate_ids(model, src, beam_size=beam_size, max_len_b=50)
+        assert [len(output) for output in outputs] == [8, 8]
+    # The cap also holds when the search is called directly, and over an explicit max_len.
+    assert [len(o) for o in greedy_search(decoder, src, max_len=50)] == [8, 8]
+    results = beam_search(decoder, src, beam_size=3, n_best=3, max_len_b=50)
+    assert all(len(h.tokens) == 8 for hyps in results for h in hyps)
+
+
+def test_max_output_lengths_cap() -> None:
+    src = torch.tensor([[5, 6, 7], [5, PAD, PAD]])
+    lengths = dict(pad_id=PAD, max_len_a=1, max_len_b=50)
+    assert max_output_lengths(src, max_len=None, cap=8, **lengths) == [8, 8]
+    assert max_output_lengths(src, max_len=None, cap=52, **lengths) == [52, 51]
+    assert max_output_lengths(src, max_len=100, cap=8, **lengths) == [8, 8]
+    assert max_output_lengths(src, max_len=None, cap=-1, **lengths) == [0, 0]

@@ -1,0 +1,210 @@
+"""The training loop: the paper's schedule and loss, exact resume, determinism, non-finite steps."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from aiayn import checkpoint as ckpt
+from aiayn.config import TransformerConfig
+from aiayn.data.batching import TokenBatchSampler, example_lengths
+from aiayn.errors import ConfigError
+from aiayn.model import Transformer
+from aiayn.tasks.seq2seq import batch_maker, seq2seq_loss
+from aiayn.train import TrainConfig, Trainer, TrainingError, label_smoothed_nll, learning_rate
+
+
+def test_learning_rate_is_equation_3():
+    d, warmup = 512, 4000
+    for step in (1, 100, 3999, 4000, 4001, 100_000):
+        expected = d**-0.5 * min(step**-0.5, step * warmup**-1.5)
+        assert learning_rate(step, d, warmup) == pytest.approx(expected, rel=1e-12)
+    # Linear warm-up, the peak at warmup_steps, then inverse square root decay.
+    assert learning_rate(2000, d, warmup) == pytest.approx(learning_rate(1000, d, warmup) * 2)
+    peak = learning_rate(4000, d, warmup)
+    assert peak == pytest.approx(512**-0.5 * 4000**-0.5)
+    assert learning_rate(16000, d, warmup) == pytest.approx(peak / 2)
+    assert learning_rate(10, d, warmup, scale=2.0) == pytest.approx(
+        2 * learning_rate(10, d, warmup)
+    )
+
+
+def test_label_smoothed_loss_matches_the_smoothed_target_distribution():
+    torch.manual_seed(0)
+    V, eps, pad = 7, 0.1, 0
+    logits = torch.randn(2, 3, V, dtype=torch.float64)
+    target = torch.tensor([[3, 4, 0], [1, 2, 5]])
+    log_p = logits.log_softmax(-1)
+    expected = 0.0
+    for b in range(2):
+        for t in range(3):
+            if target[b, t] == pad:
+                continue
+            q = torch.full((V,), eps / V, dtype=torch.float64)
+            q[target[b, t]] += 1 - eps
+            expected -= float((q * log_p[b, t]).sum())
+    assert float(label_smoothed_nll(logits, target, pad, eps)) == pytest.approx(expected, rel=1e-6)
+    plain = -sum(
+        float(log_p[b, t, target[b, t]]) for b in range(2) for t in range(3) if target[b, t] != pad
+    )
+    assert float(label_smoothed_nll(logits, target, pad, 0.0)) == pytest.approx(plain, rel=1e-6)
+
+
+def test_train_config_validation():
+    with pytest.raises(ConfigError, match="unknown train key 'max_step'"):
+        TrainConfig.from_dict({"max_step": 10})
+    with pytest.raises(ConfigError, match="train.max_steps must be >= 1, got 0"):
+        TrainConfig(max_steps=0)
+    with pytest.raises(ConfigError, match="train.precision must be one of"):
+        TrainConfig(precision="fp8")
+    with pytest.raises(ConfigError, match="train.max_tokens must be an integer, got 'many'"):
+        TrainConfig(max_tokens="many")
+
+
+# --------------------------------------------------------------------------- a tiny copy task
+
+
+def copy_examples(n=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(2, 9, (1,), generator=g))
+        ids = torch.randint(4, 40, (length,), generator=g).tolist()
+        out.append((ids, ids))
+    return out
+
+
+def make_trainer(run_dir, max_steps, examples, max_tokens=64, dropout=0.1, **train):
+    torch.manual_seed(0)
+    cfg = TransformerConfig.from_preset(
+        "tiny", dropout=dropout
+    )  # dropout: RNG state must resume too
+    model = Transformer(cfg)
+    tcfg = TrainConfig(
+        max_steps=max_steps,
+        max_tokens=64,
+        warmup_steps=30,
+        lr_scale=0.2,
+        device="cpu",
+        log_every=1,
+        eval_every=0,
+        save_every=0,
+        seed=3,
+        **train,
+    )
+    sampler = TokenBatchSampler(
+        example_lengths(examples), tcfg.max_tokens, shuffle=True, seed=tcfg.seed
+    )
+    return Trainer(
+        model,
+        tcfg,
+        sampler=sampler,
+        make_batch=batch_maker(examples, 0, 1, 2),
+        loss_fn=seq2seq_loss(0, tcfg.label_smoothing),
+        run_dir=run_dir,
+        run_config={"model": cfg.to_dict()},
+        d_model=cfg.d_model,
+    )
+
+
+def losses(run_dir):
+    return [
+        r["loss"]
+        for r in map(json.loads, (run_dir / "train.jsonl").read_text().splitlines())
+        if "loss" in r
+    ]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models on a loaded 2-core machine run far faster on one thread.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
+    examples = copy_examples()
+    straight = make_trainer(tmp_path / "straight", 24, examples, grad_accum=2)
+    straight.fit(progress=False)
+
+    first = make_trainer(tmp_path / "resumed", 12, examples, grad_accum=2)
+    first.fit(progress=False)  # saves a checkpoint at step 12
+    torch.manual_seed(12345)  # a new process would start from other RNG states
+    second = make_trainer(tmp_path / "resumed", 24, examples, grad_accum=2)
+    assert second.resume() == 12
+    second.fit(progress=False)
+
+    for (name, a), b in zip(
+        straight.model.state_dict().items(), second.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), f"{name} differs after resume"
+    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
+    # Training crossed an epoch boundary, so the data order was resumed across epochs too.
+    assert second.stream.epoch >= 1
+
+
+def test_same_seed_same_losses(tmp_path):
+    examples = copy_examples()
+    make_trainer(tmp_path / "a", 8, examples).fit(progress=False)
+    make_trainer(tmp_path / "b", 8, examples).fit(progress=False)
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert len(losses(tmp_path / "a")) == 8
+
+
+def test_training_reduces_the_loss(tmp_path):
+    trainer = make_trainer(tmp_path, 150, copy_examples(), max_tokens=128)
+    trainer.fit(progress=False)
+    history = losses(tmp_path)
+    first, last = sum(history[:10]) / 10, sum(history[-10:]) / 10
+    assert last < 0.75 * first, (
+        f"mean loss {first:.2f} over the first 10 steps, {last:.2f} over the last 10"
+    )
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+    """Two batches accumulated give the gradient of the two batches as one (a per-token mean)."""
+    examples = copy_examples(8)
+    grads = {}
+    for name, split in (("accumulated", [range(0, 3), range(3, 8)]), ("one batch", [range(8)])):
+        trainer = make_trainer(tmp_path / name, 1, examples, dropout=0.0)
+        batches = [trainer.make_batch(list(ix)) for ix in split]
+        trainer._next_batches = lambda batches=batches: batches
+        # Capture the gradient the optimiser would apply (Adam's first step is ~lr * sign(g),
+        # which would turn rounding differences into visible ones).
+        trainer.optimizer.step = lambda t=trainer, name=name: grads.__setitem__(
+            name, [p.grad.clone() for p in t.model.parameters()]
+        )
+        trainer.train_step()
+    for g, h in zip(grads["accumulated"], grads["one batch"], strict=True):
+        torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-6)
+
+
+def test_non_finite_steps_are_skipped_then_training_stops(tmp_path):
+    trainer = make_trainer(tmp_path, 50, copy_examples(), max_bad_steps=3)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.loss_fn = lambda model, batch: model(batch.src, batch.tgt_in).sum() * math.inf
+    with pytest.raises(
+        TrainingError,
+        match="not finite for 3 steps in a row .last at step 3.: lower train.lr_scale",
+    ):
+        trainer.fit(progress=False)
+    after = trainer.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # no update was applied
+    skipped = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in skipped if r.get("skipped_non_finite")] == [1, 2, 3]
+
+
+def test_checkpoints_keep_last_k_and_best(tmp_path):
+    examples = copy_examples()
+    trainer = make_trainer(tmp_path, 12, examples, keep_last=2)
+    trainer.cfg.save_every = 2
+    trainer.cfg.eval_every = 4
+    scores = iter([1.0, 3.0, 2.0])  # val_loss: the best is the first evaluation, at step 4
+    trainer.evaluate_fn = lambda model: {"val_loss": next(scores)}
+    trainer.fit(progress=False)
+    names = [p.name for p in ckpt.list_checkpoints(tmp_path)]
+    assert names == ["step_00000004", "step_00000010", "step_00000012"]
+    assert ckpt.read_best_pointer(tmp_path).name == "step_00000004"
