@@ -39,11 +39,12 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
 from torch import Tensor
 
 from aiayn.config import TransformerConfig
@@ -52,6 +53,7 @@ from aiayn.model import LearnedPositionalEmbedding, Transformer
 
 __all__ = [
     "BERT_EMBEDDINGS",
+    "HFModelLike",
     "BERT_LAYER",
     "BERT_MODEL_TYPES",
     "MARIAN_DECODER_LAYER",
@@ -214,7 +216,17 @@ def _read_hf_folder(model_dir: str | Path) -> tuple[dict[str, Any], dict[str, Te
     )
 
 
-def _as_checkpoint(source: Any) -> tuple[dict[str, Any], dict[str, Tensor], Path | None]:
+class HFModelLike(Protocol):
+    """What `from_hf_bert` needs of an in-memory transformers model (no import of transformers)."""
+
+    config: Any  # a PretrainedConfig: `to_dict()` and `_name_or_path`
+
+    def state_dict(self) -> Mapping[str, Tensor]: ...
+
+
+def _as_checkpoint(
+    source: str | Path | HFModelLike,
+) -> tuple[dict[str, Any], dict[str, Tensor], Path | None]:
     """A folder, or an in-memory Hugging Face model (duck-typed: `.config` and `.state_dict()`)."""
     if hasattr(source, "state_dict") and hasattr(source, "config"):
         config = source.config.to_dict()
@@ -298,7 +310,9 @@ def _direct_copies(
 # --------------------------------------------------------------------------- BERT
 
 
-def from_hf_bert(model_dir_or_hf_model: str | Path | Any) -> tuple[Transformer, dict[str, Any]]:
+def from_hf_bert(
+    model_dir_or_hf_model: str | Path | HFModelLike,
+) -> tuple[Transformer, dict[str, Any]]:
     """Load a Hugging Face BERT-family encoder (BERT, RoBERTa, XLM-R) as an encoder-only Transformer.
 
     Args:
@@ -353,12 +367,13 @@ def from_hf_bert(model_dir_or_hf_model: str | Path | Any) -> tuple[Transformer, 
     suffix = "embeddings.word_embeddings.weight"
     prefix = next((n[: -len(suffix)] for n in sorted(tensors, key=len) if n.endswith(suffix)), "")
 
-    pad_id = int(config.get("pad_token_id") if config.get("pad_token_id") is not None else 0)
-    n_positions = int(_require(config, "max_position_embeddings", source))
-    offset = pad_id + 1 if BERT_MODEL_TYPES[model_type] == "roberta" else 0
-    d_model = int(_require(config, "hidden_size", source))
-    vocab_size = int(_require(config, "vocab_size", source))
     try:
+        pad_id = config.get("pad_token_id")
+        pad_id = 0 if pad_id is None else int(pad_id)  # BERT's [PAD] is 0
+        n_positions = int(_require(config, "max_position_embeddings", source))
+        offset = pad_id + 1 if BERT_MODEL_TYPES[model_type] == "roberta" else 0
+        d_model = int(_require(config, "hidden_size", source))
+        vocab_size = int(_require(config, "vocab_size", source))
         cfg = TransformerConfig(
             src_vocab_size=vocab_size,
             tgt_vocab_size=vocab_size,
@@ -379,7 +394,7 @@ def from_hf_bert(model_dir_or_hf_model: str | Path | Any) -> tuple[Transformer, 
             embedding_norm=True,
             output_bias=False,
         )
-    except ConfigError as exc:
+    except (ConfigError, TypeError, ValueError) as exc:  # ConfigError: a value aiayn refuses
         raise CheckpointError(f"{source}: config.json does not fit aiayn's model: {exc}") from exc
     model = Transformer(cfg)
 
@@ -390,8 +405,12 @@ def from_hf_bert(model_dir_or_hf_model: str | Path | Any) -> tuple[Transformer, 
     positions_name = f"{prefix}embeddings.position_embeddings.weight"
     token_types_name = f"{prefix}embeddings.token_type_embeddings.weight"
     expected[positions_name] = (n_positions, d_model)
-    if token_types_name in tensors:  # DistilBERT-like checkpoints have none
+    if token_types_name in tensors:  # absent when a model has no token types
         expected[token_types_name] = (int(config.get("type_vocab_size", 2)), d_model)
+    pooler_weight, pooler_bias = f"{prefix}pooler.dense.weight", f"{prefix}pooler.dense.bias"
+    has_pooler = pooler_weight in tensors  # not loaded: returned in the metadata
+    if has_pooler:
+        expected |= {pooler_weight: (d_model, d_model), pooler_bias: (d_model,)}
     _check_shapes(tensors, expected, source)
 
     # The position table: rows for the positions aiayn numbers 0.., plus the segment-0 embedding.
@@ -401,15 +420,11 @@ def from_hf_bert(model_dir_or_hf_model: str | Path | Any) -> tuple[Transformer, 
     state["positions.embedding.weight"] = table
     _load_state(model, state)
 
-    pooler = None
-    if f"{prefix}pooler.dense.weight" in tensors:
-        pooler = {
-            "weight": tensors[f"{prefix}pooler.dense.weight"],
-            "bias": tensors[f"{prefix}pooler.dense.bias"],
-        }
-    used = set(expected) | {f"{prefix}pooler.dense.weight", f"{prefix}pooler.dense.bias"}
+    pooler = (
+        {"weight": tensors[pooler_weight], "bias": tensors[pooler_bias]} if has_pooler else None
+    )
     unused = sorted(
-        n for n in tensors if n not in used and n.removeprefix(prefix) not in _BERT_BUFFERS
+        n for n in tensors if n not in expected and n.removeprefix(prefix) not in _BERT_BUFFERS
     )
     metadata = {
         "model_type": model_type,
@@ -428,7 +443,7 @@ def _existing(folder: Path | None, name: str) -> Path | None:
     return folder / name if folder is not None and (folder / name).is_file() else None
 
 
-def load_bert_tokenizer(model_dir: str | Path, *, pad_to_longest: bool = True) -> Any:
+def load_bert_tokenizer(model_dir: str | Path, *, pad_to_longest: bool = True) -> Tokenizer:
     """The `tokenizers.Tokenizer` of a Hugging Face model folder, from its tokenizer.json.
 
     Args:
@@ -438,8 +453,6 @@ def load_bert_tokenizer(model_dir: str | Path, *, pad_to_longest: bool = True) -
             costs compute: the model masks padding). False keeps the file's padding setting.
             Truncation is kept as the file sets it.
     """
-    from tokenizers import Tokenizer  # a dependency of aiayn; imported here to keep import light
-
     path = Path(model_dir) / HF_TOKENIZER_FILE
     if not path.is_file():
         raise CheckpointError(f"{model_dir} has no {HF_TOKENIZER_FILE}")
@@ -572,10 +585,10 @@ def from_hf_marian(model_dir: str | Path) -> tuple[Transformer, dict[str, Any]]:
     start_id = _token_id(config, "decoder_start_token_id", source)
     shared = bool(config.get("share_encoder_decoder_embeddings", True))
     tied = bool(config.get("tie_word_embeddings", True))
-    vocab_size = int(_require(config, "vocab_size", source))
-    d_model = int(_require(config, "d_model", source))
-    n_positions = int(config.get("max_position_embeddings", 1024))
     try:
+        vocab_size = int(_require(config, "vocab_size", source))
+        d_model = int(_require(config, "d_model", source))
+        n_positions = int(config.get("max_position_embeddings", 1024))  # HF's default
         cfg = TransformerConfig(
             src_vocab_size=vocab_size,
             tgt_vocab_size=vocab_size
@@ -601,7 +614,7 @@ def from_hf_marian(model_dir: str | Path) -> tuple[Transformer, dict[str, Any]]:
             embedding_norm=False,
             output_bias=True,
         )
-    except ConfigError as exc:
+    except (ConfigError, TypeError, ValueError) as exc:  # ConfigError: a value aiayn refuses
         raise CheckpointError(f"{source}: config.json does not fit aiayn's model: {exc}") from exc
     if cfg.n_encoder_layers == 0 or cfg.n_decoder_layers == 0:
         raise CheckpointError(f"{source}: a Marian model needs encoder and decoder layers")
@@ -711,7 +724,8 @@ def to_hf_marian(
         tensors["final_logits_bias"] = torch.zeros(
             1, cfg.tgt_vocab_size, dtype=ours["generator.weight"].dtype
         )
-    table = model.positions(0, cfg.max_len).detach()
+    # aiayn keeps its sinusoids in float64 and casts them to the activations' dtype: do the same.
+    table = model.positions(0, cfg.max_len).detach().to(ours["generator.weight"].dtype)
     tensors["model.encoder.embed_positions.weight"] = table
     tensors["model.decoder.embed_positions.weight"] = table
     # safetensors refuses tensors that share memory: write independent contiguous copies.
