@@ -75,12 +75,13 @@ def copy_examples(n=96, seed=0):
     return out
 
 
-def make_trainer(run_dir, max_steps, examples, max_tokens=64, dropout=0.1, **train):
+def make_trainer(
+    run_dir, max_steps, examples, max_tokens=64, dropout=0.1, dtype=torch.float32, **train
+):
     torch.manual_seed(0)
-    cfg = TransformerConfig.from_preset(
-        "tiny", dropout=dropout
-    )  # dropout: RNG state must resume too
-    model = Transformer(cfg)
+    # With dropout, resuming must restore the RNG state too.
+    cfg = TransformerConfig.from_preset("tiny", dropout=dropout)
+    model = Transformer(cfg).to(dtype)
     tcfg = TrainConfig(
         max_steps=max_steps,
         max_tokens=64,

@@ -133,7 +133,8 @@ def label_smoothed_nll(logits: Tensor, target: Tensor, pad_id: int, smoothing: f
         a scalar: the loss summed over tokens (divide by the token count for the mean).
     """
     return F.cross_entropy(
-        logits.flatten(0, 1).float(),
+        # In at least float32: a bfloat16 log-softmax over a large vocabulary loses too much.
+        logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32)),
         target.flatten(),
         ignore_index=pad_id,
         reduction="sum",
@@ -270,6 +271,9 @@ class Trainer:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.dist = Distributed.from_env()
         self.device = resolve_device(cfg.device, self.dist)
+        if self.dist.world_size > 1 and not dist.is_initialized():
+            # torchrun sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; NCCL for GPUs, gloo for CPUs.
+            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
         self.precision = resolve_precision(cfg.precision, self.device)
         self.model = model.to(self.device)
         self.sampler, self.make_batch, self.loss_fn = sampler, make_batch, loss_fn
