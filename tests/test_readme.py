@@ -81,3 +81,46 @@ def test_the_tour_commands_run(tmp_path):
         assert proc.returncode == 0, f"{line}\n{proc.stderr}"
         ran.append(line.split("aiayn ", 1)[1].split()[0])
     assert ran == ["info", "info", "train", "translate", "evaluate", "average"]
+
+
+# --------------------------------------------------------------------------- the two commands, for real
+
+replaying = pytest.mark.skipif(
+    os.environ.get("AIAYN_README_REPLAY") == "1", reason="inside a replay already"
+)
+
+
+def fresh_clone(tmp_path: Path) -> Path:
+    """A clone of the committed tree, as a new user gets it (uncommitted changes are not in it)."""
+    clone = tmp_path / "aiayn"
+    subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True)
+    if (ROOT.parent / "shared").is_dir():  # the shared data sits beside the checkout, as in CI
+        (tmp_path / "shared").symlink_to(ROOT.parent / "shared")
+    return clone
+
+
+@pytest.mark.slow
+@replaying
+def test_make_demo_on_a_fresh_clone(tmp_path):
+    """The README's first command: sets up .venv, trains the demo, prints its translations."""
+    clone = fresh_clone(tmp_path)
+    env = {**os.environ, "AIAYN_README_REPLAY": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        ["make", "demo"], cwd=clone, env=env, capture_output=True, text=True, timeout=1800
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "exact match" in proc.stdout
+    assert (clone / "runs" / "demo" / "attention.png").is_file()
+
+
+@pytest.mark.slow
+@replaying
+def test_make_test_on_a_fresh_clone(tmp_path):
+    """The README's second command: sets up .venv with the test extras, lints, passes the tests."""
+    clone = fresh_clone(tmp_path)
+    env = {**os.environ, "AIAYN_README_REPLAY": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        ["make", "test"], cwd=clone, env=env, capture_output=True, text=True, timeout=3600
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout

@@ -80,12 +80,19 @@ class DemoConfig(ConfigSection):
     heatmap_number: int | None = None  # the number whose attention is drawn; None: pick one
 
     def check(self) -> None:
-        for name in ("n_train", "n_test", "max_steps", "max_tokens", "n_layers", "d_model"):
+        positive = ("n_train", "n_test", "d_model", "n_heads", "d_ff", "n_layers", "max_steps")
+        for name in (*positive, "max_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"demo.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("n_valid", "eval_every", "warmup_steps", "n_examples"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"demo.{name} must be >= 0, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ConfigError(
+                f"demo.d_model ({self.d_model}) must be divisible by demo.n_heads ({self.n_heads})"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"demo.dropout must be in [0, 1), got {self.dropout}")
         if self.heatmap_number is not None:
             numbers.english_words(self.heatmap_number)  # raises ConfigError when out of range
 
@@ -241,10 +248,11 @@ def draw_attention(
         model(src, tgt_in)
     layers = model.decoder.layers
     weights = layers[-1].cross_attn.weights[0].mean(dim=0)  # (T, S)
+    # The numeral, not the words: the tick labels already spell both sentences out, and a
+    # six-digit number's words would be wider than the figure.
     title = (
-        f"{numbers.english_text(n)} → {''.join(german)}\n"
-        f"cross-attention, decoder layer {len(layers)} of {len(layers)}, "
-        f"mean of {model.cfg.n_heads} heads"
+        f"Cross-attention translating {n:,}\n"
+        f"decoder layer {len(layers)} of {len(layers)}, mean of {model.cfg.n_heads} heads"
     )
     attention_heatmap(weights, [*english, "</s>"], [*german, "</s>"], path, title=title)
     return path, title
