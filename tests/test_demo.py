@@ -43,6 +43,7 @@ def test_run_demo_tiny_end_to_end(tmp_path: Path) -> None:
 
     assert result.n_test == TINY.n_test
     assert result.steps == TINY.max_steps
+    assert result.tested_step in (3, 6)  # a validated step: eval_every=3
     assert 0 <= result.n_correct <= result.n_test
     assert 0.0 <= result.exact_match <= 100.0
     assert result.exact_match == pytest.approx(100.0 * result.n_correct / result.n_test)
@@ -51,7 +52,7 @@ def test_run_demo_tiny_end_to_end(tmp_path: Path) -> None:
     assert "57,861" in result.heatmap_title and "layer" in result.heatmap_title
 
     assert len(result.examples) == TINY.n_examples
-    assert len(result.mistakes) <= TINY.n_examples
+    assert len({t.number for t in result.examples}) == TINY.n_examples
     for t in result.examples + result.mistakes:
         assert t.english == numbers.english_text(t.number)
         assert t.reference == numbers.german_text(t.number)
@@ -74,7 +75,9 @@ def test_run_demo_replaces_previous_run_log(tmp_path: Path) -> None:
 
 
 def test_format_result_marks_right_and_wrong() -> None:
-    right = Translation(342, "three hundred forty-two", "dreihundertzweiundvierzig", "dreihundertzweiundvierzig")
+    right = Translation(
+        342, "three hundred forty-two", "dreihundertzweiundvierzig", "dreihundertzweiundvierzig"
+    )
     wrong = Translation(16, "sixteen", "sechszehn", "sechzehn")
     result = DemoResult(
         exact_match=50.0,
@@ -83,6 +86,7 @@ def test_format_result_marks_right_and_wrong() -> None:
         train_seconds=1.0,
         total_seconds=2.0,
         steps=10,
+        tested_step=8,
         n_parameters=1000,
         heatmap_path=Path("out/attention.png"),
         curves_path=Path("out/training_curves.png"),
@@ -93,8 +97,8 @@ def test_format_result_marks_right_and_wrong() -> None:
     report = format_result(result)
     assert "three hundred forty-two -> dreihundertzweiundvierzig ✓" in report
     assert "sixteen -> sechszehn ✗" in report
-    assert "sechzehn" in report  # the correct German is shown next to a mistake
-    assert "50.0%" in report
+    assert "sixteen -> sechszehn ✗ (correct: sechzehn)" in report
+    assert "50.00%" in report
 
 
 @pytest.mark.parametrize(

@@ -133,6 +133,8 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
 
     first = make_trainer(tmp_path / "resumed", 12, examples, grad_accum=2)
     first.fit(progress=False)  # saves a checkpoint at step 12
+    with open(tmp_path / "resumed" / "train.jsonl", "a") as log:  # steps logged after it, then a kill
+        log.write('{"step": 13, "loss": 99.0}\n{"step": 14, "lo')
     torch.manual_seed(12345)  # a new process would start from other RNG states
     second = make_trainer(tmp_path / "resumed", 24, examples, grad_accum=2)
     assert second.resume() == 12

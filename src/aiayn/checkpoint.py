@@ -198,7 +198,7 @@ def save_checkpoint(
             _copy_file(source, tmp / name)
         _write_file(tmp / CONFIG_FILE, config_json)
         _write_file(tmp / TRAINER_STATE_FILE, trainer_json)
-    logger.info("saved checkpoint %s", directory)
+    logger.debug("saved checkpoint %s", directory)
     return directory
 
 
@@ -533,7 +533,7 @@ def load_checkpoint(
                 "checkpoint); start a fresh optimizer or resume from a training checkpoint"
             )
         _load_into_optimizer(optimizer, directory, device)
-    logger.info("loaded checkpoint %s", directory)
+    logger.debug("loaded checkpoint %s", directory)
     return Checkpoint(
         path=directory,
         config=config,
@@ -937,7 +937,7 @@ def prune_checkpoints(ckpt_root: Path, keep_last: int, keep: Iterable[Path] = ()
             ) from e
         _remove_tree(doomed)
         removed.append(checkpoint)
-        logger.info("deleted old checkpoint %s", checkpoint)
+        logger.debug("deleted old checkpoint %s", checkpoint)
     return removed
 
 

@@ -96,7 +96,7 @@ def _read_log(log_path: Path) -> list[dict[str, Any]]:
     """Read a JSONL metrics log, skipping (with a warning) lines that are not JSON objects."""
     if not log_path.is_file():
         raise DataError(
-            f"metrics log {log_path} does not exist; pass the metrics.jsonl a training run wrote"
+            f"metrics log {log_path} does not exist; pass the train.jsonl a training run wrote"
         )
     records = []
     with log_path.open(encoding="utf-8") as f:
@@ -141,6 +141,11 @@ def _metric_keys(records: list[dict[str, Any]]) -> list[str]:
         if (k.startswith("rouge") or k.startswith("val_")) and k not in ("val_loss", *_METRIC_KEYS)
     )
     return [k for k in _METRIC_KEYS if k in present] + extra
+
+
+# The training loss includes label smoothing (§5.4), the validation loss does not: say so,
+# or the gap between them reads as overfitting.
+_LABELS = {"loss": "train loss (label-smoothed)", "val_loss": "validation loss (cross-entropy)"}
 
 
 def training_curves(log_path: str | Path, path: str | Path, *, title: str | None = None) -> Path:
@@ -194,7 +199,8 @@ def training_curves(log_path: str | Path, path: str | Path, *, title: str | None
                 steps, values = _series(records, key)
                 # Validation points are sparse, so mark them; dense training curves stay lines.
                 marker = "o" if len(steps) <= 50 else None
-                ax.plot(steps, values, label=key, marker=marker, markersize=3)
+                label = _LABELS.get(key, key)
+                ax.plot(steps, values, label=label, marker=marker, markersize=3)
             ax.set_ylabel(ylabel)
             ax.grid(True, alpha=0.3)
             if ylabel == "learning rate":

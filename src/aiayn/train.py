@@ -70,7 +70,7 @@ class TrainConfig(ConfigSection):
     )
     compile: bool = False  # torch.compile the model for training
     device: str = "auto"  # cuda if available, else cpu
-    seed: int = 1  # seeds the model's initialisation, the batch order and dropout
+    seed: int = 1  # the batch order; tasks also seed the initialisation (and so dropout) with it
     log_every: int = 100  # steps between metrics lines in train.jsonl
     eval_every: int = 1000  # steps between validations (0: only at the end)
     save_every: int = 1000  # steps between checkpoints (0: only at the end)
@@ -384,15 +384,33 @@ class Trainer:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         ckpt.restore_rng_state(state["rng"])
+        self._truncate_log(self.step)
         logger.info("resumed from %s at step %d", path, self.step)
         return self.step
 
     # ------------------------------------------------------------------ logging
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / "train.jsonl"
+
+    def _truncate_log(self, step: int) -> None:
+        """Drop log records after `step`: a resumed run logs those steps again."""
+        if not (self.dist.is_main and self.log_path.is_file()):
+            return
+        kept = []
+        for line in self.log_path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+        self.log_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
     def _log(self, record: dict[str, Any]) -> None:
         if not self.dist.is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.run_dir / "train.jsonl", "a", encoding="utf-8") as f:
+        with open(self.log_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
     # ------------------------------------------------------------------ one step
@@ -520,6 +538,8 @@ class Trainer:
 
         cfg = self.cfg
         metrics: dict[str, float] = {}
+        if self.step == 0:
+            self._truncate_log(0)  # a fresh run starts a fresh log
         bar = tqdm(
             total=cfg.max_steps,
             initial=self.step,
