@@ -1,6 +1,7 @@
 """The model against independent references: torch.nn.Transformer, eq. (1) written out, the paper's rules."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -48,7 +49,18 @@ def sinusoids(max_len: int, d: int) -> torch.Tensor:
 def copy_into_reference(model: Transformer) -> nn.Transformer:
     """An nn.Transformer holding our weights, layer for layer."""
     cfg = model.cfg
-    ref = nn.Transformer(
+    with (
+        warnings.catch_warnings()
+    ):  # "enable_nested_tensor is True, but ... norm_first": irrelevant here
+        warnings.simplefilter("ignore", UserWarning)
+        ref = _reference(cfg)
+    ref = ref.to(next(model.parameters()).dtype)
+    ref.encoder.enable_nested_tensor = False
+    return _copy_weights(model, ref)
+
+
+def _reference(cfg: TransformerConfig) -> nn.Transformer:
+    return nn.Transformer(
         d_model=cfg.d_model,
         nhead=cfg.n_heads,
         num_encoder_layers=cfg.n_encoder_layers,
@@ -59,8 +71,11 @@ def copy_into_reference(model: Transformer) -> nn.Transformer:
         batch_first=True,
         norm_first=cfg.norm == "pre",
         layer_norm_eps=cfg.layer_norm_eps,
-    ).to(next(model.parameters()).dtype)
-    ref.encoder.enable_nested_tensor = False
+    )
+
+
+def _copy_weights(model: Transformer, ref: nn.Transformer) -> nn.Transformer:
+    cfg = model.cfg
 
     def attn(dst: nn.MultiheadAttention, src) -> None:
         dst.in_proj_weight.copy_(torch.cat([src.w_q.weight, src.w_k.weight, src.w_v.weight]))
