@@ -14,6 +14,8 @@ from aiayn.model import Transformer
 from aiayn.tasks.seq2seq import batch_maker, seq2seq_loss
 from aiayn.train import TrainConfig, Trainer, TrainingError, label_smoothed_nll, learning_rate
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def test_learning_rate_is_equation_3():
     d, warmup = 512, 4000
@@ -117,15 +119,6 @@ def losses(run_dir):
     ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models on a loaded 2-core machine run far faster on one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     examples = copy_examples()
     straight = make_trainer(tmp_path / "straight", 24, examples, grad_accum=2)
@@ -133,7 +126,9 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
 
     first = make_trainer(tmp_path / "resumed", 12, examples, grad_accum=2)
     first.fit(progress=False)  # saves a checkpoint at step 12
-    with open(tmp_path / "resumed" / "train.jsonl", "a") as log:  # steps logged after it, then a kill
+    with open(
+        tmp_path / "resumed" / "train.jsonl", "a"
+    ) as log:  # steps logged after it, then a kill
         log.write('{"step": 13, "loss": 99.0}\n{"step": 14, "lo')
     torch.manual_seed(12345)  # a new process would start from other RNG states
     second = make_trainer(tmp_path / "resumed", 24, examples, grad_accum=2)
