@@ -59,6 +59,7 @@ def test_info_prints_the_base_parameter_count(capsys):
     assert "N=6+6 d_model=512 d_ff=2048 h=8 d_k=64 P_drop=0.1" in out
     code, out, _ = run(["info", "--preset", "big", "--vocab-size", "37000"], capsys)
     assert "214,245,376 (214.2M)" in out
+    assert "Table 3 of the paper gives 213M for big" in out
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from aiayn import __version__
-from aiayn.errors import AiaynError, DataError
+from aiayn.errors import AiaynError, ConfigError, DataError
 
 logger = logging.getLogger("aiayn")
 
@@ -28,6 +28,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     from aiayn.config import TransformerConfig
     from aiayn.model import Transformer
 
+    if args.vocab_size < 1:
+        raise ConfigError(
+            f"--vocab-size must be a positive integer, got {args.vocab_size}; the paper's is 37000"
+        )
     overrides = {"vocab_size": args.vocab_size}
     if args.separate_vocab:
         overrides["shared_vocab"] = False
@@ -46,7 +50,15 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"parameters: {total:,} ({total / 1e6:.1f}M) with {vocab} {args.vocab_size:,}-token vocabulary, {tied}"
     )
     print(f"  embeddings {total - body:,} | encoder {enc:,} | decoder {dec:,}")
+    if args.preset in PAPER_PARAMETERS:
+        print(
+            f"Table 3 of the paper gives {PAPER_PARAMETERS[args.preset]} for {args.preset}; "
+            "docs/paper-map.md explains the difference"
+        )
     return 0
+
+
+PAPER_PARAMETERS = {"base": "65M", "big": "213M"}  # Table 3, "params" column
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -104,21 +116,43 @@ def _write_output(lines: Sequence[str], path: str | None) -> None:
         sys.stdout.write(text)
         return
     target = Path(path)
-    if target.parent and not target.parent.is_dir():
-        raise DataError(f"cannot write {target}: folder {target.parent} does not exist")
+    if not target.parent.is_dir():
+        what = "is a file, not a folder" if target.parent.exists() else "does not exist"
+        raise DataError(
+            f"cannot write {target}: {target.parent} {what}; create the folder or choose "
+            "another --output"
+        )
     # Write beside the target and rename: an interrupted run never leaves half a file behind.
+    tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, target)
     except OSError as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)  # a failed write leaves nothing behind
         raise DataError(f"cannot write {target}: {exc.strerror}; choose another --output") from None
 
 
 def _translator(args: argparse.Namespace):
+    """The checkpoint's translator, after checking the decoding options (before any work)."""
+    import torch
+
     from aiayn.tasks.translation import Translator
 
+    if args.beam_size is not None and args.beam_size < 1:
+        raise ConfigError(f"--beam-size must be 1 or more (1 is greedy), got {args.beam_size}")
+    if args.length_penalty is not None and args.length_penalty < 0:
+        raise ConfigError(
+            f"--length-penalty must be >= 0 (the paper's is 0.6), got {args.length_penalty}"
+        )
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ConfigError(f"--device {args.device!r} is not a device; use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda, but no CUDA GPU is visible; use --device cpu")
     return Translator.from_checkpoint(args.checkpoint, device=args.device)
 
 
@@ -178,12 +212,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_average(args: argparse.Namespace) -> int:
     from aiayn import checkpoint as ckpt
 
+    if args.last < 1:
+        raise ConfigError(f"--last must be 1 or more (the paper averages 5), got {args.last}")
     if args.checkpoints:
         paths = [Path(p) for p in args.checkpoints]
     else:
-        found = ckpt.list_checkpoints(Path(args.run_dir))
+        run_dir = Path(args.run_dir)
+        if not run_dir.is_dir():
+            raise ConfigError(
+                f"--run-dir {run_dir} is not a folder; pass the run_dir of a training run"
+            )
+        found = ckpt.list_checkpoints(run_dir)
         if not found:
-            raise AiaynError(f"{args.run_dir} has no checkpoints to average")
+            raise AiaynError(
+                f"{run_dir} has no checkpoints to average; pass a run that saved checkpoints "
+                "(checkpoints/step_*), or name them with --checkpoints"
+            )
         paths = found[-args.last :]
     out = ckpt.average_checkpoints(paths, Path(args.output))
     print(f"averaged {len(paths)} checkpoints ({', '.join(p.name for p in paths)}) into {out}")
