@@ -6,6 +6,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_MAP = (ROOT / "docs" / "paper-map.md").read_text(encoding="utf-8")
+RELIABILITY = (ROOT / "docs" / "reliability.md").read_text(encoding="utf-8")
 
 
 def defined_names(path: Path) -> set[str]:
@@ -20,19 +21,28 @@ def defined_names(path: Path) -> set[str]:
     return names
 
 
-def test_every_test_named_in_the_paper_map_exists():
+def named_tests(doc: str, doc_name: str) -> list[tuple[str, str]]:
+    """(test file, test function) for every `tests/x.py::name` and bare `::name` in a doc."""
     names = []
-    for line in PAPER_MAP.splitlines():
+    for line in doc.splitlines():
         current = None  # a bare `::name` refers to the last test file named on the same line
         for match in re.finditer(r"`(tests/[\w/]+\.py)?::(\w+)", line):
             current = match.group(1) or current
-            assert current, f"docs/paper-map.md: name the test file before ::{match.group(2)}"
+            assert current, f"{doc_name}: name the test file before ::{match.group(2)}"
             names.append((current, match.group(2)))
-    assert len(names) > 30
     for file, name in names:
         assert name in defined_names(ROOT / file), (
-            f"docs/paper-map.md names {file}::{name}, which does not exist"
+            f"{doc_name} names {file}::{name}, which does not exist"
         )
+    return names
+
+
+def test_every_test_named_in_the_paper_map_exists():
+    assert len(named_tests(PAPER_MAP, "docs/paper-map.md")) > 30
+
+
+def test_every_test_named_in_the_reliability_table_exists():
+    assert len(named_tests(RELIABILITY, "docs/reliability.md")) > 60
 
 
 def test_every_code_symbol_named_in_the_paper_map_exists():

@@ -59,7 +59,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from aiayn.errors import CheckpointError, ConfigError
+from aiayn.errors import CheckpointError, CheckpointMismatchError, ConfigError
+from aiayn.faults import maybe_fail
 
 __all__ = [
     "BEST_POINTER_FILE",
@@ -112,6 +113,8 @@ _ALIASES_KEY = "aiayn.aliases"
 _STEP_DIR_RE = re.compile(r"^step_(\d+)$")
 # Longest list of tensor names an error message spells out before summarising the rest.
 _MAX_LISTED = 20
+# What to do when checkpoints cannot be averaged.
+_AVERAGE_HINT = "; average checkpoints of one model, e.g. the last ones of one run"
 
 
 @dataclass(frozen=True)
@@ -194,6 +197,8 @@ def save_checkpoint(
             _write_file(tmp / OPTIMIZER_STATE_FILE, structure_json)
         if scheduler_json is not None:
             _write_file(tmp / SCHEDULER_FILE, scheduler_json)
+        # Tests: a kill (or a full disk) with half the checkpoint written, before the rename.
+        maybe_fail("checkpoint-write")
         for name, source in extra_files.items():
             _copy_file(source, tmp / name)
         _write_file(tmp / CONFIG_FILE, config_json)
@@ -420,7 +425,7 @@ def _os_error_message(error: OSError) -> str:
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
         return (
             f"no space left on device{place}; free disk space (for example delete old "
-            "checkpoints or use a smaller keep_last) and save again"
+            "checkpoints or use a smaller keep_last) and try again"
         )
     if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"permission denied{place}; choose a writable output directory"
@@ -652,7 +657,7 @@ def _load_into_model(model: nn.Module, state: dict[str, torch.Tensor], directory
     if unexpected:
         problems.append(f"unexpected in checkpoint: {_summarise(unexpected)}")
     if problems:
-        raise CheckpointError(
+        raise CheckpointMismatchError(
             f"checkpoint {directory} does not match the model; {'; '.join(problems)}; "
             "build the model from the checkpoint's config.json"
         )
@@ -980,6 +985,7 @@ def average_checkpoints(paths: Sequence[Path], output: Path) -> Path:
             if _parse_aliases(handle.metadata() or {}, file) != ref_aliases:
                 raise CheckpointError(
                     f"cannot average {file.parent} with {reference}: their tied weights differ"
+                    f"{_AVERAGE_HINT}"
                 )
         for name in ref_specs:
             ref_tensor = _get_tensor(ref_handle, name, ref_file)
@@ -1049,12 +1055,16 @@ def _check_same_tensors(
     prefix = f"cannot average {file.parent} with {ref_file.parent}"
     for name in sorted(set(specs) | set(ref_specs)):
         if name not in specs:
-            raise CheckpointError(f"{prefix}: tensor {name} is missing from {file.parent}")
+            raise CheckpointError(
+                f"{prefix}: tensor {name} is missing from {file.parent}{_AVERAGE_HINT}"
+            )
         if name not in ref_specs:
-            raise CheckpointError(f"{prefix}: tensor {name} is missing from {ref_file.parent}")
+            raise CheckpointError(
+                f"{prefix}: tensor {name} is missing from {ref_file.parent}{_AVERAGE_HINT}"
+            )
         (shape, dtype), (ref_shape, ref_dtype) = specs[name], ref_specs[name]
         if shape != ref_shape or dtype != ref_dtype:
             raise CheckpointError(
                 f"{prefix}: tensor {name} is {dtype} {shape} in {file.parent} but "
-                f"{ref_dtype} {ref_shape} in {ref_file.parent}"
+                f"{ref_dtype} {ref_shape} in {ref_file.parent}{_AVERAGE_HINT}"
             )

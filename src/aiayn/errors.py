@@ -19,3 +19,7 @@ class DataError(AiaynError, ValueError):
 
 class CheckpointError(AiaynError):
     """A checkpoint is missing, damaged, unsafe, or does not match the model."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A checkpoint is intact but holds another model: other tensor names or shapes."""

@@ -14,6 +14,7 @@ The command line overrides any value with `--section.key value` (`--train.max_st
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,9 +84,15 @@ class Experiment:
             train=TrainConfig.from_dict(values["train"]),
             decode=values["decode"],
         )
-        exp.model_config(
-            vocab_size=16, pad_id=0
-        )  # validate the model section now, not after data prep
+        # Validate the model section now, not after data preparation.
+        model_cfg = exp.model_config(vocab_size=16, pad_id=0)
+        if model_cfg.n_encoder_layers < 1 or model_cfg.n_decoder_layers < 1:
+            # The config allows encoder-only and decoder-only models; translation needs both.
+            raise ConfigError(
+                f"task {task} needs an encoder and a decoder, but model.n_encoder_layers is "
+                f"{model_cfg.n_encoder_layers} and model.n_decoder_layers is "
+                f"{model_cfg.n_decoder_layers}: set both to 1 or more"
+            )
         return exp
 
     def model_config(self, *, vocab_size: int, pad_id: int) -> TransformerConfig:
@@ -113,7 +120,22 @@ class Experiment:
 
     # ------------------------------------------------------------------ the run directory
     def check_run_dir(self, resume: bool) -> None:
-        """Refuse to overwrite a finished or running run; refuse to resume nothing."""
+        """Refuse to overwrite a finished or running run; refuse to resume nothing.
+
+        Also refuse a run_dir that cannot be created, before any data is read, so that a
+        refused run writes nothing.
+        """
+        existing = next(p for p in (self.run_dir, *self.run_dir.parents) if p.exists())
+        if not existing.is_dir():
+            raise ConfigError(
+                f"run_dir {self.run_dir} cannot be created: {existing} is a file; "
+                "pass --run_dir with another folder"
+            )
+        if not os.access(existing, os.W_OK):
+            raise ConfigError(
+                f"run_dir {self.run_dir} cannot be written: {existing} is read-only; "
+                "pass --run_dir with a folder you can write"
+            )
         has_checkpoints = ckpt.latest_checkpoint(self.run_dir / "checkpoints") is not None
         if resume and not has_checkpoints:
             raise CheckpointError(

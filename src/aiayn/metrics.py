@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from rouge_score import rouge_scorer
 from sacrebleu.metrics import BLEU, CHRF
 from torch import Tensor
 
@@ -115,6 +114,9 @@ def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
     Raises:
         DataError: if the lists differ in length or are empty.
     """
+    # Imported here: rouge-score pulls in nltk, which costs seconds at every `aiayn` start.
+    from rouge_score import rouge_scorer
+
     _check_pairs(predictions, references, "ROUGE")
     keys = ["rouge1", "rouge2", "rougeL", "rougeLsum"]
     scorer = rouge_scorer.RougeScorer(keys, use_stemmer=True)

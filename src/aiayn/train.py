@@ -32,7 +32,8 @@ from torch import Tensor, nn
 from aiayn import checkpoint as ckpt
 from aiayn.config import ConfigSection
 from aiayn.data.batching import TokenBatchSampler
-from aiayn.errors import AiaynError, CheckpointError, ConfigError
+from aiayn.errors import AiaynError, CheckpointError, CheckpointMismatchError, ConfigError
+from aiayn.faults import maybe_fail
 
 logger = logging.getLogger(__name__)
 
@@ -343,14 +344,24 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "world_size": self.dist.world_size,
         }
-        path = ckpt.save_checkpoint(
-            ckpt.checkpoint_path(self.checkpoint_root, self.step),
-            model=self.model,
-            config=self.run_config,
-            optimizer=self.optimizer,
-            trainer_state=state,
-            files=self.extra_files,
-        )
+        try:
+            path = ckpt.save_checkpoint(
+                ckpt.checkpoint_path(self.checkpoint_root, self.step),
+                model=self.model,
+                config=self.run_config,
+                optimizer=self.optimizer,
+                trainer_state=state,
+                files=self.extra_files,
+            )
+        except CheckpointError as exc:
+            # Stop rather than train on without a way back: say what survived and how to go on.
+            latest = ckpt.latest_checkpoint(self.checkpoint_root)
+            then = (
+                f"{latest.name} is intact: continue from it with --resume"
+                if latest is not None
+                else "no checkpoint was saved yet: start the run again"
+            )
+            raise TrainingError(f"training stopped at step {self.step}: {exc}; {then}") from exc
         best = ckpt.read_best_pointer(self.checkpoint_root)
         ckpt.prune_checkpoints(
             self.checkpoint_root, self.cfg.keep_last, keep=[best] if best else []
@@ -364,7 +375,19 @@ class Trainer:
             raise CheckpointError(
                 f"--resume: no checkpoint under {self.checkpoint_root}; start without --resume"
             )
-        loaded = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer)
+        try:
+            loaded = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer)
+        except CheckpointMismatchError as exc:
+            raise CheckpointMismatchError(
+                f"{exc}; --resume needs the model settings and tokenizer the run was started "
+                "with: undo the change, or start a new run in another run_dir"
+            ) from exc
+        except CheckpointError as exc:
+            # --resume always takes the latest checkpoint, so "choose another" means moving it.
+            raise CheckpointError(
+                f"{exc}; --resume takes the latest checkpoint: move {path} out of "
+                f"{path.parent} to resume from the one before it"
+            ) from exc
         state = loaded.trainer_state
         if state.get("world_size", 1) != self.dist.world_size:
             logger.warning(
@@ -404,7 +427,10 @@ class Trainer:
                     kept.append(line)
             except json.JSONDecodeError:
                 continue  # a line cut short by a kill
-        self.log_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        # Rewrite beside the log and rename: a kill here must not lose the history.
+        tmp = self.log_path.with_name(f".{self.log_path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, self.log_path)
 
     def _log(self, record: dict[str, Any]) -> None:
         if not self.dist.is_main:
@@ -459,6 +485,7 @@ class Trainer:
         max_norm = self.cfg.clip_norm if self.cfg.clip_norm > 0 else math.inf
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss_sum))
+        maybe_fail("step")  # tests: a kill between the backward pass and the update
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skips the update itself when gradients overflowed
             self.scaler.update()
@@ -475,6 +502,7 @@ class Trainer:
         self.model.eval()
         with torch.no_grad():
             metrics = self.evaluate_fn(self.model)
+        maybe_fail("eval")  # tests: a kill after validating, before anything is saved
         self.model.train()
         return metrics
 

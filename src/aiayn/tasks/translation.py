@@ -26,7 +26,7 @@ from aiayn.experiment import Experiment
 from aiayn.metrics import corpus_bleu
 from aiayn.model import Transformer, recording_attention
 from aiayn.tasks.seq2seq import batch_maker, seq2seq_loss, validation_loss
-from aiayn.train import Trainer
+from aiayn.train import Distributed, Trainer, resolve_device, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +153,8 @@ class Translator:
         tokenizer_path = path / TOKENIZER_FILE
         if not tokenizer_path.is_file():
             raise CheckpointError(
-                f"{path} has no {TOKENIZER_FILE}; it was not saved by `aiayn train`"
+                f"{path} has no {TOKENIZER_FILE}; it was not saved by `aiayn train`: copy "
+                f"the {TOKENIZER_FILE} of its run directory into it"
             )
         tokenizer = Tokenizer.load(tokenizer_path)
         if tokenizer.vocab_size != model.cfg.src_vocab_size:
@@ -259,7 +260,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     found = ckpt.read_best_pointer(path) or ckpt.latest_checkpoint(path)
     if found is None:
         raise CheckpointError(
-            f"{path} is neither a checkpoint nor a run directory with checkpoints"
+            f"{path} is neither a checkpoint nor a run directory with checkpoints; pass a "
+            "checkpoint folder (with model.safetensors) or the run_dir of a training run"
         )
     return found
 
@@ -284,6 +286,8 @@ def train_translation(
     decode = DecodeConfig.from_dict(exp.decode)
     run_dir = exp.run_dir
     exp.check_run_dir(resume)
+    # A device or precision this machine lacks is refused before any data is read or written.
+    resolve_precision(exp.train.precision, resolve_device(exp.train.device, Distributed.from_env()))
 
     train_pairs, valid_pairs = data.read("train"), data.read("valid")
     if not train_pairs or not valid_pairs:
@@ -291,15 +295,14 @@ def train_translation(
             "the training or validation data is empty; check the data section of the config"
         )
     tokenizer_path = run_dir / TOKENIZER_FILE
-    if resume and tokenizer_path.is_file():
+    new_tokenizer = not (resume and tokenizer_path.is_file())
+    if not new_tokenizer:
         tokenizer = Tokenizer.load(tokenizer_path)
     else:
         t0 = time.perf_counter()
         # One joint vocabulary for both languages (§5.1: "a shared source-target vocabulary").
         texts = [s for s, _ in train_pairs] + [t for _, t in train_pairs]
         tokenizer = Tokenizer.train(texts, data.vocab_size, data.min_frequency)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(tokenizer_path)
         logger.info(
             "trained a %d-token BPE vocabulary in %.1fs",
             tokenizer.vocab_size,
@@ -307,9 +310,15 @@ def train_translation(
         )
 
     model_cfg = exp.model_config(vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
-    train_ids, n_cut = fit_to_max_len(
-        _encode_pairs(tokenizer, train_pairs), model_cfg.max_len, data.max_len_policy
-    )
+    try:
+        train_ids, n_cut = fit_to_max_len(
+            _encode_pairs(tokenizer, train_pairs), model_cfg.max_len, data.max_len_policy
+        )
+    except DataError as exc:  # policy "reject": say which data and which settings
+        raise DataError(
+            f"training {exc} (examples count from 0; the settings are model.max_len and "
+            "data.max_len_policy)"
+        ) from None
     if n_cut:
         logger.warning(
             "%d of %d training pairs were longer than max_len %d and were truncated",
@@ -320,6 +329,10 @@ def train_translation(
     valid_ids, _ = fit_to_max_len(
         _encode_pairs(tokenizer, valid_pairs), model_cfg.max_len, "truncate"
     )
+
+    if new_tokenizer:  # saved only now, so that a run refused for its data writes nothing
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(tokenizer_path)
 
     torch.manual_seed(exp.train.seed)
     model = Transformer(model_cfg)
