@@ -27,8 +27,8 @@ demo: setup
 	$(BIN)/aiayn demo
 
 test: setup-test
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 	$(BIN)/pytest -q
 
 # Everything, including the tests marked slow (minutes on a CPU).

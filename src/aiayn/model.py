@@ -499,9 +499,11 @@ class Transformer(nn.Module):
                 f"{name} is {start + ids.size(1)} positions long but max_len is {self.cfg.max_len}: "
                 "truncate the input or build the model with a larger max_len"
             )
-        # Out-of-range ids would be a device-side assert on a GPU; check where it costs no sync.
+        # Out-of-range ids would be a device-side assert on a GPU; check where it costs no sync
+        # (on the CPU), and not inside torch.compile, where reading a value breaks the graph.
         if (
             ids.device.type == "cpu"
+            and not torch.compiler.is_compiling()
             and ids.numel()
             and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size)
         ):

@@ -1,0 +1,547 @@
+"""Decoding throughput: aiayn's greedy and beam search vs Hugging Face ``generate``, same weights.
+
+    python -m bench.decode_throughput --device cpu --size small
+    python -m bench.decode_throughput --device cuda --size base --dtype bf16
+
+One randomly initialised aiayn `Transformer` is exported with `aiayn.interop.to_hf_marian` and
+loaded as a ``MarianMTModel``: both sides hold the same weights. aiayn decodes with
+`aiayn.decoding.greedy_search` / `beam_search` over a `TransformerDecoder` (the code
+`translate_ids` runs); Hugging Face with ``model.generate``.
+
+**Equal work.** A random model ends its outputs at random steps, differently on each side once
+floating-point sums differ, so both sides are made to decode exactly ``--steps`` (L) decoder
+steps for every sentence:
+
+* greedy: eos is banned for all L outputs. aiayn: a wrapper around the decoder
+  (:class:`ForcedLengthDecoder`) sets eos's log-probability to -inf, and ``max_len=L`` stops
+  each row after L tokens. HF: ``min_new_tokens = max_new_tokens = L``, no forced eos.
+* beam: L - 1 tokens, then eos forced at step L, so that every beam of every sentence
+  finishes at the same step and neither search can stop early. aiayn: eos banned for the
+  first L - 1 outputs, ``max_len=L-1`` (at its limit the search allows only eos). HF:
+  ``min_new_tokens=L-1, max_new_tokens=L, forced_eos_token_id=eos``. Both rank by
+  log-probability; with equal lengths neither length penalty changes the ranking.
+
+Both sides ban pad and bos (aiayn.decoding always does; HF through ``bad_words_ids``).
+
+**Same outputs.** Before timing, both sides decode the timed batch in float32 and the greedy
+outputs must be token-identical: a benchmark that compares different work is worthless. A
+row may differ only where the two candidates' logits are within float32 rounding of each
+other (a tie, broken differently); such rows are counted and reported, any other difference
+stops the run. Output lengths are checked after every timed case too. Beam outputs are
+compared and the agreement reported, not required (near-ties among 2K candidates are more
+frequent).
+
+Output: bench/results/decode_throughput-<device>-<date>.json and a markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import tempfile
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from aiayn.config import TransformerConfig
+from aiayn.decoding import TransformerDecoder, beam_search, greedy_search
+from aiayn.interop import to_hf_marian
+from aiayn.model import Transformer
+from bench import common
+from bench.peers import quiet_transformers  # also sets HF_HUB_OFFLINE before transformers loads
+
+IMPLEMENTATIONS = ("aiayn", "hf-generate")
+SEARCHES = ("greedy", "beam")
+LENGTH_PENALTY = 0.6  # the paper's alpha; irrelevant to the ranking when all lengths are equal
+# Two logits closer than this (relative to the largest) are a tie at float32 precision.
+TIE_TOLERANCE = 1e-4
+
+
+class EqualWorkError(RuntimeError):
+    """aiayn and Hugging Face did not compute the same thing: no timing would mean anything."""
+
+    def __init__(self, message: str, report: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.report = report  # what `check_equal_work` found, for the result file
+
+
+class ForcedLengthDecoder:
+    """An `IncrementalDecoder` that bans eos for the first `eos_banned_steps` outputs.
+
+    Wraps aiayn's `TransformerDecoder` so that the search cannot end a sentence early: the
+    benchmark's way of making aiayn decode exactly as many steps as HF's ``min_new_tokens``.
+    The ban costs one in-place write per step (HF's min-length processor does the same).
+    """
+
+    def __init__(self, inner: TransformerDecoder, eos_id: int, eos_banned_steps: int) -> None:
+        self.inner, self.eos_id, self.eos_banned_steps = inner, eos_id, eos_banned_steps
+        self.steps = 0
+
+    @property
+    def max_output_length(self) -> int:
+        return self.inner.max_output_length
+
+    def start(self, src_ids: Tensor) -> Any:
+        self.steps = 0
+        return self.inner.start(src_ids)
+
+    @torch.inference_mode()
+    def step(self, tokens: Tensor, state: Any) -> Tensor:
+        log_probs = self.inner.step(tokens, state)
+        if self.steps < self.eos_banned_steps:
+            log_probs[:, self.eos_id] = float("-inf")
+        self.steps += 1
+        return log_probs
+
+    def reorder(self, state: Any, index: Tensor) -> Any:
+        return self.inner.reorder(state, index)
+
+
+# --------------------------------------------------------------------------- the two models
+
+
+def build_pair(
+    cfg: TransformerConfig, *, seed: int, device: torch.device
+) -> tuple[Transformer, nn.Module]:
+    """A random aiayn model and the same weights as a Hugging Face ``MarianMTModel``, float32, eval.
+
+    The Marian model gets a generation config of its own that holds only the ids: every
+    search setting is passed to ``generate`` explicitly (see :func:`hf_generate`), so nothing
+    written by the export (such as ``forced_eos_token_id``) applies unless asked for.
+    """
+    import transformers
+
+    quiet_transformers()
+    torch.manual_seed(seed)
+    ours = Transformer(cfg).eval()
+    with tempfile.TemporaryDirectory() as folder:
+        to_hf_marian(ours, folder, eos_id=common.EOS_ID, decoder_start_id=common.BOS_ID)
+        theirs = transformers.MarianMTModel.from_pretrained(folder, attn_implementation="sdpa")
+    theirs.generation_config = transformers.GenerationConfig(
+        decoder_start_token_id=common.BOS_ID,
+        eos_token_id=common.EOS_ID,
+        pad_token_id=common.PAD_ID,
+    )
+    return ours.to(device), theirs.to(device).eval()
+
+
+def make_sources(cfg: TransformerConfig, *, batch: int, src_len: int, seed: int) -> Tensor:
+    """(batch, src_len) sources of varied lengths (src_len/2 .. src_len), each ending in eos,
+    right-padded: both sides mask the same padding."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(max(2, src_len // 2), src_len + 1, (batch,), generator=generator)
+    src = torch.full((batch, src_len), common.PAD_ID, dtype=torch.long)
+    for row, length in enumerate(lengths.tolist()):
+        src[row, : length - 1] = common.random_ids(1, length - 1, cfg.src_vocab_size, generator)
+        src[row, length - 1] = common.EOS_ID
+    return src
+
+
+def aiayn_decode(
+    model: Transformer, src: Tensor, search: str, steps: int, beam_size: int
+) -> list[list[int]]:
+    """aiayn's search, forced to `steps` decoder steps (see the module docstring)."""
+    ids = dict(bos_id=common.BOS_ID, eos_id=common.EOS_ID, pad_id=common.PAD_ID)
+    with torch.inference_mode():
+        if search == "greedy":
+            decoder = ForcedLengthDecoder(TransformerDecoder(model), common.EOS_ID, steps)
+            return greedy_search(decoder, src, max_len=steps, **ids)
+        decoder = ForcedLengthDecoder(TransformerDecoder(model), common.EOS_ID, steps - 1)
+        hypotheses = beam_search(
+            decoder,
+            src,
+            beam_size=beam_size,
+            length_penalty=LENGTH_PENALTY,
+            max_len=steps - 1,
+            **ids,
+        )
+    return [hyps[0].tokens if hyps else [] for hyps in hypotheses]
+
+
+def hf_generate(model: nn.Module, src: Tensor, search: str, steps: int, beam_size: int) -> Tensor:
+    """HF ``generate`` forced to `steps` decoder steps; returns its (B, 1 + steps) sequences."""
+    options: dict[str, Any] = dict(
+        input_ids=src,
+        attention_mask=src.ne(common.PAD_ID),
+        do_sample=False,
+        max_new_tokens=steps,
+        bad_words_ids=[[common.PAD_ID], [common.BOS_ID]],  # what aiayn.decoding bans
+        decoder_start_token_id=common.BOS_ID,
+        eos_token_id=common.EOS_ID,
+        pad_token_id=common.PAD_ID,
+        use_cache=True,
+    )
+    if search == "greedy":
+        options |= dict(num_beams=1, min_new_tokens=steps, forced_eos_token_id=None)
+    else:
+        options |= dict(
+            num_beams=beam_size,
+            min_new_tokens=steps - 1,
+            forced_eos_token_id=common.EOS_ID,
+            early_stopping=True,  # stop a sentence at num_beams finished hypotheses, as aiayn
+            length_penalty=LENGTH_PENALTY,
+        )
+    with torch.inference_mode():
+        return model.generate(**options)
+
+
+def hf_outputs(sequences: Tensor, search: str) -> list[list[int]]:
+    """HF's sequences as aiayn returns outputs: without the start token, and without the final
+    eos for beam search."""
+    rows = sequences[:, 1:].tolist()
+    if search == "beam":
+        rows = [row[:-1] if row and row[-1] == common.EOS_ID else row for row in rows]
+    return rows
+
+
+def check_lengths(
+    outputs: list[list[int]], sequences: Tensor | None, search: str, steps: int
+) -> None:
+    """Raise `EqualWorkError` unless every output has the forced length (and HF's ends right)."""
+    expected = steps if search == "greedy" else steps - 1
+    lengths = sorted({len(row) for row in outputs})
+    if lengths != [expected] or any(common.EOS_ID in row for row in outputs):
+        raise EqualWorkError(
+            f"{search}: output lengths {lengths} (expected all {expected}, no eos inside): "
+            "the forced-length settings did not hold"
+        )
+    if sequences is not None and search == "beam":
+        if not bool(sequences[:, -1].eq(common.EOS_ID).all()):
+            raise EqualWorkError("beam: HF's outputs do not all end in the forced eos")
+
+
+def _is_tie(
+    model: Transformer, src_row: Tensor, prefix: list[int], a: int, b: int
+) -> tuple[bool, float]:
+    """Whether tokens a and b were a float32 tie after `prefix`: (tie, |logit_a - logit_b|)."""
+    tgt = torch.tensor([[common.BOS_ID, *prefix]], device=src_row.device)
+    with torch.inference_mode():
+        logits = model(src_row[None], tgt)[0, -1].float()
+    gap = abs(float(logits[a] - logits[b]))
+    return gap <= TIE_TOLERANCE * max(1.0, float(logits.abs().max())), gap
+
+
+def compare_outputs(
+    ours: list[list[int]],
+    theirs: list[list[int]],
+    model: Transformer | None = None,
+    src: Tensor | None = None,
+) -> dict[str, Any]:
+    """Row-by-row comparison; with `model` and `src`, mismatching rows are checked for ties.
+
+    Returns ``rows``, ``identical``, ``ties`` (rows that first differ at a float32 tie),
+    ``mismatches`` (rows that differ otherwise) and ``first_mismatch`` (row, step, gap).
+    """
+    identical = ties = mismatches = 0
+    first_mismatch = None
+    for row, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+        if a == b:
+            identical += 1
+            continue
+        step = next(
+            (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+        )
+        if model is not None and src is not None and step < min(len(a), len(b)):
+            tie, gap = _is_tie(model, src[row], a[:step], a[step], b[step])
+            if tie:
+                ties += 1
+                continue
+        else:
+            gap = None
+        mismatches += 1
+        if first_mismatch is None:
+            first_mismatch = {"row": row, "step": step, "logit_gap": gap}
+    return {
+        "rows": len(ours),
+        "identical": identical,
+        "ties": ties,
+        "mismatches": mismatches,
+        "first_mismatch": first_mismatch,
+    }
+
+
+def check_equal_work(
+    ours: Transformer,
+    theirs: nn.Module,
+    src: Tensor,
+    *,
+    steps: int,
+    beam_size: int,
+    searches: Sequence[str],
+) -> dict[str, Any]:
+    """Decode `src` with both models (float32) and check that they do the same work.
+
+    Greedy outputs must be token-identical (up to float32 ties, see `compare_outputs`);
+    every output must have the forced length. Raises `EqualWorkError` otherwise.
+    """
+    report: dict[str, Any] = {}
+    for search in searches:
+        mine = aiayn_decode(ours, src, search, steps, beam_size)
+        sequences = hf_generate(theirs, src, search, steps, beam_size)
+        other = hf_outputs(sequences, search)
+        check_lengths(mine, None, search, steps)
+        check_lengths(other, sequences, search, steps)
+        report[search] = compare_outputs(mine, other, ours if search == "greedy" else None, src)
+    greedy = report.get("greedy")
+    if greedy is not None and greedy["mismatches"]:
+        raise EqualWorkError(
+            f"greedy outputs differ between aiayn and HF generate beyond float32 ties: {greedy}",
+            report,
+        )
+    return report
+
+
+# --------------------------------------------------------------------------- timing
+
+
+Run = Callable[[], tuple[list[list[int]], Tensor | None]]
+
+
+def make_run(
+    impl: str, model: nn.Module, src: Tensor, search: str, steps: int, beam_size: int
+) -> Run:
+    """One batch decoded by `impl`: returns (outputs as aiayn returns them, HF's sequences or None).
+
+    Both sides end with Python lists of token ids (aiayn's search returns them; HF's tensor is
+    converted), so both pay for the final device-to-host copy.
+    """
+    if impl == "aiayn":
+        return lambda: (aiayn_decode(model, src, search, steps, beam_size), None)
+
+    def run() -> tuple[list[list[int]], Tensor | None]:
+        sequences = hf_generate(model, src, search, steps, beam_size)
+        return hf_outputs(sequences, search), sequences
+
+    return run
+
+
+def run_case(
+    impl: str,
+    search: str,
+    run: Run,
+    *,
+    device: torch.device,
+    batch: int,
+    steps: int,
+    warmup: int,
+    repeats: int,
+) -> tuple[dict[str, Any], list[list[int]]]:
+    """Time `run` (one batch decoded) and check its outputs' lengths; returns result and outputs."""
+    memory = common.PeakMemory(device)
+    memory.start()  # the models exist already: this is the search's own memory
+    last: list[tuple[list[list[int]], Tensor | None]] = []
+
+    def call() -> None:
+        last[:] = [run()]
+
+    times = common.time_fn(call, device, warmup=warmup, repeats=repeats)
+    outputs, sequences = last[0]
+    check_lengths(outputs, sequences, search, steps)
+    seconds = common.median(times)
+    result = {
+        "impl": impl,
+        "search": search,
+        "batch_s_median": seconds,
+        "batch_s_repeats": times,
+        "batch_s_spread": common.spread(times),
+        "sentences_per_s": batch / seconds,
+        "output_tokens_per_s": batch * steps / seconds,
+        "peak_mem_mib": memory.peak_mib(),
+    }
+    return result, outputs
+
+
+def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per search: aiayn's speed-up over HF generate (>1: aiayn is faster)."""
+    summary = {}
+    for search in SEARCHES:
+        rows = {r["impl"]: r for r in results if r["search"] == search and "batch_s_median" in r}
+        if len(rows) == 2:
+            summary[search] = {
+                "aiayn_speedup_over_hf_generate": rows["hf-generate"]["batch_s_median"]
+                / rows["aiayn"]["batch_s_median"]
+            }
+    return summary
+
+
+def table(results: list[dict[str, Any]], beam_size: int) -> str:
+    """The markdown table; 'aiayn x' = this row's time / aiayn's time for the same search."""
+    aiayn = {r["search"]: r for r in results if r["impl"] == "aiayn" and "batch_s_median" in r}
+    rows = []
+    for r in results:
+        search = "greedy" if r["search"] == "greedy" else f"beam {beam_size}"
+        if "error" in r:
+            rows.append([r["impl"], search, "failed: " + r["error"].splitlines()[-1]] + ["-"] * 5)
+            continue
+        ref = aiayn.get(r["search"])
+        ratio = r["batch_s_median"] / ref["batch_s_median"] if ref else None
+        rows.append(
+            [
+                r["impl"],
+                search,
+                common.fmt(r["sentences_per_s"], 1),
+                common.fmt(r["output_tokens_per_s"], 0),
+                common.fmt(r["batch_s_median"] * 1e3, 1),
+                common.fmt(r["peak_mem_mib"], 0),
+                f"±{r['batch_s_spread'] * 50:.0f}%",
+                common.fmt(ratio, 2),
+            ]
+        )
+    headers = ["impl", "search", "sent/s", "out tok/s", "ms/batch", "peak MiB", "spread", "aiayn x"]
+    return common.markdown_table(headers, rows)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.decode_throughput",
+        description="Decoding throughput of aiayn vs Hugging Face generate, on the same weights.",
+    )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--size", choices=tuple(common.SIZES), default="small")
+    parser.add_argument("--dtype", choices=tuple(common.DTYPES), default="fp32")
+    parser.add_argument("--searches", default="greedy,beam", help="comma-separated: greedy, beam")
+    parser.add_argument("--beam-size", type=int, default=4)
+    parser.add_argument("--batch", type=int, help="sentences per batch (default: the size's)")
+    parser.add_argument("--src-len", type=int, help="longest source (default: the size's)")
+    parser.add_argument(
+        "--steps", type=int, help="decoder steps per sentence, forced (default: the size's)"
+    )
+    parser.add_argument("--warmup", type=int, default=1, help="untimed batches per case")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed batches (the median is reported)"
+    )
+    parser.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="results folder (default: bench/results)")
+    args = parser.parse_args(argv)
+    args.searches = [s.strip() for s in args.searches.split(",") if s.strip()]
+    unknown = [s for s in args.searches if s not in SEARCHES]
+    if unknown:
+        parser.error(f"unknown search {unknown[0]!r}; choose from {', '.join(SEARCHES)}")
+    if args.beam_size < 2:
+        parser.error("--beam-size must be at least 2 (greedy is its own search)")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    """Run the benchmark; returns the path of the JSON written."""
+    args = parse_args(argv)
+    device = common.resolve_device(args.device)
+    common.set_threads(args.threads)
+    dtype = common.DTYPES[args.dtype]
+    size = common.SIZES[args.size]
+    cfg = size.config()
+    batch = args.batch or size.decode_batch
+    src_len, steps = args.src_len or size.decode_src_len, args.steps or size.decode_steps
+    if not 2 <= steps <= cfg.max_len - 2 or src_len > cfg.max_len:
+        raise SystemExit(
+            f"--steps must be in [2, {cfg.max_len - 2}] and --src-len <= {cfg.max_len}"
+        )
+    machine = common.machine_info(device)
+    print(
+        f"decode_throughput: aiayn vs HF generate, {', '.join(args.searches)} "
+        f"(beam {args.beam_size}) on {device.type} ({common.describe_machine(machine)})\n"
+        f"  size {size.name}: d_model {cfg.d_model}, {cfg.n_encoder_layers}+{cfg.n_decoder_layers} "
+        f"layers, vocab {cfg.src_vocab_size}; {batch} sentences of <= {src_len} tokens, "
+        f"exactly {steps} decoder steps each, {args.dtype}; "
+        f"{args.warmup} warm-up batches, median of {args.repeats}",
+        flush=True,
+    )
+    ours, theirs = build_pair(cfg, seed=args.seed, device=device)
+    src = make_sources(cfg, batch=batch, src_len=src_len, seed=args.seed + 1).to(device)
+
+    path = common.results_path(args.out, "decode_throughput", device)
+    payload: dict[str, Any] = {
+        "benchmark": "decode_throughput",
+        "created": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "status": "running",
+        "machine": machine,
+        "settings": {
+            "device": device.type,
+            "size": size.name,
+            "dtype": args.dtype,
+            "batch": batch,
+            "src_len_max": src_len,
+            "src_tokens": int(src.ne(common.PAD_ID).sum()),
+            "decoder_steps": steps,
+            "beam_size": args.beam_size,
+            "length_penalty": LENGTH_PENALTY,
+            "searches": args.searches,
+            "warmup": args.warmup,
+            "repeats": args.repeats,
+            "seed": args.seed,
+            "equal_length": (
+                "greedy: eos banned, exactly `decoder_steps` tokens; beam: eos banned for "
+                "decoder_steps - 1 tokens, then forced; both sides"
+            ),
+        },
+        "model_config": cfg.to_dict(),
+        "equal_work_check_fp32": None,
+        "results": [],
+    }
+    print("  checking that both sides decode the same tokens (float32) ...", flush=True)
+    try:
+        check = check_equal_work(
+            ours, theirs, src, steps=steps, beam_size=args.beam_size, searches=args.searches
+        )
+    except EqualWorkError as exc:
+        # Record why nothing was timed, then stop: timing different work would mislead.
+        payload |= {"status": "failed: equal-work check", "error": str(exc)}
+        payload["equal_work_check_fp32"] = exc.report
+        common.write_json(path, payload)
+        raise
+    payload["equal_work_check_fp32"] = check
+    for search, report in check.items():
+        print(
+            f"    {search}: {report['identical']}/{report['rows']} identical, "
+            f"{report['ties']} float32 ties, {report['mismatches']} other",
+            flush=True,
+        )
+    if dtype != torch.float32:
+        ours, theirs = ours.to(dtype), theirs.to(dtype)
+
+    common.write_json(path, payload)
+    outputs: dict[tuple[str, str], list[list[int]]] = {}
+    for search in args.searches:
+        for impl in IMPLEMENTATIONS:
+            run = make_run(
+                impl, ours if impl == "aiayn" else theirs, src, search, steps, args.beam_size
+            )
+            print(f"  {impl} ({search}) ...", flush=True)
+            try:
+                result, outputs[impl, search] = run_case(
+                    impl,
+                    search,
+                    run,
+                    device=device,
+                    batch=batch,
+                    steps=steps,
+                    warmup=args.warmup,
+                    repeats=args.repeats,
+                )
+            except Exception as exc:  # report it and go on with the other cases
+                traceback.print_exc()
+                result = {"impl": impl, "search": search, "error": f"{type(exc).__name__}: {exc}"}
+            payload["results"].append(result)
+            payload["summary"] = summarise(payload["results"])
+            common.write_json(path, payload)
+        if ("aiayn", search) in outputs and ("hf-generate", search) in outputs:
+            # In the timed dtype (bf16: rounding differs, so outputs may differ): for the record.
+            agreement = compare_outputs(outputs["aiayn", search], outputs["hf-generate", search])
+            payload.setdefault("agreement_timed_dtype", {})[search] = agreement
+            common.write_json(path, payload)
+    payload["status"] = "complete"
+    common.write_json(path, payload)
+    print(f"\n{common.describe_machine(machine)}\n{table(payload['results'], args.beam_size)}")
+    for search, s in payload.get("summary", {}).items():
+        print(f"{search}: aiayn is {s['aiayn_speedup_over_hf_generate']:.2f}x HF generate")
+    print(f"wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()

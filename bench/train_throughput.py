@@ -1,0 +1,424 @@
+"""Training throughput: aiayn vs torch.nn.Transformer vs Hugging Face Marian, one step at a time.
+
+    python -m bench.train_throughput --device cpu --size small
+    python -m bench.train_throughput --device cuda --size base --dtype bf16 --compile
+
+Every model gets the same configuration (bench/common.py `SIZES`), the same batches (token ids
+drawn once from a seed, used in turn by every model), the same dtype and the same step:
+
+    logits = model(src_ids, tgt_in)                      # under bf16 autocast for --dtype bf16
+    loss = label_smoothed_nll(logits, tgt_out) / tokens  # aiayn.train's loss, for all three
+    loss.backward(); AdamW.step(); zero_grad()
+
+The loss is aiayn's `label_smoothed_nll` (cross-entropy with label smoothing 0.1, its
+log-softmax in float32) for all three models, so that the step differs only in the model.
+Marian's own loss (``labels=``) would be a plain cross-entropy without smoothing, in the logits'
+dtype: different work. ``--compile`` compiles the model (as ``train.compile: true`` does in
+aiayn's Trainer); the loss and the optimiser run eagerly for all three.
+
+Output: bench/results/train_throughput-<device>-<date>.json (rewritten after each case, so a
+run stopped by a time limit keeps what it measured) and a markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from aiayn.config import TransformerConfig
+from aiayn.model import Transformer
+from aiayn.train import label_smoothed_nll
+from bench import common
+from bench.peers import TorchTransformerMT, build_marian
+
+MODELS: dict[str, str] = {
+    "aiayn": "aiayn.model.Transformer",
+    "nn.Transformer": "torch.nn.Transformer + shared embeddings + tied output layer",
+    "hf-marian": "transformers.MarianMTModel, random init, same shape",
+}
+MODES = ("eager", "compile")
+
+Batch = tuple[Tensor, Tensor, Tensor]  # src_ids (B, S), tgt_in (B, T), tgt_out (B, T)
+
+
+def build_model(name: str, cfg: TransformerConfig) -> nn.Module:
+    """One of `MODELS`, taking ``(src_ids, tgt_in)`` and returning logits (B, T, V)."""
+    if name == "aiayn":
+        return Transformer(cfg)
+    if name == "nn.Transformer":
+        return TorchTransformerMT(cfg)
+    if name == "hf-marian":
+        return build_marian(cfg, bos_id=common.BOS_ID, eos_id=common.EOS_ID)
+    raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+
+
+def make_batches(
+    cfg: TransformerConfig,
+    *,
+    batch: int,
+    src_len: int,
+    tgt_len: int,
+    count: int,
+    seed: int,
+    device: torch.device,
+) -> list[Batch]:
+    """`count` random batches, on the device before any timing.
+
+    Full-length sentences (no padding): every model still builds its padding masks, as it
+    does in training, but no model can skip work that another does. Several batches are used
+    in turn so that no step reuses the previous step's inputs from a cache.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        src = common.random_ids(batch, src_len, cfg.src_vocab_size, generator)
+        tgt = common.random_ids(batch, tgt_len, cfg.tgt_vocab_size, generator)
+        # Teacher forcing: the decoder reads <bos> y_1 .. y_{T-1} and predicts y_1 .. y_T.
+        tgt_in = torch.cat([torch.full((batch, 1), common.BOS_ID), tgt[:, :-1]], dim=1)
+        batches.append((src.to(device), tgt_in.to(device), tgt.to(device)))
+    return batches
+
+
+def make_optimizer(model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with the paper's betas and eps (§5.3), the same for every model.
+
+    Fused on a GPU (one kernel for all parameters, as aiayn's Trainer uses); PyTorch's
+    default (multi-tensor) implementation on a CPU. The learning rate is a constant: the
+    schedule costs nothing and does not change the work.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(
+        params,
+        lr=1e-4,
+        betas=(0.9, 0.98),
+        eps=1e-9,
+        weight_decay=0.0,
+        fused=True if device.type == "cuda" else None,
+    )
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """bf16: autocast with float32 parameters and optimiser state (aiayn's Trainer's bf16)."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Unique parameters (tied matrices once), all and trainable."""
+    params = list(model.parameters())  # nn.Module.parameters() yields a shared tensor once
+    return {
+        "params": sum(p.numel() for p in params),
+        "params_trainable": sum(p.numel() for p in params if p.requires_grad),
+    }
+
+
+def run_case(
+    name: str,
+    mode: str,
+    cfg: TransformerConfig,
+    batches: Sequence[Batch],
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    warmup: int,
+    repeats: int,
+    label_smoothing: float,
+    seed: int,
+    flops_per_step: float,
+    matmul_flops_per_s: float,
+) -> dict[str, Any]:
+    """Build one model, train it for 1 + warmup + repeats steps, and return its measurements."""
+    memory = common.PeakMemory(device)
+    memory.start()  # before the model exists: its parameters and optimiser state count
+    torch.manual_seed(seed)
+    model = build_model(name, cfg).to(device).train()
+    optimizer = make_optimizer(model, device)
+    forward = torch.compile(model) if mode == "compile" else model
+    batch, src_len = batches[0][0].shape
+    tgt_len = batches[0][1].size(1)
+    n_tokens = batch * tgt_len  # target tokens (no padding): what the loss is averaged over
+    calls = 0
+    last_loss = torch.zeros(())
+
+    def step() -> None:
+        nonlocal calls, last_loss
+        src, tgt_in, tgt_out = batches[calls % len(batches)]
+        calls += 1
+        with autocast(device, dtype):
+            logits = forward(src, tgt_in)
+            loss = label_smoothed_nll(logits, tgt_out, cfg.pad_id, label_smoothing) / n_tokens
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        last_loss = loss.detach()  # read after the timing: .item() here would synchronise
+
+    # The first step alone: it allocates the optimiser state and, compiled, compiles.
+    common.synchronize(device)
+    first = common.time_fn(step, device, warmup=0, repeats=1)[0]
+    first_loss = float(last_loss)
+    times = common.time_fn(step, device, warmup=warmup, repeats=repeats)
+    step_s = common.median(times)
+    result = {
+        "model": name,
+        "mode": mode,
+        **count_parameters(model),
+        "step_s_median": step_s,
+        "step_s_repeats": times,
+        "step_s_spread": common.spread(times),
+        "first_step_s": first,
+        "tgt_tokens_per_s": n_tokens / step_s,
+        "tokens_per_s": batch * (src_len + tgt_len) / step_s,
+        "model_flops_per_s": flops_per_step / step_s,
+        "mfu": flops_per_step / step_s / matmul_flops_per_s,
+        "peak_mem_mib": memory.peak_mib(),
+        "loss_first": first_loss,
+        "loss_last": float(last_loss),
+    }
+    # The model and optimiser are freed when this function returns; the caller cleans up.
+    return result
+
+
+def prewarm(names: Sequence[str], device: torch.device, dtype: torch.dtype) -> None:
+    """One step of each model at the tiny size before anything is measured.
+
+    Imports (transformers) and one-time initialisations (the autograd engine's threads, BLAS
+    handles and workspaces, thread pools) then happen here, not inside whichever case runs
+    first, whose time and memory they would inflate.
+    """
+    cfg = common.SIZES["tiny"].config()
+    batches = make_batches(cfg, batch=2, src_len=8, tgt_len=8, count=1, seed=0, device=device)
+    for name in names:
+        run_case(
+            name,
+            "eager",
+            cfg,
+            batches,
+            device=device,
+            dtype=dtype,
+            warmup=0,
+            repeats=1,
+            label_smoothing=0.1,
+            seed=0,
+            flops_per_step=1.0,
+            matmul_flops_per_s=1.0,
+        )
+    common.free_memory(device)
+
+
+def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """aiayn's speed-up over the fastest peer (>1: aiayn is faster), for every pair of modes
+    measured: "aiayn eager vs peers compile" compares eager aiayn with the compiled peers."""
+    done = [r for r in results if "step_s_median" in r]
+    summary: dict[str, Any] = {}
+    for aiayn_mode in MODES:
+        ours = [r for r in done if r["model"] == "aiayn" and r["mode"] == aiayn_mode]
+        for peer_mode in MODES:
+            peers = [r for r in done if r["model"] != "aiayn" and r["mode"] == peer_mode]
+            if ours and peers:
+                best = min(peers, key=lambda r: r["step_s_median"])
+                summary[f"aiayn {aiayn_mode} vs peers {peer_mode}"] = {
+                    "fastest_peer": best["model"],
+                    "aiayn_speedup": best["step_s_median"] / ours[0]["step_s_median"],
+                }
+    return summary
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """The markdown table: one row per (model, mode); 'aiayn x' = this row's time / aiayn's."""
+    aiayn = {r["mode"]: r for r in results if r["model"] == "aiayn" and "step_s_median" in r}
+    rows = []
+    for r in results:
+        if "error" in r:
+            rows.append(
+                [r["model"], r["mode"], "failed: " + r["error"].splitlines()[-1]] + ["-"] * 6
+            )
+            continue
+        ref = aiayn.get(r["mode"])
+        ratio = r["step_s_median"] / ref["step_s_median"] if ref else None
+        mfu = r["mfu"] * 100
+        rows.append(
+            [
+                r["model"],
+                r["mode"],
+                common.fmt(r["step_s_median"] * 1e3, 1),
+                common.fmt(r["tgt_tokens_per_s"], 0),
+                common.fmt(r["tokens_per_s"], 0),
+                common.fmt(r["peak_mem_mib"], 0),
+                f"{mfu:.1f}%",
+                f"±{r['step_s_spread'] * 50:.0f}%",
+                common.fmt(ratio, 2),
+            ]
+        )
+    headers = [
+        "model",
+        "mode",
+        "ms/step",
+        "tgt tok/s",
+        "src+tgt tok/s",
+        "peak MiB",
+        "MFU",
+        "spread",
+        "aiayn x",
+    ]
+    return common.markdown_table(headers, rows)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.train_throughput",
+        description="Training throughput of aiayn vs torch.nn.Transformer vs HF Marian.",
+    )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--size", choices=tuple(common.SIZES), default="small")
+    parser.add_argument("--dtype", choices=tuple(common.DTYPES), default="fp32")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also measure torch.compile'd models (same as --modes eager,compile)",
+    )
+    parser.add_argument(
+        "--modes", default=None, help="comma-separated: eager, compile (default: eager)"
+    )
+    parser.add_argument(
+        "--models", default=",".join(MODELS), help=f"comma-separated, from: {', '.join(MODELS)}"
+    )
+    parser.add_argument("--batch", type=int, help="sentences per batch (default: the size's)")
+    parser.add_argument("--src-len", type=int, help="source tokens per sentence")
+    parser.add_argument("--tgt-len", type=int, help="target tokens per sentence")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps after the first")
+    parser.add_argument(
+        "--repeats", type=int, default=10, help="timed steps (the median is reported)"
+    )
+    parser.add_argument("--batches", type=int, default=4, help="distinct batches used in turn")
+    parser.add_argument("--label-smoothing", type=float, default=0.1)
+    parser.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's)")
+    parser.add_argument(
+        "--matmul-size", type=int, help="n of the n^3 product for MFU (default 8192 GPU, 1024 CPU)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="results folder (default: bench/results)")
+    args = parser.parse_args(argv)
+    modes = args.modes or ("eager,compile" if args.compile else "eager")
+    args.modes = [m.strip() for m in modes.split(",") if m.strip()]
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    for value, allowed, what in ((args.modes, MODES, "mode"), (args.models, MODELS, "model")):
+        unknown = [v for v in value if v not in allowed]
+        if unknown:
+            parser.error(f"unknown {what} {unknown[0]!r}; choose from {', '.join(allowed)}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    """Run the benchmark; returns the path of the JSON written."""
+    args = parse_args(argv)
+    device = common.resolve_device(args.device)
+    common.set_threads(args.threads)
+    dtype = common.DTYPES[args.dtype]
+    size = common.SIZES[args.size]
+    cfg = size.config()
+    batch = args.batch or size.train_batch
+    src_len, tgt_len = args.src_len or size.train_src_len, args.tgt_len or size.train_tgt_len
+    flops = common.train_step_flops(cfg, batch, src_len, tgt_len)
+    machine = common.machine_info(device)
+    print(
+        f"train_throughput: {', '.join(args.models)} x {', '.join(args.modes)} on {device.type} "
+        f"({common.describe_machine(machine)})\n"
+        f"  size {size.name}: d_model {cfg.d_model}, {cfg.n_encoder_layers}+{cfg.n_decoder_layers} "
+        f"layers, {cfg.n_heads} heads, d_ff {cfg.d_ff}, vocab {cfg.src_vocab_size} shared; "
+        f"batch {batch} x {src_len} src + {batch} x {tgt_len} tgt tokens, {args.dtype}; "
+        f"1 + {args.warmup} warm-up steps, median of {args.repeats}",
+        flush=True,
+    )
+    matmul_n = args.matmul_size or (8192 if device.type == "cuda" else 1024)
+    rate = common.matmul_rate(device, dtype, n=matmul_n)
+    print(
+        f"  matmul rate ({rate['dtype']}, n={matmul_n}): {rate['flops_per_s'] / 1e12:.3f} TFLOP/s; "
+        f"model FLOPs per step: {flops['total'] / 1e9:.2f} GFLOP",
+        flush=True,
+    )
+    batches = make_batches(
+        cfg,
+        batch=batch,
+        src_len=src_len,
+        tgt_len=tgt_len,
+        count=args.batches,
+        seed=args.seed,
+        device=device,
+    )
+    prewarm(args.models, device, dtype)
+    path = common.results_path(args.out, "train_throughput", device)
+    payload: dict[str, Any] = {
+        "benchmark": "train_throughput",
+        "created": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "status": "running",
+        "machine": machine,
+        "settings": {
+            "device": device.type,
+            "size": size.name,
+            "dtype": args.dtype,
+            "batch": batch,
+            "src_len": src_len,
+            "tgt_len": tgt_len,
+            "modes": args.modes,
+            "models": {name: MODELS[name] for name in args.models},
+            "warmup": args.warmup,
+            "repeats": args.repeats,
+            "batches": args.batches,
+            "label_smoothing": args.label_smoothing,
+            "loss": "aiayn.train.label_smoothed_nll (float32 log-softmax), summed / target tokens",
+            "optimizer": "AdamW(lr=1e-4, betas=(0.9, 0.98), eps=1e-9), fused on CUDA",
+            "seed": args.seed,
+        },
+        "model_config": cfg.to_dict(),
+        "flops_per_step": flops,
+        "matmul_rate": rate,
+        "results": [],
+    }
+    common.write_json(path, payload)
+    for mode in args.modes:
+        for name in args.models:
+            print(f"  {name} ({mode}) ...", flush=True)
+            try:
+                result = run_case(
+                    name,
+                    mode,
+                    cfg,
+                    batches,
+                    device=device,
+                    dtype=dtype,
+                    warmup=args.warmup,
+                    repeats=args.repeats,
+                    label_smoothing=args.label_smoothing,
+                    seed=args.seed,
+                    flops_per_step=flops["total"],
+                    matmul_flops_per_s=rate["flops_per_s"],
+                )
+            except Exception as exc:  # one peer failing (say, to compile) must not lose the rest
+                traceback.print_exc()
+                result = {"model": name, "mode": mode, "error": f"{type(exc).__name__}: {exc}"}
+            if mode == "compile":
+                torch._dynamo.reset()  # the next model compiles from a clean slate
+            common.free_memory(device)
+            payload["results"].append(result)
+            payload["summary"] = summarise(payload["results"])
+            common.write_json(path, payload)
+    payload["status"] = "complete"
+    common.write_json(path, payload)
+    print(f"\n{common.describe_machine(machine)}\n{table(payload['results'])}")
+    for pair, s in payload["summary"].items():
+        print(f"{pair}: aiayn {s['aiayn_speedup']:.2f}x the fastest ({s['fastest_peer']})")
+    print(f"wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""Smoke tests of the benchmark suite in bench/: tiny sizes, one timed call, a CPU.
+
+Each script's main function runs and writes well-formed JSON with the expected keys; aiayn and
+Hugging Face generate decode token-identical greedy outputs of exactly the forced length on
+the same weights (the equal-work check); the FLOPs formula matches the model's own matrices.
+No test ever asserts a time or a speed-up: those are measured by bench/run_cpu.sh and
+bench/gpu.sh, on machines that are idle.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+# Set before transformers is imported: everything here is local, nothing may be downloaded.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parents[1]
+# bench/ is a package at the repository root, not part of the installed aiayn package.
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from aiayn.model import Transformer  # noqa: E402
+from bench import common, decode_throughput, train_throughput  # noqa: E402
+
+FAST = ["--device", "cpu", "--size", "tiny", "--warmup", "0", "--repeats", "1"]
+
+TRAIN_RESULT_KEYS = {
+    "model",
+    "mode",
+    "params",
+    "params_trainable",
+    "step_s_median",
+    "step_s_repeats",
+    "step_s_spread",
+    "first_step_s",
+    "tgt_tokens_per_s",
+    "tokens_per_s",
+    "model_flops_per_s",
+    "mfu",
+    "peak_mem_mib",
+    "loss_first",
+    "loss_last",
+}
+DECODE_RESULT_KEYS = {
+    "impl",
+    "search",
+    "batch_s_median",
+    "batch_s_repeats",
+    "batch_s_spread",
+    "sentences_per_s",
+    "output_tokens_per_s",
+    "peak_mem_mib",
+}
+
+
+def _check_common_keys(data: dict, benchmark: str) -> None:
+    assert data["benchmark"] == benchmark
+    assert data["status"] == "complete"
+    machine = data["machine"]
+    for key in ("cpu", "torch", "torch_threads", "transformers", "gpu", "load_average_1_5_15"):
+        assert key in machine, key
+    assert machine["gpu"] is None and machine["torch"] == torch.__version__
+    assert data["settings"]["device"] == "cpu" and data["settings"]["size"] == "tiny"
+    assert data["model_config"]["d_model"] == 32
+
+
+def test_train_throughput_writes_json(tmp_path: Path, one_thread) -> None:
+    path = train_throughput.main([*FAST, "--matmul-size", "64", "--out", str(tmp_path)])
+    assert path.parent == tmp_path and path.name.startswith("train_throughput-cpu-")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    _check_common_keys(data, "train_throughput")
+    assert data["flops_per_step"]["total"] > 0 and data["matmul_rate"]["flops_per_s"] > 0
+    results = data["results"]
+    assert [(r["model"], r["mode"]) for r in results] == [
+        (name, "eager") for name in train_throughput.MODELS
+    ]
+    for r in results:
+        assert "error" not in r, r.get("error")
+        assert TRAIN_RESULT_KEYS <= set(r), TRAIN_RESULT_KEYS - set(r)
+        assert len(r["step_s_repeats"]) == 1 and r["step_s_median"] > 0
+        assert math.isfinite(r["loss_first"]) and math.isfinite(r["loss_last"])
+    # The same architecture: the three models train exactly as many parameters.
+    assert len({r["params_trainable"] for r in results}) == 1
+    assert set(data["summary"]) == {"aiayn eager vs peers eager"}
+
+
+def test_decode_throughput_writes_json(tmp_path: Path, one_thread) -> None:
+    path = decode_throughput.main([*FAST, "--out", str(tmp_path)])
+    assert path.parent == tmp_path and path.name.startswith("decode_throughput-cpu-")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    _check_common_keys(data, "decode_throughput")
+    check = data["equal_work_check_fp32"]
+    rows = data["settings"]["batch"]
+    assert check["greedy"]["identical"] == rows and check["greedy"]["mismatches"] == 0
+    results = data["results"]
+    assert [(r["impl"], r["search"]) for r in results] == [
+        (impl, search)
+        for search in decode_throughput.SEARCHES
+        for impl in decode_throughput.IMPLEMENTATIONS
+    ]
+    for r in results:
+        assert "error" not in r, r.get("error")
+        assert DECODE_RESULT_KEYS <= set(r), DECODE_RESULT_KEYS - set(r)
+        assert r["batch_s_median"] > 0
+    assert set(data["summary"]) == set(decode_throughput.SEARCHES)
+
+
+@pytest.fixture(scope="module")
+def tiny_pair():
+    cfg = common.SIZES["tiny"].config()
+    ours, theirs = decode_throughput.build_pair(cfg, seed=0, device=torch.device("cpu"))
+    src = decode_throughput.make_sources(cfg, batch=4, src_len=8, seed=1)
+    return ours, theirs, src
+
+
+def test_greedy_outputs_identical_to_hf_generate(tiny_pair, one_thread) -> None:
+    """The equal-work check: the same weights, the same tokens, the same forced length."""
+    ours, theirs, src = tiny_pair
+    steps = 7
+    mine = decode_throughput.aiayn_decode(ours, src, "greedy", steps, beam_size=4)
+    sequences = decode_throughput.hf_generate(theirs, src, "greedy", steps, beam_size=4)
+    other = decode_throughput.hf_outputs(sequences, "greedy")
+    assert mine == other
+    assert {len(row) for row in mine} == {steps}
+    assert common.EOS_ID not in {token for row in mine for token in row}
+    assert len({token for row in mine for token in row}) > 1, "a degenerate check: one token"
+
+
+def test_beam_outputs_have_the_forced_length(tiny_pair, one_thread) -> None:
+    """Beam: steps - 1 tokens then the forced eos, on both sides, and the same best outputs."""
+    ours, theirs, src = tiny_pair
+    steps = 7
+    report = decode_throughput.check_equal_work(
+        ours, theirs, src, steps=steps, beam_size=4, searches=("greedy", "beam")
+    )
+    assert report["greedy"]["identical"] == report["greedy"]["rows"] == len(src)
+    assert report["beam"]["identical"] == len(src)  # tiny and float32: no near-ties either
+    mine = decode_throughput.aiayn_decode(ours, src, "beam", steps, beam_size=4)
+    assert {len(row) for row in mine} == {steps - 1}
+
+
+def test_a_different_token_is_a_mismatch_not_a_tie(tiny_pair, one_thread) -> None:
+    ours, _, src = tiny_pair
+    mine = decode_throughput.aiayn_decode(ours, src, "greedy", 5, beam_size=4)
+    changed = [list(row) for row in mine]
+    # Replace row 1's third token by the least likely word after its prefix: far from a tie.
+    tgt = torch.tensor([[common.BOS_ID, *mine[1][:2]]])
+    with torch.no_grad():
+        logits = ours(src[1:2], tgt)[0, -1]
+    changed[1][2] = int(logits[common.FIRST_WORD_ID :].argmin()) + common.FIRST_WORD_ID
+    report = decode_throughput.compare_outputs(mine, changed, ours, src)
+    assert (report["identical"], report["ties"], report["mismatches"]) == (len(src) - 1, 0, 1)
+    assert report["first_mismatch"]["row"] == 1 and report["first_mismatch"]["step"] == 2
+    with pytest.raises(decode_throughput.EqualWorkError, match="lengths"):
+        decode_throughput.check_lengths([row[:-1] for row in mine], None, "greedy", 5)
+
+
+def test_different_greedy_outputs_stop_the_run(tmp_path: Path, monkeypatch, one_thread) -> None:
+    """A benchmark that compares different work is worthless: nothing is timed, and the JSON
+    says why."""
+    real = decode_throughput.hf_outputs
+
+    def one_token_off(sequences: torch.Tensor, search: str) -> list[list[int]]:
+        rows = real(sequences, search)
+        rows[0][0] = common.FIRST_WORD_ID if rows[0][0] != common.FIRST_WORD_ID else 4
+        return rows
+
+    monkeypatch.setattr(decode_throughput, "hf_outputs", one_token_off)
+    with pytest.raises(decode_throughput.EqualWorkError, match="greedy outputs differ"):
+        decode_throughput.main([*FAST, "--out", str(tmp_path)])
+    (path,) = tmp_path.glob("decode_throughput-cpu-*.json")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    assert data["status"] == "failed: equal-work check" and data["results"] == []
+    assert data["equal_work_check_fp32"]["greedy"]["mismatches"] == 1
+
+
+def test_train_step_flops_match_the_models_matrices() -> None:
+    """6 x (matrix parameters each token passes through) x tokens + the attention term."""
+    cfg = common.SIZES["tiny"].config()
+    model = Transformer(cfg)
+
+    def matrices(module: nn.Module) -> int:
+        return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+
+    cross_kv = sum(
+        matrices(layer.cross_attn.w_k) + matrices(layer.cross_attn.w_v)
+        for layer in model.decoder.layers
+    )
+    per_src = matrices(model.encoder) + cross_kv
+    per_tgt = matrices(model.decoder) - cross_kv + model.generator.weight.numel()
+    batch, src_len, tgt_len = 3, 5, 7
+    flops = common.train_step_flops(cfg, batch, src_len, tgt_len)
+    assert (flops["params_touched_src"], flops["params_touched_tgt"]) == (per_src, per_tgt)
+    assert flops["dense"] == 6 * batch * (src_len * per_src + tgt_len * per_tgt)
+    # Q K^T and A V: 2 x 2 x T_q x T_k x d_model forward per layer, x 3 with the backward pass.
+    attention = 3 * 4 * batch * cfg.d_model
+    attention *= cfg.n_encoder_layers * src_len**2 + cfg.n_decoder_layers * (
+        tgt_len**2 + tgt_len * src_len
+    )
+    assert flops["attention"] == attention
+    assert flops["total"] == flops["dense"] + flops["attention"]
+
+
+@pytest.mark.parametrize("script", ["run_cpu.sh", "gpu.sh"])
+def test_suite_scripts_print_what_they_run(script: str, tmp_path: Path) -> None:
+    path = ROOT / "bench" / script
+    assert os.access(path, os.X_OK), f"bench/{script} must be executable"
+    env = {**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path)}
+    out = subprocess.run(
+        ["bash", str(path)], env=env, capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    assert "-m bench.train_throughput" in out and "-m bench.decode_throughput" in out
+    assert str(tmp_path) in out  # results go to $OUT when it is set
+
+
+@pytest.mark.slow
+def test_train_throughput_compiled(tmp_path: Path, one_thread) -> None:
+    """torch.compile'd training runs for every model (minutes on a CPU: compilation)."""
+    path = train_throughput.main(
+        [*FAST, "--modes", "compile", "--matmul-size", "64", "--out", str(tmp_path)]
+    )
+    data = json.loads(path.read_text(encoding="utf-8"))
+    assert [r["mode"] for r in data["results"]] == ["compile"] * len(train_throughput.MODELS)
+    assert all("error" not in r for r in data["results"])
