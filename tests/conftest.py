@@ -1,5 +1,6 @@
 """Shared test fixtures."""
 
+import os
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -8,6 +9,11 @@ from typing import Any
 import pytest
 import torch
 import yaml
+
+# The tests never reach a model hub: Hugging Face models in tests are built locally or come
+# from an installed package. Offline mode makes a stray hub lookup fail at once, not time out.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 @pytest.fixture
