@@ -218,6 +218,12 @@ class TokenBatchSampler:
         self._consumed = consumed
 
 
+def pad_ids(rows: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
+    """(B, L) long tensor of id lists, right-padded with ``pad_id`` to the longest (L)."""
+    tensors = [torch.as_tensor(list(r), dtype=torch.long) for r in rows]
+    return torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True, padding_value=pad_id)
+
+
 def collate(
     pairs: Sequence[IdPair],
     pad_id: int = 0,

@@ -27,11 +27,10 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor
-from torch.nn.utils.rnn import pad_sequence
 
 from aiayn import checkpoint as ckpt
 from aiayn.config import ConfigSection, TransformerConfig
-from aiayn.data.batching import TokenBatchSampler, example_lengths
+from aiayn.data.batching import TokenBatchSampler, example_lengths, pad_ids
 from aiayn.decoding import translate_ids
 from aiayn.errors import ConfigError
 from aiayn.model import Transformer, recording_attention
@@ -177,8 +176,7 @@ def _encode(tokens: Sequence[str], index: dict[str, int]) -> list[int]:
 
 def _source_batch(sources: Sequence[Sequence[int]]) -> Tensor:
     """(B, S) source ids as training saw them: ids + </s>, right-padded with <pad>."""
-    rows = [torch.tensor([*ids, EOS_ID], dtype=torch.long) for ids in sources]
-    return pad_sequence(rows, batch_first=True, padding_value=PAD_ID)
+    return pad_ids([[*ids, EOS_ID] for ids in sources], PAD_ID)
 
 
 def translate_numbers(

@@ -18,7 +18,7 @@ import torch
 from aiayn import checkpoint as ckpt
 from aiayn.config import ConfigSection, TransformerConfig
 from aiayn.data import corpus
-from aiayn.data.batching import TokenBatchSampler, example_lengths, fit_to_max_len
+from aiayn.data.batching import TokenBatchSampler, example_lengths, fit_to_max_len, pad_ids
 from aiayn.data.tokenizer import Tokenizer
 from aiayn.decoding import translate_ids
 from aiayn.errors import CheckpointError, ConfigError, DataError
@@ -191,7 +191,7 @@ class Translator:
         tok = self.tokenizer
         for start in range(0, len(order), self.decode.batch_size):
             chunk = order[start : start + self.decode.batch_size]
-            src = _pad([encoded[i] for i in chunk], tok.pad_id).to(device)
+            src = pad_ids([encoded[i] for i in chunk], tok.pad_id).to(device)
             ids = translate_ids(
                 self.model,
                 src,
@@ -239,13 +239,6 @@ class Translator:
 
 def _tokens(tok: Tokenizer, ids: list[int]) -> list[str]:
     return [tok.id_to_token(i) or "?" for i in ids]
-
-
-def _pad(rows: list[list[int]], pad_id: int) -> torch.Tensor:
-    out = torch.full((len(rows), max(len(r) for r in rows)), pad_id, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r)
-    return out
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
