@@ -68,7 +68,10 @@ def train(run: Run, *extra: str, fault: str | None = None) -> subprocess.Complet
 def records(run_dir: Path) -> list[dict[str, Any]]:
     """train.jsonl without the one field that depends on the clock."""
     lines = (run_dir / "train.jsonl").read_text(encoding="utf-8").splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"} for line in lines]
+    return [
+        {k: v for k, v in json.loads(line).items() if k not in ("tokens_per_s", "elapsed_s")}
+        for line in lines
+    ]
 
 
 def assert_only_complete_checkpoints_are_listed(run_dir: Path) -> list[Path]:

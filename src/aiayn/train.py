@@ -291,6 +291,10 @@ class Trainer:
         self.best_value: float | None = None
         self.train_model = self._wrap(model)
         self._stop_signal: int | None = None
+        # Wall seconds spent in fit() (validation included), carried across --resume: the
+        # time-to-quality figure (train.jsonl's elapsed_s at the first good checkpoint).
+        self.elapsed_before = 0.0
+        self._fit_start: float | None = None
 
     # ------------------------------------------------------------------ setup
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -343,6 +347,7 @@ class Trainer:
             "rng": ckpt.capture_rng_state(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "world_size": self.dist.world_size,
+            "elapsed_s": self.elapsed_s,
         }
         try:
             path = ckpt.save_checkpoint(
@@ -404,6 +409,7 @@ class Trainer:
         self.step = int(state["step"])
         self.stream = BatchStream(self.sampler, **state["data"])
         self.best_value = state.get("best_value")
+        self.elapsed_before = float(state.get("elapsed_s", 0.0))
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         ckpt.restore_rng_state(state["rng"])
@@ -431,6 +437,12 @@ class Trainer:
         tmp = self.log_path.with_name(f".{self.log_path.name}.tmp-{os.getpid()}")
         tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         os.replace(tmp, self.log_path)
+
+    @property
+    def elapsed_s(self) -> float:
+        """Wall seconds of training so far, over all runs of this run directory."""
+        running = time.perf_counter() - self._fit_start if self._fit_start is not None else 0.0
+        return self.elapsed_before + running
 
     def _log(self, record: dict[str, Any]) -> None:
         if not self.dist.is_main:
@@ -520,7 +532,7 @@ class Trainer:
             self.best_value = value  # before saving, so a resumed run compares against it
         path = self.save()
         if metrics:
-            self._log({"step": self.step, **metrics})
+            self._log({"step": self.step, **metrics, "elapsed_s": self.elapsed_s})
             logger.info(
                 "step %d: %s", self.step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
             )
@@ -575,6 +587,7 @@ class Trainer:
             dynamic_ncols=True,
             desc="train",
         )
+        self._fit_start = time.perf_counter()
         window_loss, window_tokens, window_start, bad_in_a_row = 0.0, 0, time.perf_counter(), 0
         with self._graceful_stop():
             while not self._done():
@@ -601,6 +614,7 @@ class Trainer:
                         "loss": window_loss / max(window_tokens, 1),
                         "lr": self.optimizer.param_groups[0]["lr"],
                         "tokens_per_s": window_tokens * self.dist.world_size / max(elapsed, 1e-9),
+                        "elapsed_s": self.elapsed_s,
                     }
                     self._log(record)
                     bar.set_postfix(
