@@ -410,6 +410,14 @@ def run(argv, capsys):
     return code, out, err
 
 
+def test_cli_embeddings_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["embeddings", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: aiayn embeddings" in out and "--vocab-from" in out and "--lowercase" in out
+
+
 def test_cli_embeddings_report(toy, tmp_path, capsys):
     _, texts, path, _ = toy
     corpus = tmp_path / "texts.txt"
@@ -454,3 +462,10 @@ def test_cli_embeddings_on_glove(tmp_path, capsys):
     # the movie was good . bad film ! are in the file; "a" is not (see the test above)
     assert code == 0 and "vocabulary coverage: 8 / 9 words = 88.89%" in out
     assert "dimension 100" in out and "model dimension 512: projection random-orthogonal" in out
+
+
+def test_truncated_gzip_file(tmp_path):
+    path = write_glove(tmp_path / "v.txt.gz", toy_vectors(dim=50))
+    path.write_bytes(path.read_bytes()[:-30])
+    with pytest.raises(DataError, match=r"cannot read .* is it a complete \.gz file"):
+        read_vectors(path)

@@ -76,10 +76,9 @@ def _open(path: Path) -> BinaryIO:
             f"{path}: embeddings file not found; give the path of a GloVe or word2vec file"
         )
     try:
-        raw = open(path, "rb")  # noqa: SIM115 (closed by the caller's `with`)
+        return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")  # noqa: SIM115
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
-    return gzip.open(raw, "rb") if path.name.endswith(".gz") else raw  # type: ignore[return-value]
 
 
 def _detect(second: bytes, header: tuple[int, int] | None) -> str:
