@@ -1,4 +1,4 @@
-"""The `aiayn` command: demo, info, train, translate, evaluate, average.
+"""The `aiayn` command: demo, info, train, translate, evaluate, average, embeddings.
 
 Every user error ends as one line, `error: <what is wrong and what to do>`, and exit status 1
 (2 for a malformed command line); `--debug` shows the traceback instead.
@@ -234,6 +234,31 @@ def cmd_average(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_embeddings(args: argparse.Namespace) -> int:
+    import torch
+
+    from aiayn.data.corpus import read_lines, read_table
+    from aiayn.data.embeddings import init_embeddings, token_counts
+    from aiayn.data.tokenizer import Tokenizer
+
+    if args.d_model < 1:
+        raise ConfigError(f"--d-model must be a positive integer, got {args.d_model}")
+    if args.column:
+        texts = [text for text, _ in read_table(args.vocab_from, args.column, args.column)]
+    else:
+        texts = [line for line in read_lines(args.vocab_from) if line]
+    tok = Tokenizer.train_words(texts, args.vocab_size, args.min_frequency, args.lowercase)
+    embedding = torch.nn.Embedding(len(tok), args.d_model)
+    report = init_embeddings(
+        embedding, tok, args.file, counts=token_counts(tok, texts), format=args.format
+    )
+    print(
+        f"vocabulary: {len(tok):,} word-level tokens from {len(texts):,} texts of {args.vocab_from}"
+    )
+    print(report.summary())
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -319,6 +344,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--last", type=int, default=5, help="how many of the run's checkpoints (default 5)"
     )
     p.add_argument("--output", required=True, help="folder for the averaged checkpoint")
+
+    p = sub.add_parser(
+        "embeddings",
+        parents=[common],
+        help="coverage of pre-trained word vectors (GloVe, word2vec) on a word vocabulary",
+    )
+    p.add_argument("--file", required=True, help="GloVe or word2vec file (text, .gz or binary)")
+    p.add_argument(
+        "--vocab-from", required=True, help="texts to build the word vocabulary from (.txt/.gz)"
+    )
+    p.add_argument(
+        "--column", default=None, help="read this column of a .tsv/.csv/.jsonl --vocab-from"
+    )
+    p.add_argument(
+        "--vocab-size", type=int, default=10000, help="specials included (default 10000)"
+    )
+    p.add_argument("--min-frequency", type=int, default=1, help="least count of a word (default 1)")
+    p.add_argument("--lowercase", action="store_true", help="lowercase the text (GloVe 6B is)")
+    p.add_argument("--d-model", type=int, default=512, help="model dimension (default 512)")
+    p.add_argument("--format", default="auto", help="auto, glove, word2vec or word2vec-bin")
     return parser
 
 
@@ -337,6 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "translate": cmd_translate,
         "evaluate": cmd_evaluate,
         "average": cmd_average,
+        "embeddings": cmd_embeddings,
     }
     try:
         if args.command == "train":

@@ -12,6 +12,10 @@ drops along with the other specials.
 
 Special tokens have fixed ids, shared by the whole project: ``<pad>``=0, ``<s>``=1,
 ``</s>``=2, ``<unk>``=3.
+
+:meth:`Tokenizer.train_words` builds a word-level vocabulary instead (one id per word or
+punctuation mark, the rest ``<unk>``), the unit of pre-trained word vectors such as GloVe
+(:mod:`aiayn.data.embeddings`). Both kinds live in the same class and file format.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import tokenizers
-from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
 
 from aiayn.errors import ConfigError, DataError
 
@@ -32,12 +36,27 @@ PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 
 _SPACE = "\u2581"  # '▁', SentencePiece's visible space
 
+# Word-level pre-tokenisation, applied to each whitespace-separated chunk. Close to the
+# Penn Treebank / Stanford tokeniser that GloVe's corpora went through, so that the words
+# match the vectors' words: clitics apart ("don't" -> "do n't", "it's" -> "it 's"),
+# abbreviations ("u.s."), hyphenated words ("well-known") and numbers ("3,000", "1.5") whole,
+# "..." and "--" as one token, every other punctuation mark alone.
+WORD_PATTERN = (
+    r"\w+(?=(?i:n't)\b)"  # "do" of "don't"
+    r"|(?i:n't)\b"
+    r"|'(?i:s|re|ve|m|ll|d)\b"
+    r"|(?:[^\W\d_]\.){2,}"  # u.s., e.g.
+    r"|\w+(?:(?:-|(?<=\d)[.,](?=\d))\w+)*"  # words, well-known, 3,000, 1.5
+    r"|\.{2,}|-{2,}"
+    r"|[^\w\s]"
+)
+
 
 class Tokenizer:
-    """A BPE subword tokenizer with the project's fixed special-token ids.
+    """A BPE subword (or word-level) tokenizer with the project's fixed special-token ids.
 
-    Build one with :meth:`train` or :meth:`load`; the constructor wraps an existing
-    ``tokenizers.Tokenizer`` and checks its special tokens.
+    Build one with :meth:`train` (BPE), :meth:`train_words` (word-level) or :meth:`load`; the
+    constructor wraps an existing ``tokenizers.Tokenizer`` and checks its special tokens.
     """
 
     def __init__(self, tok: tokenizers.Tokenizer) -> None:
@@ -80,6 +99,56 @@ class Tokenizer:
         tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=_SPACE, prepend_scheme="always")
         tok.decoder = decoders.Metaspace(replacement=_SPACE, prepend_scheme="always")
         trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=list(SPECIAL_TOKENS),  # added first, so they get ids 0..3
+            show_progress=False,
+        )
+        tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+        return cls(tok)
+
+    @classmethod
+    def train_words(
+        cls,
+        texts: Iterable[str],
+        vocab_size: int,
+        min_frequency: int = 1,
+        lowercase: bool = False,
+    ) -> Tokenizer:
+        """Learn a word-level vocabulary: the ``vocab_size - 4`` most frequent words.
+
+        Text is NFKC-normalised (and lowercased with ``lowercase``: GloVe 6B's words are
+        lowercase), split on whitespace and then by :data:`WORD_PATTERN` into words and
+        punctuation. Words outside the vocabulary, or seen fewer than ``min_frequency``
+        times, become ``<unk>``. Decoding joins the words with single spaces ("do n't",
+        "hat .") -- unlike BPE it does not restore the original spacing.
+
+        Raises:
+            ConfigError: ``vocab_size`` cannot hold the special tokens, or ``min_frequency``
+                is below 1.
+            DataError: ``texts`` holds no non-blank text.
+        """
+        if vocab_size <= len(SPECIAL_TOKENS):
+            raise ConfigError(
+                f"vocab_size {vocab_size} leaves no room beyond the {len(SPECIAL_TOKENS)} "
+                f"special tokens; use a few thousand or more"
+            )
+        if min_frequency < 1:
+            raise ConfigError(f"min_frequency {min_frequency} must be >= 1")
+        texts = list(texts)
+        if not any(t.strip() for t in texts):
+            raise DataError("cannot train a tokenizer on no text; pass the training sentences")
+
+        tok = tokenizers.Tokenizer(models.WordLevel(unk_token=UNK))
+        steps = [normalizers.NFKC()] + ([normalizers.Lowercase()] if lowercase else [])
+        tok.normalizer = normalizers.Sequence(steps)
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.WhitespaceSplit(),
+                pre_tokenizers.Split(Regex(WORD_PATTERN), behavior="isolated"),
+            ]
+        )
+        trainer = trainers.WordLevelTrainer(
             vocab_size=vocab_size,
             min_frequency=min_frequency,
             special_tokens=list(SPECIAL_TOKENS),  # added first, so they get ids 0..3
@@ -163,6 +232,16 @@ class Tokenizer:
         return self._tok.id_to_token(token_id)
 
     @property
+    def kind(self) -> str:
+        """``bpe`` or ``word`` (from the wrapped model; another model type gives its name)."""
+        model = self._tok.model
+        if isinstance(model, models.BPE):
+            return "bpe"
+        if isinstance(model, models.WordLevel):
+            return "word"
+        return type(model).__name__.lower()
+
+    @property
     def vocab_size(self) -> int:
         """Number of ids, specials included: the embedding and output-layer size."""
         return self._tok.get_vocab_size(with_added_tokens=True)
@@ -192,4 +271,4 @@ class Tokenizer:
         return self.vocab_size
 
     def __repr__(self) -> str:
-        return f"Tokenizer(vocab_size={self.vocab_size})"
+        return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size})"
