@@ -220,7 +220,7 @@ def _check_inputs(src_ids: Tensor) -> None:
 
 
 def _next_log_probs(
-    decoder: IncrementalDecoder, tokens: Tensor, state: DecoderState, banned: list[int]
+    decoder: IncrementalDecoder, tokens: Tensor, state: DecoderState, banned: Tensor
 ) -> Tensor:
     """Run one decoder step and return its (N, V) log-probabilities, banned ids at -inf."""
     log_probs = decoder.step(tokens, state)
@@ -232,17 +232,16 @@ def _next_log_probs(
     # Accumulate scores in at least float32 even when the model runs in half precision,
     # but keep float64 if that is what the decoder gives.
     log_probs = log_probs.to(torch.promote_types(log_probs.dtype, torch.float32))
-    if banned:
-        # masked_fill returns a copy, so the decoder's own tensor is never modified.
-        is_banned = torch.zeros(log_probs.size(-1), dtype=torch.bool, device=log_probs.device)
-        is_banned[banned] = True
-        log_probs = log_probs.masked_fill(is_banned, float("-inf"))
+    if banned.numel():
+        # index_fill returns a copy, so the decoder's own tensor is never modified.
+        log_probs = log_probs.index_fill(-1, banned, float("-inf"))
     return log_probs
 
 
-def _banned_ids(*, bos_id: int, eos_id: int, pad_id: int) -> list[int]:
+def _banned_ids(*, bos_id: int, eos_id: int, pad_id: int, device: torch.device) -> Tensor:
+    """The ids no output may contain, on the search's device (made once, not every step)."""
     # Some vocabularies use one id for bos and eos (fairseq does); eos must stay allowed.
-    return sorted({pad_id, bos_id} - {eos_id})
+    return torch.tensor(sorted({pad_id, bos_id} - {eos_id}), dtype=torch.long, device=device)
 
 
 def greedy_search(
@@ -286,7 +285,7 @@ def greedy_search(
         max_len_b=max_len_b,
         cap=_output_cap(decoder),
     )
-    banned = _banned_ids(bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)
+    banned = _banned_ids(bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, device=src_ids.device)
     outputs: list[list[int]] = [[] for _ in range(batch)]
 
     # `active[i]` is the source that row i of the decoder state belongs to.
@@ -387,7 +386,7 @@ def beam_search(
         max_len_b=max_len_b,
         cap=_output_cap(decoder),
     )
-    banned = _banned_ids(bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)
+    banned = _banned_ids(bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, device=src_ids.device)
     finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
 
     # Layout: row a * K + j of the decoder state is beam j of the a-th active source, and
@@ -396,20 +395,26 @@ def beam_search(
     state = decoder.start(src_ids)
     state = decoder.reorder(state, torch.arange(batch, device=device).repeat_interleave(k))
     active = list(range(batch))
+    active_on_device = torch.arange(batch, device=device)
+    limits_on_device = torch.tensor(limits, device=device)
     # (A, K) cumulative log-probabilities; only beam 0 is alive before the first step.
     scores = torch.full((batch, k), float("-inf"), device=device)
     scores[:, 0] = 0.0
-    history = torch.empty((batch * k, 0), dtype=torch.long, device=device)  # (A*K, t)
+    # The tokens so far live on the host: the search reads them only to finish hypotheses,
+    # and keeping them there saves a device round trip per finished hypothesis.
+    history = torch.empty((batch * k, 0), dtype=torch.long)  # (A*K, t), CPU
     last = torch.full((batch * k, 1), bos_id, dtype=torch.long, device=device)
+    not_eos: Tensor | None = None
 
     for step in range(max(limits) + 1):
         log_probs = _next_log_probs(decoder, last, state, banned)  # (A*K, V)
         vocab = log_probs.size(-1)
         log_probs = log_probs.view(len(active), k, vocab)
+        if not_eos is None:
+            not_eos = torch.arange(vocab, device=device).ne(eos_id)
 
         # Sources at their maximum length may only end: every token but eos gets -inf.
-        at_limit = torch.tensor([limits[s] <= step for s in active], device=device)
-        not_eos = torch.arange(vocab, device=device).ne(eos_id)
+        at_limit = limits_on_device[active_on_device] <= step  # (A,)
         force_eos = at_limit.view(-1, 1, 1) & not_eos.view(1, 1, -1)  # (A, 1, V)
         log_probs = log_probs.masked_fill(force_eos, float("-inf"))
 
@@ -418,11 +423,37 @@ def beam_search(
         )  # each (A, 2K)
         cand_is_eos = cand_tokens.eq(eos_id)
 
+        # The next live beams: the K best candidates that do not end in eos. A stable sort
+        # on the eos flag moves them to the front while keeping their rank order.
+        live = cand_is_eos.to(torch.uint8).argsort(dim=1, stable=True)[:, :k]  # (A, K)
+        live_scores = cand_scores.gather(1, live)
+        # Only with a vocabulary of one token could an eos be picked here; it must be dead.
+        live_scores = live_scores.masked_fill(cand_is_eos.gather(1, live), float("-inf"))
+        live_beams = cand_beams.gather(1, live)
+        live_tokens = cand_tokens.gather(1, live)
+
+        # Everything the host decides on, in one transfer (one synchronisation per step):
+        # float64 holds the scores exactly (float32 or float64) and token ids below 2^53.
+        on_host = torch.cat(
+            [
+                cand_scores[:, :k].double(),
+                cand_beams[:, :k].double(),
+                cand_is_eos[:, :k].double(),
+                live_beams.double(),
+                live_tokens.double(),
+                live_scores.isfinite().any(dim=1, keepdim=True).double(),
+            ],
+            dim=1,
+        ).cpu()
+        top_scores = on_host[:, :k].tolist()
+        top_beams = on_host[:, k : 2 * k].long().tolist()
+        top_is_eos = on_host[:, 2 * k : 3 * k].bool().tolist()
+        host_beams = on_host[:, 3 * k : 4 * k].long()
+        host_tokens = on_host[:, 4 * k : 5 * k].long()
+        alive = on_host[:, 5 * k].bool().tolist()
+
         # Finalise the eos candidates that rank among the top K, best first, while the
         # source has room. A -inf candidate extends a dead beam and is skipped.
-        top_is_eos = cand_is_eos[:, :k].tolist()
-        top_scores = cand_scores[:, :k].tolist()
-        top_beams = cand_beams[:, :k].tolist()
         for a, source in enumerate(active):
             for c in range(k):
                 log_prob = top_scores[a][c]
@@ -434,32 +465,26 @@ def beam_search(
                 score = log_prob / length_penalty_factor(len(tokens) + 1, length_penalty)
                 finished[source].append(Hypothesis(tokens, score, log_prob))
 
-        # The next live beams: the K best candidates that do not end in eos. A stable sort
-        # on the eos flag moves them to the front while keeping their rank order.
-        live = cand_is_eos.to(torch.uint8).argsort(dim=1, stable=True)[:, :k]  # (A, K)
-        live_scores = cand_scores.gather(1, live)
-        # Only with a vocabulary of one token could an eos be picked here; it must be dead.
-        live_scores = live_scores.masked_fill(cand_is_eos.gather(1, live), float("-inf"))
-        live_beams = cand_beams.gather(1, live)
-        live_tokens = cand_tokens.gather(1, live)
-
         keep = [
             a
             for a, source in enumerate(active)
-            if len(finished[source]) < k
-            and step < limits[source]
-            and bool(live_scores[a].isfinite().any())
+            if len(finished[source]) < k and step < limits[source] and alive[a]
         ]
         if not keep:
             break
-        kept = torch.tensor(keep, device=device)
+        kept = torch.tensor(keep)
         # Rows of the current state that the kept sources' new beams extend.
-        rows = (kept * k).unsqueeze(1) + live_beams[kept]  # (A', K)
-        rows = rows.view(-1)
-        state = decoder.reorder(state, rows)
-        last = live_tokens[kept].view(-1, 1)
-        history = torch.cat([history[rows], last], dim=1)
-        scores = live_scores[kept]
+        rows = ((kept * k).unsqueeze(1) + host_beams[kept]).view(-1)  # (A' * K,)
+        tokens = host_tokens[kept].view(-1)  # (A' * K,)
+        history = torch.cat([history[rows], tokens.unsqueeze(1)], dim=1)
+        # One copy to the device for the three index vectors.
+        n_rows, n_kept = rows.numel(), kept.numel()
+        indices = torch.cat([rows, kept, tokens]).to(device, non_blocking=True)
+        rows_d, kept_d = indices[:n_rows], indices[n_rows : n_rows + n_kept]
+        state = decoder.reorder(state, rows_d)
+        last = indices[n_rows + n_kept :].view(-1, 1)
+        scores = live_scores[kept_d]
+        active_on_device = active_on_device[kept_d]
         active = [active[a] for a in keep]
 
     # sorted() is stable, so equal scores keep the order in which they finished.
