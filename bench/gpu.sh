@@ -10,6 +10,8 @@
 #   bench/gpu.sh                      results in $OUT if set (the device tool), else bench/results
 #   BUDGET_S=900 bench/gpu.sh         a longer total limit
 #   DRY_RUN=1 bench/gpu.sh            print what would run, run nothing
+#   TRAIN_ARGS="--modes compile --models aiayn,aiayn-unfused-loss,nn.Transformer" bench/gpu.sh
+#                                     extra options for the training (or DECODE_ARGS: decoding) step
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,8 +19,8 @@ PY=${PYTHON:-python3}
 OUT_DIR=${OUT:-bench/results}
 BUDGET_S=${BUDGET_S:-470}
 steps=(
-    "bench.decode_throughput --device cuda --size base --dtype bf16 --repeats 5"
-    "bench.train_throughput --device cuda --size base --dtype bf16 --compile --repeats 20"
+    "bench.decode_throughput --device cuda --size base --dtype bf16 --repeats 5 ${DECODE_ARGS:-}"
+    "bench.train_throughput --device cuda --size base --dtype bf16 --compile --repeats 20 ${TRAIN_ARGS:-}"
 )
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1

@@ -7,14 +7,19 @@ Every model gets the same configuration (bench/common.py `SIZES`), the same batc
 drawn once from a seed, used in turn by every model), the same dtype and the same step:
 
     logits = model(src_ids, tgt_in)                      # under bf16 autocast for --dtype bf16
-    loss = label_smoothed_nll(logits, tgt_out) / tokens  # aiayn.train's loss, for all three
+    loss = cross_entropy(logits, tgt_out, label_smoothing=0.1, sum) / tokens
     loss.backward(); AdamW.step(); zero_grad()
 
-The loss is aiayn's `label_smoothed_nll` (cross-entropy with label smoothing 0.1, its
-log-softmax in float32) for all three models, so that the step differs only in the model.
-Marian's own loss (``labels=``) would be a plain cross-entropy without smoothing, in the logits'
-dtype: different work. ``--compile`` compiles the model (as ``train.compile: true`` does in
-aiayn's Trainer); the loss and the optimiser run eagerly for all three.
+The loss is the same function for all: cross-entropy with label smoothing 0.1 over float32
+log-probabilities. The peers compute it the way their users write it,
+``F.cross_entropy(logits.float(), ...)`` (PyTorch's own; autocast would run it in float32
+anyway), eager. aiayn computes it with `aiayn.train.label_smoothed_nll`, as its Trainer does:
+eager in eager mode; in compile mode with ``fused=True``, the compiled loss that
+``train.compile: true`` gives aiayn's training (one of aiayn's fast paths). The row
+``aiayn-unfused-loss`` is aiayn compiled with the peers' eager loss: the before of that fast
+path. Marian's own loss (``labels=``) would be a plain cross-entropy without smoothing, in the
+logits' dtype: different work. ``--compile`` compiles the model (as ``train.compile: true``
+does); the optimiser runs eagerly for all.
 
 Output: bench/results/train_throughput-<device>-<date>.json (rewritten after each case, so a
 run stopped by a time limit keeps what it measured) and a markdown table on stdout.
@@ -31,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aiayn.config import TransformerConfig
@@ -40,7 +46,8 @@ from bench import common
 from bench.peers import TorchTransformerMT, build_marian
 
 MODELS: dict[str, str] = {
-    "aiayn": "aiayn.model.Transformer",
+    "aiayn": "aiayn.model.Transformer, with aiayn's loss (fused when compiled)",
+    "aiayn-unfused-loss": "aiayn.model.Transformer with the peers' eager loss",
     "nn.Transformer": "torch.nn.Transformer + shared embeddings + tied output layer",
     "hf-marian": "transformers.MarianMTModel, random init, same shape",
 }
@@ -51,7 +58,7 @@ Batch = tuple[Tensor, Tensor, Tensor]  # src_ids (B, S), tgt_in (B, T), tgt_out 
 
 def build_model(name: str, cfg: TransformerConfig) -> nn.Module:
     """One of `MODELS`, taking ``(src_ids, tgt_in)`` and returning logits (B, T, V)."""
-    if name == "aiayn":
+    if name.startswith("aiayn"):
         return Transformer(cfg)
     if name == "nn.Transformer":
         return TorchTransformerMT(cfg)
@@ -85,6 +92,17 @@ def make_batches(
         tgt_in = torch.cat([torch.full((batch, 1), common.BOS_ID), tgt[:, :-1]], dim=1)
         batches.append((src.to(device), tgt_in.to(device), tgt.to(device)))
     return batches
+
+
+def plain_loss(logits: Tensor, target: Tensor, pad_id: int, smoothing: float) -> Tensor:
+    """The peers' loss: PyTorch's label-smoothed cross-entropy on float32 logits, summed."""
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(),
+        target.flatten(),
+        ignore_index=pad_id,
+        reduction="sum",
+        label_smoothing=smoothing,
+    )
 
 
 def make_optimizer(model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
@@ -155,7 +173,13 @@ def run_case(
         calls += 1
         with autocast(device, dtype):
             logits = forward(src, tgt_in)
-            loss = label_smoothed_nll(logits, tgt_out, cfg.pad_id, label_smoothing) / n_tokens
+            if name == "aiayn":
+                summed = label_smoothed_nll(
+                    logits, tgt_out, cfg.pad_id, label_smoothing, fused=mode == "compile"
+                )
+            else:
+                summed = plain_loss(logits, tgt_out, cfg.pad_id, label_smoothing)
+            loss = summed / n_tokens
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -222,7 +246,9 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
     for aiayn_mode in MODES:
         ours = [r for r in done if r["model"] == "aiayn" and r["mode"] == aiayn_mode]
         for peer_mode in MODES:
-            peers = [r for r in done if r["model"] != "aiayn" and r["mode"] == peer_mode]
+            peers = [
+                r for r in done if not r["model"].startswith("aiayn") and r["mode"] == peer_mode
+            ]
             if ours and peers:
                 best = min(peers, key=lambda r: r["step_s_median"])
                 summary[f"aiayn {aiayn_mode} vs peers {peer_mode}"] = {
@@ -374,7 +400,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
             "repeats": args.repeats,
             "batches": args.batches,
             "label_smoothing": args.label_smoothing,
-            "loss": "aiayn.train.label_smoothed_nll (float32 log-softmax), summed / target tokens",
+            "loss": (
+                "label-smoothed cross-entropy over float32 log-probabilities, summed / target "
+                "tokens: peers and aiayn-unfused-loss F.cross_entropy(logits.float()) eager; "
+                "aiayn aiayn.train.label_smoothed_nll, fused=True when compiled"
+            ),
             "optimizer": "AdamW(lr=1e-4, betas=(0.9, 0.98), eps=1e-9), fused on CUDA",
             "seed": args.seed,
         },
@@ -386,6 +416,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     common.write_json(path, payload)
     for mode in args.modes:
         for name in args.models:
+            if name == "aiayn-unfused-loss" and mode == "eager":
+                continue  # eager, aiayn's loss is this one: the row would repeat "aiayn"
             print(f"  {name} ({mode}) ...", flush=True)
             try:
                 result = run_case(

@@ -83,8 +83,8 @@ def test_train_throughput_writes_json(tmp_path: Path, one_thread) -> None:
     assert data["flops_per_step"]["total"] > 0 and data["matmul_rate"]["flops_per_s"] > 0
     results = data["results"]
     assert [(r["model"], r["mode"]) for r in results] == [
-        (name, "eager") for name in train_throughput.MODELS
-    ]
+        (name, "eager") for name in train_throughput.MODELS if name != "aiayn-unfused-loss"
+    ]  # eager, aiayn-unfused-loss would repeat aiayn: skipped
     for r in results:
         assert "error" not in r, r.get("error")
         assert TRAIN_RESULT_KEYS <= set(r), TRAIN_RESULT_KEYS - set(r)

@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -206,3 +207,19 @@ def test_checkpoints_keep_last_k_and_best(tmp_path):
     names = [p.name for p in ckpt.list_checkpoints(tmp_path)]
     assert names == ["step_00000004", "step_00000010", "step_00000012"]
     assert ckpt.read_best_pointer(tmp_path).name == "step_00000004"
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile on a CPU needs a C compiler")
+def test_fused_label_smoothed_nll_equals_the_eager_loss(one_thread):
+    """`fused=True` (the compiled loss of `train.compile`) is the same function: value and gradient."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 50, requires_grad=True)
+    target = torch.randint(1, 50, (3, 5))
+    target[0, :2] = 0  # padding: ignored by both
+    eager = label_smoothed_nll(logits, target, 0, 0.1)
+    (eager_grad,) = torch.autograd.grad(eager, logits)
+    fused = label_smoothed_nll(logits, target, 0, 0.1, fused=True)
+    (fused_grad,) = torch.autograd.grad(fused, logits)
+    torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused_grad, eager_grad, rtol=1e-5, atol=1e-6)
+    assert fused_grad[0, :2].abs().sum() == 0  # no gradient through padding

@@ -58,11 +58,17 @@ def batch_maker(
     return make
 
 
-def seq2seq_loss(pad_id: int, smoothing: float) -> Callable[[nn.Module, Seq2SeqBatch], Tensor]:
-    """The training loss: label-smoothed cross-entropy summed over the target tokens (§5.4)."""
+def seq2seq_loss(
+    pad_id: int, smoothing: float, *, fused: bool = False
+) -> Callable[[nn.Module, Seq2SeqBatch], Tensor]:
+    """The training loss: label-smoothed cross-entropy summed over the target tokens (§5.4).
+
+    `fused`: the compiled loss of `label_smoothed_nll` (pass `train.compile`).
+    """
 
     def loss(model: nn.Module, batch: Seq2SeqBatch) -> Tensor:
-        return label_smoothed_nll(model(batch.src, batch.tgt_in), batch.tgt_out, pad_id, smoothing)
+        logits = model(batch.src, batch.tgt_in)
+        return label_smoothed_nll(logits, batch.tgt_out, pad_id, smoothing, fused=fused)
 
     return loss
 

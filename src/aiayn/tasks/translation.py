@@ -348,7 +348,7 @@ def train_translation(
         exp.train,
         sampler=sampler,
         make_batch=batch_maker(train_ids, **ids, pin=torch.cuda.is_available()),
-        loss_fn=seq2seq_loss(tokenizer.pad_id, exp.train.label_smoothing),
+        loss_fn=seq2seq_loss(tokenizer.pad_id, exp.train.label_smoothing, fused=exp.train.compile),
         run_dir=run_dir,
         run_config=run_config,
         d_model=model_cfg.d_model,
