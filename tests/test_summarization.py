@@ -386,6 +386,9 @@ def test_summarize_bad_input(trained, tmp_path, capsys, monkeypatch):
     one_line_error(
         *run([*ckpt, "--max-len", "0", "--input", docs], capsys)[::2], "--max-len must be"
     )
+    one_line_error(
+        *run([*ckpt, "--split", "test", "--max-examples", "0"], capsys)[::2], "--max-examples"
+    )
     translation = ROOT / "configs" / "multi30k_de_en.yaml"
     one_line_error(*run(["summarize", "--lead", "1", "--config", translation, "--split", "test"], capsys)[::2],
                    "is a translation experiment")  # fmt: skip

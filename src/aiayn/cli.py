@@ -222,6 +222,8 @@ def cmd_summarize(args: argparse.Namespace) -> int:
         raise ConfigError(f"--lead must be 1 or more (sentences), got {args.lead}")
     if args.max_len is not None and args.max_len < 1:
         raise ConfigError(f"--max-len must be 1 or more (tokens), got {args.max_len}")
+    if args.max_examples is not None and args.max_examples < 1:
+        raise ConfigError(f"--max-examples must be 1 or more, got {args.max_examples}")
     if args.split is not None and (args.input is not None or args.ref is not None):
         raise ConfigError(
             "--split reads documents and references from the data section: drop --input/--ref"

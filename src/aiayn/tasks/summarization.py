@@ -152,8 +152,9 @@ class SummarizationData(ConfigSection):
             hf_split = {"train": self.train_split, "valid": self.valid_split}.get(
                 split, self.test_split
             )
-            config = self.hf_config or HF_PRESETS.get(self.hf_name or "", (0, 0, None))[2]
-            pairs = corpus.load_hf_dataset(self.hf_name or "", hf_split, *self.fields(), config)
+            name = self.hf_name or ""
+            config = self.hf_config or (HF_PRESETS[name][2] if name in HF_PRESETS else None)
+            pairs = corpus.load_hf_dataset(name, hf_split, *self.fields(), config)
         pairs = drop_empty(pairs, split)
         limit = {"train": self.max_train_examples, "valid": self.max_valid_examples}.get(split)
         return pairs[:limit] if limit is not None else pairs
