@@ -72,10 +72,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from aiayn.experiment import Experiment
-    from aiayn.tasks.translation import train_translation
 
     exp = Experiment.from_yaml(args.config, overrides)
-    metrics = train_translation(exp, resume=args.resume, progress=not args.quiet)
+    if exp.task == "summarization":
+        from aiayn.tasks.summarization import train_summarization as train
+    else:
+        from aiayn.tasks.translation import train_translation as train
+    metrics = train(exp, resume=args.resume, progress=not args.quiet)
     summary = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items())
     print(f"finished {exp.run_dir}: {summary}")
     return 0
@@ -135,11 +138,14 @@ def _write_output(lines: Sequence[str], path: str | None) -> None:
         raise DataError(f"cannot write {target}: {exc.strerror}; choose another --output") from None
 
 
-def _translator(args: argparse.Namespace):
-    """The checkpoint's translator, after checking the decoding options (before any work)."""
+def _translator(args: argparse.Namespace, task: str = "translation"):
+    """The checkpoint's translator (or summarizer), after checking the decoding options."""
     import torch
 
-    from aiayn.tasks.translation import Translator
+    if task == "summarization":
+        from aiayn.tasks.summarization import Summarizer as Translator
+    else:
+        from aiayn.tasks.translation import Translator
 
     if args.beam_size is not None and args.beam_size < 1:
         raise ConfigError(f"--beam-size must be 1 or more (1 is greedy), got {args.beam_size}")
@@ -206,6 +212,82 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         print(f"BLEU {result.bleu:.2f}  ({result.signature})")
         print(f"chrF {result.chrf:.2f}  ({result.chrf_signature})")
+    return 0
+
+
+def cmd_summarize(args: argparse.Namespace) -> int:
+    from aiayn.tasks.summarization import SummarizationData, lead_n, rouge_f1
+
+    if args.lead is not None and args.lead < 1:
+        raise ConfigError(f"--lead must be 1 or more (sentences), got {args.lead}")
+    if args.max_len is not None and args.max_len < 1:
+        raise ConfigError(f"--max-len must be 1 or more (tokens), got {args.max_len}")
+    if args.max_examples is not None and args.max_examples < 1:
+        raise ConfigError(f"--max-examples must be 1 or more, got {args.max_examples}")
+    if args.split is not None and (args.input is not None or args.ref is not None):
+        raise ConfigError(
+            "--split reads documents and references from the data section: drop --input/--ref"
+        )
+    if args.split is not None and args.checkpoint is None and args.config is None:
+        raise ConfigError(
+            "--lead with --split needs --config, the experiment whose data section names the "
+            "data, e.g. --config configs/bbc_headline.yaml"
+        )
+    data = None
+    if args.config is not None:
+        from aiayn.experiment import Experiment
+
+        exp = Experiment.from_yaml(args.config)
+        if exp.task != "summarization":
+            raise ConfigError(f"{args.config} is a {exp.task} experiment, not a summarization one")
+        data = SummarizationData.from_dict(exp.data)
+    summarizer = _translator(args, "summarization") if args.checkpoint is not None else None
+
+    references = None
+    if args.split is not None:
+        pairs = (data or summarizer.data).read(args.split)[: args.max_examples]
+        documents, references = [d for d, _ in pairs], [r for _, r in pairs]
+    else:
+        documents = _read_input(args.input)
+        empty = [i for i, d in enumerate(documents, start=1) if not d]
+        if empty:
+            raise DataError(
+                f"{args.input or 'stdin'} line {empty[0]} is an empty document: give one "
+                "document per line, with no blank lines"
+            )
+        if args.ref is not None:
+            from aiayn.data.corpus import read_lines
+
+            references = read_lines(args.ref)
+            if len(references) != len(documents):
+                raise DataError(
+                    f"{len(documents)} documents but {len(references)} references in "
+                    f"{args.ref}: give one reference summary per document, line by line"
+                )
+    if summarizer is None:
+        outputs = [lead_n(d, args.lead) for d in documents]
+    else:
+        outputs = summarizer.summarize(
+            documents,
+            beam_size=args.beam_size,
+            length_penalty=args.length_penalty,
+            max_len=args.max_len,
+        )
+    if references is None:
+        _write_output(outputs, args.output)
+        return 0
+    if args.output:
+        _write_output(outputs, args.output)
+    scores = rouge_f1(outputs, references)
+    system = f"lead-{args.lead}" if summarizer is None else str(args.checkpoint)
+    if args.json:
+        print(json.dumps({**scores, "documents": len(documents), "system": system}))
+    else:
+        print(
+            f"ROUGE-1 {scores['rouge1']:.2f}  ROUGE-2 {scores['rouge2']:.2f}  "
+            f"ROUGE-L {scores['rougeL']:.2f}  ({system}, {len(documents)} documents; "
+            "rouge-score F1, Porter stemmer)"
+        )
     return 0
 
 
@@ -336,6 +418,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref", required=True, help="reference translations, line-aligned with --src")
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
 
+    p = sub.add_parser(
+        "summarize",
+        parents=[common],
+        help="summarize documents (one a line), or score ROUGE against references",
+        description="Summarize documents, one a line, from stdin or --input; with --ref (or "
+        "--split) print ROUGE-1/2/L. --lead N scores the lead-N baseline without a model.",
+    )
+    system = p.add_mutually_exclusive_group(required=True)
+    system.add_argument("--checkpoint", help="a checkpoint folder, or a run folder (its best)")
+    system.add_argument("--lead", type=int, help="no model: the first N sentences (baseline)")
+    p.add_argument("--beam-size", type=int, default=None, help="beam size (default: the run's)")
+    p.add_argument("--length-penalty", type=float, default=None, help="alpha (default: the run's)")
+    p.add_argument("--max-len", type=int, default=None, help="most tokens in a summary")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--input", default=None, help="documents, one a line (default: stdin)")
+    p.add_argument("--output", default=None, help="write the summaries here")
+    p.add_argument("--ref", default=None, help="reference summaries, line-aligned: print ROUGE")
+    p.add_argument(
+        "--split",
+        choices=("train", "valid", "test"),
+        default=None,
+        help="summarize and score this split of the data section (the checkpoint's or --config's)",
+    )
+    p.add_argument("--config", default=None, help="experiment YAML whose data section to use")
+    p.add_argument("--max-examples", type=int, default=None, help="only the first N of --split")
+    p.add_argument("--json", action="store_true", help="print the scores as JSON")
+
     p = sub.add_parser("average", parents=[common], help="average checkpoints (§6.1: the last 5)")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--checkpoints", nargs="+", help="checkpoint folders to average")
@@ -381,6 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "demo": cmd_demo,
         "translate": cmd_translate,
         "evaluate": cmd_evaluate,
+        "summarize": cmd_summarize,
         "average": cmd_average,
         "embeddings": cmd_embeddings,
     }

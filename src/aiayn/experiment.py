@@ -28,7 +28,7 @@ from aiayn.train import TrainConfig
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("translation",)
+TASKS = ("translation", "summarization")
 SECTIONS = ("task", "run_dir", "model", "data", "train", "decode")
 
 

@@ -1,19 +1,37 @@
 """What every sequence-to-sequence task shares: batches of id pairs, the loss, validation loss.
 
 Translation, summarization and the number-words demo differ in their data and tokenizers; from
-token ids on they train and validate the same way.
+token ids on they train and validate the same way. `train_seq2seq` is the whole training run of
+a task with a joint BPE vocabulary (translation, summarization): the task gives it its string
+pairs, how to fit over-long examples, and its validation metric.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from aiayn.config import TransformerConfig
 from aiayn.data.batching import TokenBatchSampler, collate, example_lengths
-from aiayn.train import label_smoothed_nll
+from aiayn.data.tokenizer import Tokenizer
+from aiayn.errors import DataError
+from aiayn.experiment import Experiment
+from aiayn.model import Transformer
+from aiayn.train import (
+    Distributed,
+    Trainer,
+    label_smoothed_nll,
+    resolve_device,
+    resolve_precision,
+)
+
+logger = logging.getLogger(__name__)
 
 IdPair = tuple[Sequence[int], Sequence[int]]
 
@@ -94,3 +112,114 @@ def validation_loss(
             )
             tokens += batch.n_tokens
     return total / max(tokens, 1)
+
+
+# --------------------------------------------------------------------------- training a task
+
+FitIds = Callable[[list[tuple[list[int], list[int]]], TransformerConfig, str], list[IdPair]]
+Score = Callable[[Transformer, Tokenizer], dict[str, float]]
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def check_run(exp: Experiment, resume: bool) -> None:
+    """Refuse a bad run_dir, device or precision before any data is read or written."""
+    exp.check_run_dir(resume)
+    resolve_precision(exp.train.precision, resolve_device(exp.train.device, Distributed.from_env()))
+
+
+def train_seq2seq(
+    exp: Experiment,
+    train_pairs: Sequence[tuple[str, str]],
+    valid_pairs: Sequence[tuple[str, str]],
+    *,
+    vocab_size: int,
+    min_frequency: int,
+    fit: FitIds,
+    score: Score,
+    best_metric: str,
+    higher_is_better: bool,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train an encoder-decoder on (source, target) string pairs; returns the final metrics.
+
+    What the tasks share: a joint BPE vocabulary trained on the training pairs (and saved with
+    every checkpoint), the model of the `model` section, token-bucketed batches, the
+    label-smoothed loss, and one `Trainer`. Each task brings its own `fit` (how too-long id
+    sequences are cut or refused; called with the split name "train" or "valid") and `score`
+    (its metrics of a model on the validation pairs, added to `val_loss`).
+    """
+    if not train_pairs or not valid_pairs:
+        raise DataError(
+            "the training or validation data is empty; check the data section of the config"
+        )
+    run_dir = exp.run_dir
+    tokenizer_path = run_dir / TOKENIZER_FILE
+    new_tokenizer = not (resume and tokenizer_path.is_file())
+    if not new_tokenizer:
+        tokenizer = Tokenizer.load(tokenizer_path)
+    else:
+        t0 = time.perf_counter()
+        # One joint vocabulary for both sides (§5.1: "a shared source-target vocabulary").
+        texts = [s for s, _ in train_pairs] + [t for _, t in train_pairs]
+        tokenizer = Tokenizer.train(texts, vocab_size, min_frequency)
+        logger.info(
+            "trained a %d-token BPE vocabulary in %.1fs",
+            tokenizer.vocab_size,
+            time.perf_counter() - t0,
+        )
+
+    model_cfg = exp.model_config(vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
+    train_ids = fit(encode_pairs(tokenizer, train_pairs), model_cfg, "train")
+    valid_ids = fit(encode_pairs(tokenizer, valid_pairs), model_cfg, "valid")
+
+    if new_tokenizer:  # saved only now, so that a run refused for its data writes nothing
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(tokenizer_path)
+
+    torch.manual_seed(exp.train.seed)
+    model = Transformer(model_cfg)
+    logger.info("model: %s parameters", f"{model.num_parameters():,}")
+    ids = dict(pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
+    sampler = TokenBatchSampler(
+        example_lengths(train_ids), exp.train.max_tokens, shuffle=True, seed=exp.train.seed
+    )
+
+    def evaluate(m: Transformer) -> dict[str, float]:
+        metrics = {
+            "val_loss": validation_loss(m, valid_ids, max_tokens=exp.train.max_tokens, **ids)
+        }
+        return {**metrics, **score(m, tokenizer)}
+
+    run_config = exp.resolved(model_cfg)
+    trainer = Trainer(
+        model,
+        exp.train,
+        sampler=sampler,
+        make_batch=batch_maker(train_ids, **ids, pin=torch.cuda.is_available()),
+        loss_fn=seq2seq_loss(tokenizer.pad_id, exp.train.label_smoothing, fused=exp.train.compile),
+        run_dir=run_dir,
+        run_config=run_config,
+        d_model=model_cfg.d_model,
+        evaluate=evaluate,
+        best_metric=best_metric,
+        higher_is_better=higher_is_better,
+        extra_files={TOKENIZER_FILE: tokenizer_path},
+    )
+    if resume:
+        trainer.resume()
+    else:
+        exp.write_config(run_config)
+    result = trainer.fit(progress=progress)
+    exp.plot_curves()
+    return result.metrics
+
+
+def encode_pairs(
+    tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]]
+) -> list[tuple[list[int], list[int]]]:
+    """Token ids of both sides of each pair (no BOS/EOS: `collate` adds them)."""
+    src = tokenizer.encode_batch([s for s, _ in pairs])
+    tgt = tokenizer.encode_batch([t for _, t in pairs])
+    return list(zip(src, tgt, strict=True))

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,19 +17,18 @@ import torch
 from aiayn import checkpoint as ckpt
 from aiayn.config import ConfigSection, TransformerConfig
 from aiayn.data import corpus
-from aiayn.data.batching import TokenBatchSampler, example_lengths, fit_to_max_len, pad_ids
+from aiayn.data.batching import fit_to_max_len, pad_ids
 from aiayn.data.tokenizer import Tokenizer
 from aiayn.decoding import translate_ids
 from aiayn.errors import CheckpointError, ConfigError, DataError
 from aiayn.experiment import Experiment
 from aiayn.metrics import corpus_bleu
 from aiayn.model import Transformer, recording_attention
-from aiayn.tasks.seq2seq import batch_maker, seq2seq_loss, validation_loss
-from aiayn.train import Distributed, Trainer, resolve_device, resolve_precision
+from aiayn.tasks.seq2seq import TOKENIZER_FILE, check_run, train_seq2seq
 
 logger = logging.getLogger(__name__)
 
-TOKENIZER_FILE = "tokenizer.json"
+__all__ = ["TOKENIZER_FILE", "DecodeConfig", "TranslationData", "Translator", "train_translation"]
 
 
 @dataclass
@@ -134,19 +132,40 @@ class DecodeConfig(ConfigSection):
 
 
 class Translator:
-    """A trained model with its tokenizer: strings in, strings out."""
+    """A trained model with its tokenizer: strings in, strings out.
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, decode: DecodeConfig) -> None:
+    Any encoder-decoder task decodes this way; a subclass names its task in `TASK` (checked
+    when a checkpoint is loaded) and may build itself from the run's config in `from_run`.
+    `max_src_len` cuts longer sources to their first ids (default: what the model's positions
+    allow).
+    """
+
+    TASK: ClassVar[str] = "translation"
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        decode: DecodeConfig,
+        max_src_len: int | None = None,
+    ) -> None:
         self.model, self.tokenizer, self.decode = model, tokenizer, decode
+        limit = model.cfg.max_len - 1
+        self.max_src_len = limit if max_src_len is None else min(max_src_len, limit)
+
+    @classmethod
+    def from_run(cls, model: Transformer, tokenizer: Tokenizer, run: dict[str, Any]) -> Translator:
+        """The decoder of a loaded model, configured by its run's config (as checkpoints store it)."""
+        return cls(model, tokenizer, DecodeConfig.from_dict(run.get("decode", {})))
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu") -> Translator:
         """Load a checkpoint directory, or a run directory (its best, else its latest checkpoint)."""
         path = resolve_checkpoint(path)
         run = ckpt.load_checkpoint(path).config
-        if run.get("task") != "translation":
+        if run.get("task") != cls.TASK:
             raise CheckpointError(
-                f"{path} holds a {run.get('task')!r} model, not a translation model"
+                f"{path} holds a {run.get('task')!r} model, not a {cls.TASK} model"
             )
         model = Transformer(TransformerConfig.from_dict(run["model"]))
         ckpt.load_checkpoint(path, model=model)
@@ -162,13 +181,11 @@ class Translator:
                 f"{tokenizer_path} has {tokenizer.vocab_size} tokens but the model expects "
                 f"{model.cfg.src_vocab_size}: the tokenizer belongs to another run"
             )
-        return cls(
-            model.to(device).eval(), tokenizer, DecodeConfig.from_dict(run.get("decode", {}))
-        )
+        return cls.from_run(model.to(device).eval(), tokenizer, run)
 
     def encode(self, sentences: Sequence[str]) -> list[list[int]]:
-        """Token ids + EOS for each sentence, cut to the model's max_len."""
-        limit = self.model.cfg.max_len - 1
+        """Token ids + EOS for each sentence, cut to its first `max_src_len` ids."""
+        limit = self.max_src_len
         return [
             ids[:limit] + [self.tokenizer.eos_id]
             for ids in self.tokenizer.encode_batch(list(sentences))
@@ -180,10 +197,18 @@ class Translator:
         *,
         beam_size: int | None = None,
         length_penalty: float | None = None,
+        max_len: int | None = None,
     ) -> list[str]:
-        """Translate sentences in batches sorted by length (less padding), returned in input order."""
+        """Translate sentences in batches sorted by length (less padding), returned in input order.
+
+        `max_len` caps every output at that many tokens, whatever the source length (default:
+        the decode section's `max_len_a * source length + max_len_b`).
+        """
         beam = beam_size or self.decode.beam_size
         alpha = self.decode.length_penalty if length_penalty is None else length_penalty
+        len_a, len_b = (
+            (self.decode.max_len_a, self.decode.max_len_b) if max_len is None else (0, max_len)
+        )
         encoded = self.encode(sentences)
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         outputs: list[str] = [""] * len(encoded)
@@ -200,8 +225,8 @@ class Translator:
                 bos_id=tok.bos_id,
                 eos_id=tok.eos_id,
                 pad_id=tok.pad_id,
-                max_len_a=self.decode.max_len_a,
-                max_len_b=self.decode.max_len_b,
+                max_len_a=len_a,
+                max_len_b=len_b,
             )
             for i, out in zip(chunk, ids, strict=True):
                 outputs[i] = tok.decode(out)
@@ -277,98 +302,45 @@ def train_translation(
     """Train a translation model as `exp` describes; returns the final validation metrics."""
     data = TranslationData.from_dict(exp.data)
     decode = DecodeConfig.from_dict(exp.decode)
-    run_dir = exp.run_dir
-    exp.check_run_dir(resume)
-    # A device or precision this machine lacks is refused before any data is read or written.
-    resolve_precision(exp.train.precision, resolve_device(exp.train.device, Distributed.from_env()))
-
+    check_run(exp, resume)
     train_pairs, valid_pairs = data.read("train"), data.read("valid")
-    if not train_pairs or not valid_pairs:
-        raise DataError(
-            "the training or validation data is empty; check the data section of the config"
-        )
-    tokenizer_path = run_dir / TOKENIZER_FILE
-    new_tokenizer = not (resume and tokenizer_path.is_file())
-    if not new_tokenizer:
-        tokenizer = Tokenizer.load(tokenizer_path)
-    else:
-        t0 = time.perf_counter()
-        # One joint vocabulary for both languages (§5.1: "a shared source-target vocabulary").
-        texts = [s for s, _ in train_pairs] + [t for _, t in train_pairs]
-        tokenizer = Tokenizer.train(texts, data.vocab_size, data.min_frequency)
-        logger.info(
-            "trained a %d-token BPE vocabulary in %.1fs",
-            tokenizer.vocab_size,
-            time.perf_counter() - t0,
-        )
 
-    model_cfg = exp.model_config(vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
-    try:
-        train_ids, n_cut = fit_to_max_len(
-            _encode_pairs(tokenizer, train_pairs), model_cfg.max_len, data.max_len_policy
-        )
-    except DataError as exc:  # policy "reject": say which data and which settings
-        raise DataError(
-            f"training {exc} (examples count from 0; the settings are model.max_len and "
-            "data.max_len_policy)"
-        ) from None
-    if n_cut:
-        logger.warning(
-            "%d of %d training pairs were longer than max_len %d and were truncated",
-            n_cut,
-            len(train_ids),
-            model_cfg.max_len,
-        )
-    valid_ids, _ = fit_to_max_len(
-        _encode_pairs(tokenizer, valid_pairs), model_cfg.max_len, "truncate"
-    )
+    def fit(
+        examples: list[tuple[list[int], list[int]]], model_cfg: TransformerConfig, split: str
+    ) -> list[tuple[list[int], list[int]]]:
+        if split != "train":
+            return fit_to_max_len(examples, model_cfg.max_len, "truncate")[0]
+        try:
+            train_ids, n_cut = fit_to_max_len(examples, model_cfg.max_len, data.max_len_policy)
+        except DataError as exc:  # policy "reject": say which data and which settings
+            raise DataError(
+                f"training {exc} (examples count from 0; the settings are model.max_len and "
+                "data.max_len_policy)"
+            ) from None
+        if n_cut:
+            logger.warning(
+                "%d of %d training pairs were longer than max_len %d and were truncated",
+                n_cut,
+                len(train_ids),
+                model_cfg.max_len,
+            )
+        return train_ids
 
-    if new_tokenizer:  # saved only now, so that a run refused for its data writes nothing
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(tokenizer_path)
+    def score(model: Transformer, tokenizer: Tokenizer) -> dict[str, float]:
+        translator = Translator(model, tokenizer, decode)
+        bleu, chrf = bleu_of(translator, valid_pairs, decode.eval_beam_size)
+        return {"bleu": bleu, "chrf": chrf}
 
-    torch.manual_seed(exp.train.seed)
-    model = Transformer(model_cfg)
-    logger.info("model: %s parameters", f"{model.num_parameters():,}")
-    ids = dict(pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
-    sampler = TokenBatchSampler(
-        example_lengths(train_ids), exp.train.max_tokens, shuffle=True, seed=exp.train.seed
-    )
-
-    def evaluate(m: Transformer) -> dict[str, float]:
-        metrics = {
-            "val_loss": validation_loss(m, valid_ids, max_tokens=exp.train.max_tokens, **ids)
-        }
-        bleu, chrf = bleu_of(Translator(m, tokenizer, decode), valid_pairs, decode.eval_beam_size)
-        return {**metrics, "bleu": bleu, "chrf": chrf}
-
-    run_config = exp.resolved(model_cfg)
-    trainer = Trainer(
-        model,
-        exp.train,
-        sampler=sampler,
-        make_batch=batch_maker(train_ids, **ids, pin=torch.cuda.is_available()),
-        loss_fn=seq2seq_loss(tokenizer.pad_id, exp.train.label_smoothing, fused=exp.train.compile),
-        run_dir=run_dir,
-        run_config=run_config,
-        d_model=model_cfg.d_model,
-        evaluate=evaluate,
+    return train_seq2seq(
+        exp,
+        train_pairs,
+        valid_pairs,
+        vocab_size=data.vocab_size,
+        min_frequency=data.min_frequency,
+        fit=fit,
+        score=score,
         best_metric="bleu",
         higher_is_better=True,
-        extra_files={TOKENIZER_FILE: tokenizer_path},
+        resume=resume,
+        progress=progress,
     )
-    if resume:
-        trainer.resume()
-    else:
-        exp.write_config(run_config)
-    result = trainer.fit(progress=progress)
-    exp.plot_curves()
-    return result.metrics
-
-
-def _encode_pairs(
-    tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]]
-) -> list[tuple[list[int], list[int]]]:
-    src = tokenizer.encode_batch([s for s, _ in pairs])
-    tgt = tokenizer.encode_batch([t for _, t in pairs])
-    return list(zip(src, tgt, strict=True))
