@@ -545,3 +545,12 @@ def test_minilm_import_and_classifier_head(one_thread):
     reference, _ = from_hf_bert(minilm_dir())
     torch.testing.assert_close(model.body.encode(ids), reference.encode(ids))
     assert model(ids).shape == (2, 2)
+
+
+def test_help_of_the_new_commands(capsys):
+    for command, needle in ((["finetune"], "--from"), (["classify"], "--eval")):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*command, "--help"])
+        assert exit_info.value.code == 0
+        out = capsys.readouterr().out
+        assert "usage: aiayn" in out and needle in out
