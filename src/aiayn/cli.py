@@ -1,4 +1,5 @@
-"""The `aiayn` command: demo, info, train, translate, evaluate, average, embeddings.
+"""The `aiayn` command: demo, info, train, finetune, translate, evaluate, classify, summarize,
+average, embeddings.
 
 Every user error ends as one line, `error: <what is wrong and what to do>`, and exit status 1
 (2 for a malformed command line); `--debug` shows the traceback instead.
@@ -70,18 +71,34 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_task(exp):
+    """The training function of the experiment's task."""
+    if exp.task == "classification":
+        from aiayn.tasks.classification import train_classification
+
+        return train_classification
+    if exp.task == "summarization":
+        from aiayn.tasks.summarization import train_summarization
+
+        return train_summarization
+    from aiayn.tasks.translation import train_translation
+
+    return train_translation
+
+
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from aiayn.experiment import Experiment
 
     exp = Experiment.from_yaml(args.config, overrides)
-    if exp.task == "summarization":
-        from aiayn.tasks.summarization import train_summarization as train
-    else:
-        from aiayn.tasks.translation import train_translation as train
-    metrics = train(exp, resume=args.resume, progress=not args.quiet)
+    metrics = _train_task(exp)(exp, resume=args.resume, progress=not args.quiet)
     summary = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items())
     print(f"finished {exp.run_dir}: {summary}")
     return 0
+
+
+def cmd_finetune(args: argparse.Namespace, overrides: list[str]) -> int:
+    """`aiayn finetune --from SOURCE CONFIG`: `aiayn train CONFIG --finetune.source SOURCE`."""
+    return cmd_train(args, [*overrides, "--finetune.source", args.source])
 
 
 def _read_input(path: str | None) -> list[str]:
@@ -288,6 +305,44 @@ def cmd_summarize(args: argparse.Namespace) -> int:
             f"ROUGE-L {scores['rougeL']:.2f}  ({system}, {len(documents)} documents; "
             "rouge-score F1, Porter stemmer)"
         )
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    import torch
+
+    from aiayn.tasks.classification import Classifier, read_table_examples
+
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ConfigError(f"--device {args.device!r} is not a device; use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda, but no CUDA GPU is visible; use --device cpu")
+    if args.eval is not None and args.input is not None:
+        raise ConfigError("give --eval FILE (labelled) or --input FILE (texts), not both")
+    if args.eval is not None and not Path(args.eval).is_file():
+        raise DataError(f"--eval {args.eval} does not exist; give a TSV/CSV/JSONL file")
+    classifier = Classifier.from_checkpoint(args.checkpoint, device=args.device)
+    if args.eval is not None:
+        text_field = args.text_field or classifier.data.get("text_field", "sentence")
+        label_field = args.label_field or classifier.data.get("label_field", "label")
+        examples = read_table_examples(Path(args.eval), text_field, label_field)
+        result = classifier.evaluate(examples)
+        if args.json:
+            print(json.dumps(result))
+        else:
+            print(
+                f"accuracy {result['accuracy']:.2f}  macro-F1 {result['macro_f1']:.2f}  "
+                f"({result['examples']} examples, {args.eval})"
+            )
+        return 0
+    texts = _read_input(args.input)
+    empty = [i + 1 for i, text in enumerate(texts) if not text.strip()]
+    if empty:
+        where = args.input or "stdin"
+        raise DataError(f"{where} line {empty[0]} is empty: give one text a line, none blank")
+    predictions = classifier.predict(texts)
+    _write_output([f"{label}\t{prob:.4f}" for label, prob in predictions], args.output)
     return 0
 
 
@@ -445,6 +500,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-examples", type=int, default=None, help="only the first N of --split")
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
 
+    p = sub.add_parser(
+        "finetune",
+        parents=[common],
+        help="train from a YAML config, starting from pre-trained weights",
+        description="Train the task of CONFIG with its encoder taken from SOURCE: an aiayn "
+        "checkpoint or run folder (any task), or a Hugging Face BERT-family folder. Override "
+        "any value with --section.key value.",
+    )
+    p.add_argument(
+        "--from", dest="source", required=True, help="aiayn checkpoint/run folder or HF BERT folder"
+    )
+    p.add_argument("config", help="experiment YAML, e.g. configs/sst2_minilm.yaml")
+    p.add_argument("--resume", action="store_true", help="continue the run in run_dir")
+
+    p = sub.add_parser(
+        "classify",
+        parents=[common],
+        help="classify lines from stdin or --input, or score a labelled --eval file",
+    )
+    p.add_argument(
+        "--checkpoint", required=True, help="a checkpoint folder, or a run folder (uses its best)"
+    )
+    p.add_argument("--input", default=None, help="texts, one a line (default: stdin)")
+    p.add_argument("--output", default=None, help="write label<TAB>probability lines here")
+    p.add_argument("--eval", default=None, metavar="FILE", help="labelled TSV/CSV/JSONL to score")
+    p.add_argument("--text-field", default=None, help="--eval's text column (default: the run's)")
+    p.add_argument("--label-field", default=None, help="--eval's label column (default: the run's)")
+    p.add_argument("--json", action="store_true", help="print --eval's scores as JSON")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+
     p = sub.add_parser("average", parents=[common], help="average checkpoints (§6.1: the last 5)")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--checkpoints", nargs="+", help="checkpoint folders to average")
@@ -479,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "train":
+    if extra and args.command not in ("train", "finetune"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(
@@ -493,10 +578,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "summarize": cmd_summarize,
         "average": cmd_average,
         "embeddings": cmd_embeddings,
+        "classify": cmd_classify,
     }
     try:
         if args.command == "train":
             return cmd_train(args, extra)
+        if args.command == "finetune":
+            return cmd_finetune(args, extra)
         return commands[args.command](args)
     except AiaynError as exc:
         if args.debug:

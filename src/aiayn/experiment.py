@@ -1,4 +1,5 @@
-"""An experiment: one YAML file with the sections task, run_dir, model, data, train, decode.
+"""An experiment: one YAML file with the sections task, run_dir, model, data, train, decode
+(and, for classification, head and finetune).
 
     task: translation
     run_dir: runs/multi30k_de_en
@@ -28,8 +29,10 @@ from aiayn.train import TrainConfig
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("translation", "summarization")
-SECTIONS = ("task", "run_dir", "model", "data", "train", "decode")
+TASKS = ("translation", "classification", "summarization")
+SECTIONS = ("task", "run_dir", "model", "data", "train", "decode", "head", "finetune")
+# Tasks that can start from pre-trained weights (`aiayn finetune --from`, `finetune.source`).
+FINETUNE_TASKS = ("classification",)
 
 
 @dataclass
@@ -40,6 +43,8 @@ class Experiment:
     data: dict[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
     decode: dict[str, Any] = field(default_factory=dict)
+    head: dict[str, Any] = field(default_factory=dict)  # the task head (classification)
+    finetune: dict[str, Any] = field(default_factory=dict)  # see aiayn.finetune
 
     # ------------------------------------------------------------------ reading
     @classmethod
@@ -69,7 +74,7 @@ class Experiment:
             raise ConfigError(
                 "run_dir must be given: the folder for checkpoints and logs, e.g. runs/my_run"
             )
-        for name in ("model", "data", "train", "decode"):
+        for name in ("model", "data", "train", "decode", "head", "finetune"):
             section = values.get(name) or {}
             if not isinstance(section, dict):
                 raise ConfigError(
@@ -83,10 +88,31 @@ class Experiment:
             data=values["data"],
             train=TrainConfig.from_dict(values["train"]),
             decode=values["decode"],
+            head=values["head"],
+            finetune=values["finetune"],
         )
+        if task == "translation" and exp.head:
+            raise ConfigError("task translation has no head section; remove it")
+        from aiayn.finetune import FinetuneConfig, check_model_section
+
+        if FinetuneConfig.from_dict(exp.finetune).source is not None:
+            if task not in FINETUNE_TASKS:
+                raise ConfigError(
+                    f"fine-tuning is available for {', '.join(FINETUNE_TASKS)}, not {task}"
+                )
+            check_model_section(exp.model)  # the architecture comes from the source
+            return exp
         # Validate the model section now, not after data preparation.
         model_cfg = exp.model_config(vocab_size=16, pad_id=0)
-        if model_cfg.n_encoder_layers < 1 or model_cfg.n_decoder_layers < 1:
+        if task == "classification":
+            if model_cfg.n_encoder_layers < 1 or model_cfg.n_decoder_layers != 0:
+                raise ConfigError(
+                    f"task classification needs an encoder-only model, but "
+                    f"model.n_encoder_layers is {model_cfg.n_encoder_layers} and "
+                    f"model.n_decoder_layers is {model_cfg.n_decoder_layers}: set "
+                    "n_encoder_layers to 1 or more and n_decoder_layers to 0"
+                )
+        elif model_cfg.n_encoder_layers < 1 or model_cfg.n_decoder_layers < 1:
             # The config allows encoder-only and decoder-only models; translation needs both.
             raise ConfigError(
                 f"task {task} needs an encoder and a decoder, but model.n_encoder_layers is "
@@ -116,6 +142,8 @@ class Experiment:
             "data": self.data,
             "train": self.train.to_dict(),
             "decode": self.decode,
+            "head": self.head,
+            "finetune": self.finetune,
         }
 
     # ------------------------------------------------------------------ the run directory

