@@ -305,6 +305,7 @@ def cmd_summarize(args: argparse.Namespace) -> int:
             f"ROUGE-L {scores['rougeL']:.2f}  ({system}, {len(documents)} documents; "
             "rouge-score F1, Porter stemmer)"
         )
+    return 0
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
