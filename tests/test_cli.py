@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from aiayn.cli import main
-from aiayn.experiment import Experiment
+from aiayn.experiment import TASKS, Experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 MULTI30K = ROOT.parent / "shared" / "data" / "multi30k"
@@ -65,7 +65,7 @@ def test_info_prints_the_base_parameter_count(capsys):
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_is_valid(path):
     exp = Experiment.from_yaml(path)
-    assert exp.task == "translation"
+    assert exp.task in TASKS
 
 
 @needs_multi30k
@@ -146,7 +146,7 @@ def write(path: Path, text: str) -> Path:
         ("task: translation\nrun_dir: r\nmodel: {d_model: 100, n_heads: 8}\n", "d_model (100) must be divisible by n_heads (8)"),
         ("task: translation\nrun_dir: r\nmodel: {d_model: -4}\n", "d_model must be a positive integer, got -4"),
         ("task: translation\nrun_dir: r\ntrain: {max_tokens: lots}\n", "train.max_tokens must be an integer, got 'lots'"),
-        ("task: poetry\nrun_dir: r\n", "task must be one of translation, got 'poetry'"),
+        ("task: poetry\nrun_dir: r\n", "task must be one of translation, pretrain, got 'poetry'"),
         ("task: translation\nrun_dir: r\nextra: 1\n", "unknown config section 'extra'"),
         ("task: translation\nrun_dir: r\nmodel: [1, 2]\n", "model must be a mapping"),
         ("task: translation\nrun_dir: r\nmodel: {d_model: 3\n", "is not valid YAML"),

@@ -72,10 +72,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from aiayn.experiment import Experiment
-    from aiayn.tasks.translation import train_translation
 
     exp = Experiment.from_yaml(args.config, overrides)
-    metrics = train_translation(exp, resume=args.resume, progress=not args.quiet)
+    if exp.task == "pretrain":
+        from aiayn.tasks.pretrain import train_pretrain as train_task
+    else:
+        from aiayn.tasks.translation import train_translation as train_task
+    metrics = train_task(exp, resume=args.resume, progress=not args.quiet)
     summary = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items())
     print(f"finished {exp.run_dir}: {summary}")
     return 0

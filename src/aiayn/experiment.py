@@ -28,7 +28,7 @@ from aiayn.train import TrainConfig
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("translation",)
+TASKS = ("translation", "pretrain")
 SECTIONS = ("task", "run_dir", "model", "data", "train", "decode")
 
 
@@ -86,7 +86,10 @@ class Experiment:
         )
         # Validate the model section now, not after data preparation.
         model_cfg = exp.model_config(vocab_size=16, pad_id=0)
-        if model_cfg.n_encoder_layers < 1 or model_cfg.n_decoder_layers < 1:
+        # (pretrain checks the model against its objective: tasks.pretrain.check_experiment)
+        if task == "translation" and (
+            model_cfg.n_encoder_layers < 1 or model_cfg.n_decoder_layers < 1
+        ):
             # The config allows encoder-only and decoder-only models; translation needs both.
             raise ConfigError(
                 f"task {task} needs an encoder and a decoder, but model.n_encoder_layers is "
