@@ -160,7 +160,7 @@ def write(path: Path, text: str) -> Path:
         ("task: translation\nrun_dir: r\nmodel: {d_model: 100, n_heads: 8}\n", "d_model (100) must be divisible by n_heads (8)"),
         ("task: translation\nrun_dir: r\nmodel: {d_model: -4}\n", "d_model must be a positive integer, got -4"),
         ("task: translation\nrun_dir: r\ntrain: {max_tokens: lots}\n", "train.max_tokens must be an integer, got 'lots'"),
-        ("task: poetry\nrun_dir: r\n", "task must be one of translation, classification, summarization, got 'poetry'"),
+        ("task: poetry\nrun_dir: r\n", "task must be one of translation, classification, summarization, pretrain, got 'poetry'"),
         ("task: translation\nrun_dir: r\nextra: 1\n", "unknown config section 'extra'"),
         ("task: translation\nrun_dir: r\nmodel: [1, 2]\n", "model must be a mapping"),
         ("task: translation\nrun_dir: r\nmodel: {d_model: 3\n", "is not valid YAML"),

@@ -77,6 +77,10 @@ def _train_task(exp):
         from aiayn.tasks.classification import train_classification
 
         return train_classification
+    if exp.task == "pretrain":
+        from aiayn.tasks.pretrain import train_pretrain
+
+        return train_pretrain
     if exp.task == "summarization":
         from aiayn.tasks.summarization import train_summarization
 

@@ -29,7 +29,7 @@ from aiayn.train import TrainConfig
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("translation", "classification", "summarization")
+TASKS = ("translation", "classification", "summarization", "pretrain")
 SECTIONS = ("task", "run_dir", "model", "data", "train", "decode", "head", "finetune")
 # Tasks that can start from pre-trained weights (`aiayn finetune --from`, `finetune.source`).
 FINETUNE_TASKS = ("classification",)
@@ -112,7 +112,10 @@ class Experiment:
                     f"model.n_decoder_layers is {model_cfg.n_decoder_layers}: set "
                     "n_encoder_layers to 1 or more and n_decoder_layers to 0"
                 )
-        elif model_cfg.n_encoder_layers < 1 or model_cfg.n_decoder_layers < 1:
+        # (pretrain checks the model against its objective: tasks.pretrain.check_experiment)
+        elif task in ("translation", "summarization") and (
+            model_cfg.n_encoder_layers < 1 or model_cfg.n_decoder_layers < 1
+        ):
             # The config allows encoder-only and decoder-only models; translation needs both.
             raise ConfigError(
                 f"task {task} needs an encoder and a decoder, but model.n_encoder_layers is "

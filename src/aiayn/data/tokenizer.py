@@ -15,7 +15,9 @@ Special tokens have fixed ids, shared by the whole project: ``<pad>``=0, ``<s>``
 
 :meth:`Tokenizer.train_words` builds a word-level vocabulary instead (one id per word or
 punctuation mark, the rest ``<unk>``), the unit of pre-trained word vectors such as GloVe
-(:mod:`aiayn.data.embeddings`). Both kinds live in the same class and file format.
+(:mod:`aiayn.data.embeddings`). Both kinds live in the same class and file format. Pre-training adds its own specials (``<mask>``,
+the span sentinels ``<extra_id_0>``...) right after the four, at ids 4, 5, ...: the four stay
+where they are.
 """
 
 from __future__ import annotations
@@ -33,6 +35,13 @@ from aiayn.errors import ConfigError, DataError
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)  # order = ids 0, 1, 2, 3
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+MASK = "<mask>"  # BERT's masked-LM token (added by pre-training, after the fixed four)
+
+
+def sentinel(i: int) -> str:
+    """The i-th span sentinel of T5's span corruption: ``<extra_id_i>``."""
+    return f"<extra_id_{i}>"
+
 
 _SPACE = "\u2581"  # '▁', SentencePiece's visible space
 
@@ -70,8 +79,17 @@ class Tokenizer:
         self._tok = tok
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+    def train(
+        cls,
+        texts: Iterable[str],
+        vocab_size: int,
+        min_frequency: int = 2,
+        extra_special_tokens: Sequence[str] = (),
+    ) -> Tokenizer:
         """Learn a BPE vocabulary of at most ``vocab_size`` tokens (specials included).
+
+        ``extra_special_tokens`` (e.g. ``["<mask>"]``) get the ids right after the fixed four,
+        in order (4, 5, ...); they are never split and :meth:`decode` drops them.
 
         For a joint source-target vocabulary (the paper's setup) pass both sides together,
         e.g. ``Tokenizer.train(src_lines + tgt_lines, 37000)``. A merge is learned only for
@@ -90,6 +108,18 @@ class Tokenizer:
             )
         if min_frequency < 1:
             raise ConfigError(f"min_frequency {min_frequency} must be >= 1")
+        extra = list(extra_special_tokens)
+        clash = [t for t in extra if t in SPECIAL_TOKENS or not t or extra.count(t) > 1]
+        if clash:
+            raise ConfigError(
+                f"extra special token {clash[0]!r} is empty, repeated, or one of the fixed "
+                f"{', '.join(SPECIAL_TOKENS)}; give distinct new tokens such as '<mask>'"
+            )
+        if vocab_size <= len(SPECIAL_TOKENS) + len(extra):
+            raise ConfigError(
+                f"vocab_size {vocab_size} leaves no room beyond the "
+                f"{len(SPECIAL_TOKENS) + len(extra)} special tokens; use a few thousand or more"
+            )
         texts = list(texts)
         if not any(t.strip() for t in texts):
             raise DataError("cannot train a tokenizer on no text; pass the training sentences")
@@ -101,7 +131,8 @@ class Tokenizer:
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,
             min_frequency=min_frequency,
-            special_tokens=list(SPECIAL_TOKENS),  # added first, so they get ids 0..3
+            # Added first, in order: ids 0..3, then the extra specials from 4 on.
+            special_tokens=[*SPECIAL_TOKENS, *extra],
             show_progress=False,
         )
         tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
@@ -240,6 +271,12 @@ class Tokenizer:
         if isinstance(model, models.WordLevel):
             return "word"
         return type(model).__name__.lower()
+
+    @property
+    def special_ids(self) -> list[int]:
+        """Ids of every special token (the fixed four and any extra ones), ascending."""
+        added = self._tok.get_added_tokens_decoder()
+        return sorted(i for i, t in added.items() if t.special)
 
     @property
     def vocab_size(self) -> int:
