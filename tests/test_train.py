@@ -223,3 +223,21 @@ def test_fused_label_smoothed_nll_equals_the_eager_loss(one_thread):
     torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fused_grad, eager_grad, rtol=1e-5, atol=1e-6)
     assert fused_grad[0, :2].abs().sum() == 0  # no gradient through padding
+
+
+def test_max_time_stops_early_with_a_checkpoint_and_carries_over_resume(tmp_path):
+    """train.max_time_s ends training like max_steps does (final checkpoint), and the time
+    already spent counts after --resume: a run out of time stops at once."""
+    examples = copy_examples()
+    trainer = make_trainer(tmp_path, 10_000, examples, max_time_s=0.5)
+    trainer.fit(progress=False)
+    assert 0 < trainer.step < 10_000 and trainer.elapsed_s >= 0.5
+    saved = ckpt.latest_checkpoint(tmp_path / "checkpoints")
+    assert saved is not None and ckpt.checkpoint_step(saved) == trainer.step
+    state = ckpt.load_checkpoint(saved).trainer_state
+    assert state["elapsed_s"] >= 0.5
+
+    again = make_trainer(tmp_path, 10_000, examples, max_time_s=0.5)
+    assert again.resume() == trainer.step
+    again.fit(progress=False)
+    assert again.step == trainer.step  # no time left: no further step

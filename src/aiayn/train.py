@@ -55,6 +55,7 @@ class TrainConfig(ConfigSection):
 
     max_steps: int = 100_000  # §5.2: base models trained for 100,000 steps
     max_epochs: int | None = None  # stop after this many passes over the data, if reached first
+    max_time_s: float | None = None  # stop (validate, save) after this many seconds of training
     max_tokens: int = 4096  # padded tokens per batch and side (§5.1 used ~25000 per step)
     grad_accum: int = (
         1  # batches per optimiser step: effective batch = max_tokens * grad_accum * GPUs
@@ -93,6 +94,8 @@ class TrainConfig(ConfigSection):
         for name in ("warmup_steps", "eval_every", "save_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_time_s is not None and self.max_time_s <= 0:
+            raise ConfigError(f"train.max_time_s must be > 0 or null, got {self.max_time_s}")
         if self.max_epochs is not None and self.max_epochs < 1:
             raise ConfigError(f"train.max_epochs must be >= 1 or null, got {self.max_epochs}")
         if self.lr_scale <= 0:
@@ -614,6 +617,8 @@ class Trainer:
 
     def _done(self) -> bool:
         if self.step >= self.cfg.max_steps:
+            return True
+        if self.cfg.max_time_s is not None and self.elapsed_s >= self.cfg.max_time_s:
             return True
         return self.cfg.max_epochs is not None and self.stream.epoch >= self.cfg.max_epochs
 

@@ -15,9 +15,9 @@ Special tokens have fixed ids, shared by the whole project: ``<pad>``=0, ``<s>``
 
 :meth:`Tokenizer.train_words` builds a word-level vocabulary instead (one id per word or
 punctuation mark, the rest ``<unk>``), the unit of pre-trained word vectors such as GloVe
-(:mod:`aiayn.data.embeddings`). Both kinds live in the same class and file format. Pre-training adds its own specials (``<mask>``,
-the span sentinels ``<extra_id_0>``...) right after the four, at ids 4, 5, ...: the four stay
-where they are.
+(:mod:`aiayn.data.embeddings`). Both kinds live in the same class and file format.
+Pre-training adds its own specials (``<mask>``, the span sentinels ``<extra_id_0>``...) right
+after the four, at ids 4, 5, ...: the four stay where they are.
 """
 
 from __future__ import annotations
