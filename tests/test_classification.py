@@ -283,12 +283,51 @@ def test_bad_training_data(one_thread, tmp_path, toy_data, capsys):
         ("finetune", {"freeze_layers": 1}, "finetune settings need a source"),
         ("data", {"valid_file": None}, "data needs validation data"),
         ("data", {"labels": ["only"]}, "at least 2 distinct classes"),
+        ("data", {"embeddings_file": "v.txt"}, "set data.tokenizer: word with it"),
+        ("data", {"lowercase": True}, "data.lowercase applies to data.tokenizer: word only"),
+        ("data", {"tokenizer": "word", "embeddings_freeze": True}, "needs data.embeddings_file"),
+        ("data", {"tokenizer": "chars"}, "data.tokenizer must be one of"),
     ],
 )
 def test_bad_classification_configs(tmp_path, toy_data, capsys, section, values, message):
     config = toy_config(tmp_path, toy_data, tmp_path / "run", **{section: values})
     code, _, err = run(["train", config, "--quiet"], capsys)
     one_error_line(code, err, message)
+
+
+def test_word_vectors_initialise_a_word_level_classifier(one_thread, tmp_path, toy_data):
+    """data.tokenizer word + data.embeddings_file: the rows of the words the file has start from
+    its vectors (centred, rescaled: same directions), and embeddings_freeze keeps them fixed."""
+    from aiayn.data.tokenizer import Tokenizer
+    from aiayn.tasks.classification import Classifier
+
+    rng = torch.Generator().manual_seed(0)
+    words = [*POS, *NEG, *FILLER]
+    vectors = {w: torch.randn(16, generator=rng) for w in words[:-2]}  # two fillers missing
+    glove = tmp_path / "vectors.txt"
+    glove.write_text(
+        "".join(
+            w + " " + " ".join(f"{x:.6f}" for x in v.tolist()) + "\n" for w, v in vectors.items()
+        ),
+        encoding="utf-8",
+    )
+    data = {"tokenizer": "word", "vocab_size": 100, "embeddings_file": str(glove),
+            "embeddings_freeze": True}  # fmt: skip
+    run_dir = tmp_path / "run"
+    config = toy_config(tmp_path, toy_data, run_dir, data=data, model={"d_model": 16})
+    assert main(["train", str(config), "--quiet"]) == 0
+    tok = Tokenizer.load(run_dir / "tokenizer.json")
+    assert tok.kind == "word"
+    weight = Classifier.from_checkpoint(run_dir).model.body.src_embed.lut.weight.detach()
+    found = [w for w in vectors if tok.token_to_id(w) is not None]
+    assert len(found) >= 10
+    file_matrix = torch.stack([vectors[w] for w in found])
+    rows = weight[[tok.token_to_id(w) for w in found]]
+    # Centring and one global scale: the rows are the file's vectors, as loaded. They would have
+    # moved in 40 steps at this learning rate had embeddings_freeze not kept them fixed.
+    centred = file_matrix - file_matrix.mean(dim=0)
+    scale = rows.norm() / centred.norm()
+    torch.testing.assert_close(rows, centred * scale, rtol=1e-4, atol=1e-5)
 
 
 def test_finetune_config_may_change_only_dropouts(tmp_path, toy_data, capsys):

@@ -68,7 +68,10 @@ class ClassificationData(ConfigSection):
     """Where the labelled texts come from, their classes, and how they are tokenized."""
 
     SECTION: ClassVar[str] = "data"
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"format": ("glue", "table", "imdb", "hf")}
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "format": ("glue", "table", "imdb", "hf"),
+        "tokenizer": ("bpe", "word"),
+    }
 
     format: str = "glue"
     root: str | None = None  # folder the file names are relative to (imdb: the data folder)
@@ -88,8 +91,14 @@ class ClassificationData(ConfigSection):
     valid_split: str = "validation"
     test_split: str | None = None
     max_len: int | None = None  # tokens kept per text (specials included); null: model.max_len
-    vocab_size: int = 8000  # BPE vocabulary trained on the training texts (from scratch only)
+    vocab_size: int = 8000  # vocabulary trained on the training texts (from scratch only)
     min_frequency: int = 2
+    tokenizer: str = "bpe"  # bpe: subwords; word: one id per word (for pre-trained word vectors)
+    lowercase: bool = False  # word tokenizer only: lowercase first (GloVe 6B is lowercase)
+    # GloVe / word2vec file (text, .gz or word2vec binary) that initialises the embeddings of
+    # the words it has (word tokenizer only); the others keep their random initialisation.
+    embeddings_file: str | None = None
+    embeddings_freeze: bool = False  # keep the embedding matrix fixed (static word vectors)
     max_train_examples: int | None = None  # only the first N training texts (tests, quick runs)
     max_valid_examples: int | None = None
 
@@ -120,6 +129,14 @@ class ClassificationData(ConfigSection):
             raise ConfigError(f"data.max_len must be >= 2, got {self.max_len}")
         if self.vocab_size < 8:
             raise ConfigError(f"data.vocab_size must be >= 8, got {self.vocab_size}")
+        if self.embeddings_file is not None and self.tokenizer != "word":
+            raise ConfigError(
+                "data.embeddings_file holds word vectors: set data.tokenizer: word with it"
+            )
+        if self.embeddings_freeze and self.embeddings_file is None:
+            raise ConfigError("data.embeddings_freeze needs data.embeddings_file")
+        if self.lowercase and self.tokenizer != "word":
+            raise ConfigError("data.lowercase applies to data.tokenizer: word only")
 
     def path(self, name: str) -> Path:
         """A data file name, under `root` when one is given."""
@@ -556,10 +573,17 @@ def train_classification(
         else:
             t0 = time.perf_counter()
             texts = [ex.text for ex in splits.train]
-            encoder = TextEncoder(Tokenizer.train(texts, data.vocab_size, data.min_frequency))
+            if data.tokenizer == "word":
+                tok = Tokenizer.train_words(
+                    texts, data.vocab_size, data.min_frequency, lowercase=data.lowercase
+                )
+            else:
+                tok = Tokenizer.train(texts, data.vocab_size, data.min_frequency)
+            encoder = TextEncoder(tok)
             logger.info(
-                "trained a %d-token BPE vocabulary in %.1fs",
+                "trained a %d-token %s vocabulary in %.1fs",
                 encoder.vocab_size,
+                "word" if data.tokenizer == "word" else "BPE",
                 time.perf_counter() - t0,
             )
         model_cfg = exp.model_config(vocab_size=encoder.vocab_size, pad_id=encoder.pad_id)
@@ -594,6 +618,32 @@ def train_classification(
         Transformer(model_cfg), n_classes=len(labels), pooling=head.pooling, dropout=head.dropout
     )
     lr_scales = prepare(model, source, tune) if source is not None else {}
+    if data.embeddings_file is not None and source is None and not resume:
+        from aiayn.data.embeddings import init_model_embeddings, token_counts
+
+        report = init_model_embeddings(
+            model.body,
+            encoder.tok,
+            data.embeddings_file,
+            counts=token_counts(encoder.tok, [ex.text for ex in splits.train]),
+            seed=exp.train.seed,
+        )
+        tokens = "" if report.token_coverage is None else f", {report.token_coverage:.1%} of tokens"
+        logger.info(
+            "embeddings from %s: %d of %d words (%.1f%%%s), dimension %d -> %d (%s)",
+            data.embeddings_file,
+            report.found,
+            report.vocab_words,
+            100 * report.coverage,
+            tokens,
+            report.file_dim,
+            report.model_dim,
+            report.projection,
+        )
+    if data.embeddings_file is not None and data.embeddings_freeze:
+        # Static vectors (Kim 2014's "static"): the words the training set lacks keep the
+        # meaning the vectors give them instead of drifting with the ones it has.
+        model.body.src_embed.lut.weight.requires_grad_(False)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info(
         "model: %s parameters (%s trainable), %d classes",
