@@ -72,14 +72,31 @@ def test_info_prints_the_base_parameter_count(capsys):
     assert "Table 3 of the paper gives 213M for big" in out
 
 
-@pytest.mark.parametrize(
-    "path", sorted((ROOT / "configs").glob("multi30k_*.yaml")), ids=lambda p: p.name
-)
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_is_valid(path):
+    """Every YAML in configs/ parses, and each of its sections is valid for its task."""
+    from aiayn.tasks.classification import ClassificationData, HeadConfig
+    from aiayn.tasks.pretrain import PretrainData
+    from aiayn.tasks.summarization import SummarizationData
+    from aiayn.tasks.translation import DecodeConfig, TranslationData
+
     # A fine-tuning config takes its architecture from the source `aiayn finetune --from` names.
     finetunes = "finetune" in yaml.safe_load(path.read_text(encoding="utf-8"))
     exp = Experiment.from_yaml(path, ["--finetune.source", "SOURCE"] if finetunes else [])
     assert exp.task in TASKS
+    data_section = {
+        "translation": TranslationData,
+        "summarization": SummarizationData,
+        "classification": ClassificationData,
+        "pretrain": PretrainData,
+    }[exp.task]
+    data_section.from_dict(exp.data)  # unknown keys and bad values raise ConfigError
+    if exp.task in ("translation", "summarization"):
+        DecodeConfig.from_dict(exp.decode)
+    if exp.task == "classification":
+        HeadConfig.from_dict(exp.head)
+    if not finetunes:
+        exp.model_config(vocab_size=1000, pad_id=0)
 
 
 @needs_multi30k
