@@ -51,3 +51,35 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
         torch.testing.assert_close(ddp[name], value, rtol=1e-9, atol=1e-12, msg=f"{name} differs")
     moved = [name for name, value in start.items() if not torch.equal(value.double(), ddp[name])]
     assert len(moved) > 10, "training should have changed the parameters"
+
+
+MULTI30K = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "multi30k")
+
+
+@pytest.mark.skipif(not os.path.isdir(MULTI30K), reason="needs ../shared/data/multi30k")
+def test_aiayn_train_under_torchrun(tmp_path):
+    """The documented launch (docs/distributed.md): `torchrun --nproc_per_node 2 -m aiayn.cli
+    train ...` runs the CLI in 2 gloo processes; one run directory, written by rank 0."""
+    import subprocess
+
+    run_dir = tmp_path / "run"
+    tiny = ("--model.d_model 32 --model.d_ff 64 --model.n_heads 2 --model.n_encoder_layers 1 "
+            "--model.n_decoder_layers 1 --data.vocab_size 300 --data.max_train_examples 300 "
+            "--data.max_valid_examples 20 --train.max_steps 4 --train.save_every 2 "
+            "--train.eval_every 2 --train.log_every 1 --train.max_tokens 512 --train.device cpu "
+            "--quiet").split()  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(free_port()), "-m", "aiayn.cli", "train",
+           os.path.join(os.path.dirname(__file__), "..", "configs", "multi30k_de_en.yaml"),
+           "--data.root", MULTI30K, "--run_dir", str(run_dir), *tiny]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == [
+        "step_00000002",
+        "step_00000004",
+    ]
+    steps = [
+        line for line in (run_dir / "train.jsonl").read_text().splitlines() if '"loss"' in line
+    ]
+    assert len(steps) == 4  # logged once (by rank 0), not once per process

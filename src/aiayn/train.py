@@ -304,6 +304,8 @@ class Trainer:
         self.device = resolve_device(cfg.device, self.dist)
         if self.dist.world_size > 1 and not dist.is_initialized():
             # torchrun sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; NCCL for GPUs, gloo for CPUs.
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)  # NCCL uses the current device of each process
             dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
         self.precision = resolve_precision(cfg.precision, self.device)
         self.model = model.to(self.device)
