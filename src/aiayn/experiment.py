@@ -25,7 +25,7 @@ import yaml
 from aiayn import checkpoint as ckpt
 from aiayn.config import TransformerConfig, load_yaml_mapping
 from aiayn.errors import CheckpointError, ConfigError, DataError
-from aiayn.train import TrainConfig
+from aiayn.train import TrainConfig, Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +183,19 @@ class Experiment:
         path = self.run_dir / "config.yaml"
         path.write_text(yaml.safe_dump(run_config, sort_keys=False), encoding="utf-8")
         return path
+
+    def fit(self, trainer: Trainer, run_config: dict[str, Any], *, resume: bool, progress: bool):
+        """Start (writing config.yaml) or resume `trainer`, train to the end, plot the curves.
+
+        Every task ends its training function with this; returns the Trainer's `TrainResult`.
+        """
+        if resume:
+            trainer.resume()
+        else:
+            self.write_config(run_config)
+        result = trainer.fit(progress=progress)
+        self.plot_curves()
+        return result
 
     def plot_curves(self) -> Path | None:
         from aiayn.plots import training_curves  # matplotlib only when a run ends

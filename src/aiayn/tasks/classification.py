@@ -677,11 +677,7 @@ def train_classification(
         extra_files={TOKENIZER_FILE: tokenizer_path},
         lr_scales=lr_scales,
     )
-    if resume:
-        trainer.resume()
-    else:
-        exp.write_config(run_config)
-    result = trainer.fit(progress=progress)
+    result = exp.fit(trainer, run_config, resume=resume, progress=progress)
     metrics: dict[str, Any] = dict(result.metrics)
     if splits.test and Distributed.from_env().is_main:
         best = ckpt.read_best_pointer(run_dir / "checkpoints") or ckpt.latest_checkpoint(
@@ -702,7 +698,6 @@ def train_classification(
             json.dumps({"checkpoint": str(best), "examples": len(y_test), **test}) + "\n",
             encoding="utf-8",
         )
-    exp.plot_curves()
     return metrics
 
 

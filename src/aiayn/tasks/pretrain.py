@@ -486,10 +486,4 @@ def train_pretrain(
         higher_is_better=False,
         extra_files={TOKENIZER_FILE: tokenizer_path},
     )
-    if resume:
-        trainer.resume()
-    else:
-        exp.write_config(run_config)
-    result = trainer.fit(progress=progress)
-    exp.plot_curves()
-    return result.metrics
+    return exp.fit(trainer, run_config, resume=resume, progress=progress).metrics

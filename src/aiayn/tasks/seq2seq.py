@@ -207,13 +207,7 @@ def train_seq2seq(
         higher_is_better=higher_is_better,
         extra_files={TOKENIZER_FILE: tokenizer_path},
     )
-    if resume:
-        trainer.resume()
-    else:
-        exp.write_config(run_config)
-    result = trainer.fit(progress=progress)
-    exp.plot_curves()
-    return result.metrics
+    return exp.fit(trainer, run_config, resume=resume, progress=progress).metrics
 
 
 def encode_pairs(
