@@ -25,6 +25,7 @@ from aiayn.decoding import (
     greedy_search,
     length_penalty_factor,
     max_output_lengths,
+    repeated_ngram_bans,
 )
 from aiayn.errors import ConfigError, DataError
 
@@ -510,3 +511,43 @@ def test_batched_sources_give_the_same_results_as_one_by_one(
             == beam_search(ScriptedDecoder(probs), one, beam_size=beam, n_best=beam, **options)[0]
         )
         assert batched_greedy[i] == greedy_search(ScriptedDecoder(probs), one, **options)[0]
+
+
+# --------------------------------------------------------------------------- n-gram blocking
+
+
+def test_repeated_ngram_bans_by_hand():
+    # history A B A: the bigram that A would start again is (A, B), so B is banned.
+    assert repeated_ngram_bans([A, B, A], 2) == {B}
+    assert repeated_ngram_bans([A, B, A, B], 3) == {A}  # (B, A, B)... the trigram (A, B, A)
+    assert repeated_ngram_bans([A, B], 3) == set()  # (B, ?) never seen with a follower
+    assert repeated_ngram_bans([A, B, A], 1) == {A, B}  # unigrams: every emitted token
+    assert repeated_ngram_bans([], 2) == set() and repeated_ngram_bans([A], 0) == set()
+
+
+def looping(source: Prefix, prefix: Prefix) -> Sequence[float]:
+    """Loops A B A B ...: 0.6 for the loop's next word, 0.3 for the other, 0.1 for eos."""
+    if len(prefix) % 2 == 0:
+        return [0.0, 0.0, 0.1, 0.6, 0.3]
+    return [0.0, 0.0, 0.1, 0.3, 0.6]
+
+
+@pytest.mark.parametrize("search", ["greedy", "beam"])
+def test_no_repeat_ngram_blocks_the_loop(search):
+    """Free, the decoder loops A B A B ... With bigram blocking, by hand (greedy): A, B, A; then
+    B would repeat (A, B), so A (0.3 beats eos's 0.1); then both A and B would repeat a bigram
+    starting with A, (A, B) and (A, A): eos. Beam search may find other outputs, but none
+    repeats a bigram."""
+    src = torch.tensor([[A, A]])
+    if search == "greedy":
+        free = greedy_search(ScriptedDecoder(looping), src, max_len=8)[0]
+        blocked = greedy_search(ScriptedDecoder(looping), src, max_len=8, no_repeat_ngram_size=2)[0]
+        assert blocked == [A, B, A, A]
+    else:
+        free = beam_search(ScriptedDecoder(looping), src, beam_size=2, max_len=8)[0][0].tokens
+        blocked = beam_search(
+            ScriptedDecoder(looping), src, beam_size=2, max_len=8, no_repeat_ngram_size=2
+        )[0][0].tokens
+    assert free == [A, B, A, B, A, B, A, B]
+    bigrams = list(zip(blocked, blocked[1:], strict=False))
+    assert len(bigrams) == len(set(bigrams)), blocked

@@ -168,6 +168,8 @@ def _translator(args: argparse.Namespace, task: str = "translation"):
     else:
         from aiayn.tasks.translation import Translator
 
+    if getattr(args, "no_repeat_ngram", None) is not None and args.no_repeat_ngram < 0:
+        raise ConfigError(f"--no-repeat-ngram must be >= 0 (0: off), got {args.no_repeat_ngram}")
     if args.beam_size is not None and args.beam_size < 1:
         raise ConfigError(f"--beam-size must be 1 or more (1 is greedy), got {args.beam_size}")
     if args.length_penalty is not None and args.length_penalty < 0:
@@ -187,7 +189,10 @@ def cmd_translate(args: argparse.Namespace) -> int:
     translator = _translator(args)
     sentences = _read_input(args.input)
     outputs = translator.translate(
-        sentences, beam_size=args.beam_size, length_penalty=args.length_penalty
+        sentences,
+        beam_size=args.beam_size,
+        length_penalty=args.length_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram,
     )
     _write_output(outputs, args.output)
     if args.attention:
@@ -213,7 +218,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     pairs = read_parallel(args.src, args.ref)
     translator = _translator(args)
     hyps = translator.translate(
-        [s for s, _ in pairs], beam_size=args.beam_size, length_penalty=args.length_penalty
+        [s for s, _ in pairs],
+        beam_size=args.beam_size,
+        length_penalty=args.length_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram,
     )
     if args.output:
         _write_output(hyps, args.output)
@@ -293,6 +301,7 @@ def cmd_summarize(args: argparse.Namespace) -> int:
             beam_size=args.beam_size,
             length_penalty=args.length_penalty,
             max_len=args.max_len,
+            no_repeat_ngram_size=args.no_repeat_ngram,
         )
     if references is None:
         _write_output(outputs, args.output)
@@ -442,6 +451,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the run in run_dir from its latest checkpoint",
     )
 
+    def no_repeat_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--no-repeat-ngram",
+            type=int,
+            default=None,
+            metavar="N",
+            help="no output repeats one of its N-grams (default: the run's, 0 = off)",
+        )
+
     def decoding_options(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--checkpoint",
@@ -462,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("translate", parents=[common], help="translate lines from stdin or --input")
     decoding_options(p)
+    no_repeat_option(p)
     p.add_argument("--input", default=None, help="read sentences from this file instead of stdin")
     p.add_argument(
         "--attention",
@@ -474,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate", parents=[common], help="sacreBLEU and chrF of a checkpoint on a test set"
     )
     decoding_options(p)
+    no_repeat_option(p)
     p.add_argument("--src", required=True, help="source sentences, one a line (plain or .gz)")
     p.add_argument("--ref", required=True, help="reference translations, line-aligned with --src")
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
@@ -491,6 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beam-size", type=int, default=None, help="beam size (default: the run's)")
     p.add_argument("--length-penalty", type=float, default=None, help="alpha (default: the run's)")
     p.add_argument("--max-len", type=int, default=None, help="most tokens in a summary")
+    no_repeat_option(p)
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--input", default=None, help="documents, one a line (default: stdin)")
     p.add_argument("--output", default=None, help="write the summaries here")

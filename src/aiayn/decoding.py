@@ -43,7 +43,7 @@ Choices this module makes (each one is the fairseq one):
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -244,6 +244,37 @@ def _banned_ids(*, bos_id: int, eos_id: int, pad_id: int, device: torch.device) 
     return torch.tensor(sorted({pad_id, bos_id} - {eos_id}), dtype=torch.long, device=device)
 
 
+def repeated_ngram_bans(history: Sequence[int], n: int) -> set[int]:
+    """Tokens that would repeat an n-gram of ``history`` if appended to it (n-gram blocking).
+
+    The next token t completes the n-gram ``history[-(n-1):] + [t]``; it is banned when that
+    n-gram already occurs in ``history`` (Paulus et al. 2018; fairseq's and Hugging Face's
+    ``no_repeat_ngram_size``). ``n`` of 1 bans every token already emitted.
+    """
+    if n < 1 or len(history) < n - 1:
+        return set()
+    prefix = tuple(history[len(history) - (n - 1) :])
+    return {
+        history[i + n - 1]
+        for i in range(len(history) - n + 1)
+        if tuple(history[i : i + n - 1]) == prefix
+    }
+
+
+def _block_repeats(log_probs: Tensor, histories: Sequence[Sequence[int]], n: int) -> Tensor:
+    """Set to -inf, row by row, the tokens that would repeat an n-gram of that row's history."""
+    rows, cols = [], []
+    for row, history in enumerate(histories):
+        for token in repeated_ngram_bans(history, n):
+            rows.append(row)
+            cols.append(token)
+    if not rows:
+        return log_probs
+    index = torch.tensor([rows, cols], device=log_probs.device)
+    minus_inf = torch.tensor(float("-inf"), dtype=log_probs.dtype, device=log_probs.device)
+    return log_probs.index_put((index[0], index[1]), minus_inf)
+
+
 def greedy_search(
     decoder: IncrementalDecoder,
     src_ids: Tensor,
@@ -254,6 +285,7 @@ def greedy_search(
     max_len: int | None = None,
     max_len_a: int = 1,
     max_len_b: int = 50,
+    no_repeat_ngram_size: int = 0,
 ) -> list[list[int]]:
     """Decode each source by always taking the most probable next token.
 
@@ -271,6 +303,7 @@ def greedy_search(
         max_len: if given, the maximum output length of every source.
         max_len_a: otherwise each source's maximum is ``max_len_a * its length + max_len_b``.
         max_len_b: see ``max_len_a``.
+        no_repeat_ngram_size: if n > 0, no output repeats one of its own n-grams.
 
     Returns:
         B lists of output token ids, without bos and eos.
@@ -300,6 +333,9 @@ def greedy_search(
 
     while True:
         log_probs = _next_log_probs(decoder, last, state, banned)  # (A, V)
+        if no_repeat_ngram_size:
+            histories = [outputs[source] for source in active]
+            log_probs = _block_repeats(log_probs, histories, no_repeat_ngram_size)
         next_tokens = log_probs.argmax(dim=-1)  # (A,)
         keep = []
         for row, (source, token) in enumerate(zip(active, next_tokens.tolist(), strict=True)):
@@ -332,6 +368,7 @@ def beam_search(
     max_len_a: int = 1,
     max_len_b: int = 50,
     n_best: int = 1,
+    no_repeat_ngram_size: int = 0,
 ) -> list[list[Hypothesis]]:
     """Decode each source with beam search, batched over B sources x ``beam_size`` beams.
 
@@ -363,6 +400,7 @@ def beam_search(
         max_len_a: otherwise each source's maximum is ``max_len_a * its length + max_len_b``.
         max_len_b: see ``max_len_a``.
         n_best: how many hypotheses to return per source, ``1 <= n_best <= beam_size``.
+        no_repeat_ngram_size: if n > 0, no hypothesis repeats one of its own n-grams.
 
     Returns:
         B lists of up to ``n_best`` hypotheses, best (highest score) first. A list is
@@ -408,6 +446,8 @@ def beam_search(
 
     for step in range(max(limits) + 1):
         log_probs = _next_log_probs(decoder, last, state, banned)  # (A*K, V)
+        if no_repeat_ngram_size:
+            log_probs = _block_repeats(log_probs, history.tolist(), no_repeat_ngram_size)
         vocab = log_probs.size(-1)
         log_probs = log_probs.view(len(active), k, vocab)
         if not_eos is None:
@@ -600,6 +640,7 @@ def translate_ids(
     pad_id: int = 0,
     max_len_a: int = 1,
     max_len_b: int = 50,
+    no_repeat_ngram_size: int = 0,
 ) -> list[list[int]]:
     """Translate a batch of sources with an encoder-decoder model: the paper's decoding (§6.1).
 
@@ -618,6 +659,7 @@ def translate_ids(
         pad_id: the padding id; must be the model's ``cfg.pad_id``.
         max_len_a: see above.
         max_len_b: see above.
+        no_repeat_ngram_size: n-gram blocking (0: off, the paper's decoding).
 
     Returns:
         B lists of output token ids, without bos and eos: the best hypothesis of each source.
@@ -628,7 +670,9 @@ def translate_ids(
     decoder = TransformerDecoder(model)
     src_ids = src_ids.to(model.generator.weight.device)
     ids = dict(bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)
-    lengths = dict(max_len_a=max_len_a, max_len_b=max_len_b)
+    lengths = dict(
+        max_len_a=max_len_a, max_len_b=max_len_b, no_repeat_ngram_size=no_repeat_ngram_size
+    )
     with _eval_mode(model):
         if beam_size == 1:
             return greedy_search(decoder, src_ids, **ids, **lengths)

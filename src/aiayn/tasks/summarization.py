@@ -361,10 +361,16 @@ class Summarizer(Translator):
         beam_size: int | None = None,
         length_penalty: float | None = None,
         max_len: int | None = None,
+        no_repeat_ngram_size: int | None = None,
     ) -> list[str]:
-        """One summary per document; `max_len` caps the summary's tokens (default: the run's)."""
+        """One summary per document; `max_len` caps the summary's tokens, `no_repeat_ngram_size`
+        blocks repeated n-grams (defaults: the run's decode section)."""
         return self.translate(
-            documents, beam_size=beam_size, length_penalty=length_penalty, max_len=max_len
+            documents,
+            beam_size=beam_size,
+            length_penalty=length_penalty,
+            max_len=max_len,
+            no_repeat_ngram_size=no_repeat_ngram_size,
         )
 
 

@@ -118,6 +118,7 @@ class DecodeConfig(ConfigSection):
     max_len_b: int = 50  # §6.1: "input length + 50"
     eval_beam_size: int = 1  # during training's validation: greedy is much cheaper
     batch_size: int = 64  # sentences decoded together
+    no_repeat_ngram_size: int = 0  # n > 0: no output repeats one of its n-grams (0: the paper)
 
     def check(self) -> None:
         if self.beam_size < 1 or self.eval_beam_size < 1 or self.batch_size < 1:
@@ -126,6 +127,10 @@ class DecodeConfig(ConfigSection):
             )
         if self.length_penalty < 0:
             raise ConfigError(f"decode.length_penalty must be >= 0, got {self.length_penalty}")
+        if self.no_repeat_ngram_size < 0:
+            raise ConfigError(
+                f"decode.no_repeat_ngram_size must be >= 0 (0: off), got {self.no_repeat_ngram_size}"
+            )
 
 
 # --------------------------------------------------------------------------- inference
@@ -198,12 +203,16 @@ class Translator:
         beam_size: int | None = None,
         length_penalty: float | None = None,
         max_len: int | None = None,
+        no_repeat_ngram_size: int | None = None,
     ) -> list[str]:
         """Translate sentences in batches sorted by length (less padding), returned in input order.
 
         `max_len` caps every output at that many tokens, whatever the source length (default:
-        the decode section's `max_len_a * source length + max_len_b`).
+        the decode section's `max_len_a * source length + max_len_b`). `no_repeat_ngram_size`:
+        n-gram blocking (default: the decode section's, 0 = off).
         """
+        if no_repeat_ngram_size is None:
+            no_repeat_ngram_size = self.decode.no_repeat_ngram_size
         beam = beam_size or self.decode.beam_size
         alpha = self.decode.length_penalty if length_penalty is None else length_penalty
         len_a, len_b = (
@@ -227,6 +236,7 @@ class Translator:
                 pad_id=tok.pad_id,
                 max_len_a=len_a,
                 max_len_b=len_b,
+                no_repeat_ngram_size=no_repeat_ngram_size,
             )
             for i, out in zip(chunk, ids, strict=True):
                 outputs[i] = tok.decode(out)
