@@ -354,24 +354,9 @@ class Summarizer(Translator):
         decode = DecodeConfig.from_dict(run.get("decode", {}))
         return cls(model, tokenizer, decode, data.max_src_len, data)
 
-    def summarize(
-        self,
-        documents: Sequence[str],
-        *,
-        beam_size: int | None = None,
-        length_penalty: float | None = None,
-        max_len: int | None = None,
-        no_repeat_ngram_size: int | None = None,
-    ) -> list[str]:
-        """One summary per document; `max_len` caps the summary's tokens, `no_repeat_ngram_size`
-        blocks repeated n-grams (defaults: the run's decode section)."""
-        return self.translate(
-            documents,
-            beam_size=beam_size,
-            length_penalty=length_penalty,
-            max_len=max_len,
-            no_repeat_ngram_size=no_repeat_ngram_size,
-        )
+    # One summary per document: the translator's decoding, under the task's name (the same
+    # options: beam_size, length_penalty, max_len, no_repeat_ngram_size; defaults: the run's).
+    summarize = Translator.translate
 
 
 def rouge_f1(predictions: list[str], references: list[str]) -> dict[str, float]:
