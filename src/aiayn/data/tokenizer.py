@@ -61,6 +61,23 @@ WORD_PATTERN = (
 )
 
 
+def _training_texts(
+    texts: Iterable[str], vocab_size: int, min_frequency: int, n_special: int
+) -> list[str]:
+    """The training texts as a list, after the checks both kinds of vocabulary need."""
+    if vocab_size <= n_special:
+        raise ConfigError(
+            f"vocab_size {vocab_size} leaves no room beyond the {n_special} special tokens; "
+            "use a few thousand or more"
+        )
+    if min_frequency < 1:
+        raise ConfigError(f"min_frequency {min_frequency} must be >= 1")
+    texts = list(texts)
+    if not any(t.strip() for t in texts):
+        raise DataError("cannot train a tokenizer on no text; pass the training sentences")
+    return texts
+
+
 class Tokenizer:
     """A BPE subword (or word-level) tokenizer with the project's fixed special-token ids.
 
@@ -101,13 +118,6 @@ class Tokenizer:
                 is below 1.
             DataError: ``texts`` holds no non-blank text.
         """
-        if vocab_size <= len(SPECIAL_TOKENS):
-            raise ConfigError(
-                f"vocab_size {vocab_size} leaves no room beyond the {len(SPECIAL_TOKENS)} "
-                f"special tokens; use a few thousand or more"
-            )
-        if min_frequency < 1:
-            raise ConfigError(f"min_frequency {min_frequency} must be >= 1")
         extra = list(extra_special_tokens)
         clash = [t for t in extra if t in SPECIAL_TOKENS or not t or extra.count(t) > 1]
         if clash:
@@ -115,14 +125,7 @@ class Tokenizer:
                 f"extra special token {clash[0]!r} is empty, repeated, or one of the fixed "
                 f"{', '.join(SPECIAL_TOKENS)}; give distinct new tokens such as '<mask>'"
             )
-        if vocab_size <= len(SPECIAL_TOKENS) + len(extra):
-            raise ConfigError(
-                f"vocab_size {vocab_size} leaves no room beyond the "
-                f"{len(SPECIAL_TOKENS) + len(extra)} special tokens; use a few thousand or more"
-            )
-        texts = list(texts)
-        if not any(t.strip() for t in texts):
-            raise DataError("cannot train a tokenizer on no text; pass the training sentences")
+        texts = _training_texts(texts, vocab_size, min_frequency, len(SPECIAL_TOKENS) + len(extra))
 
         tok = tokenizers.Tokenizer(models.BPE(unk_token=UNK))
         tok.normalizer = normalizers.NFKC()
@@ -159,16 +162,7 @@ class Tokenizer:
                 is below 1.
             DataError: ``texts`` holds no non-blank text.
         """
-        if vocab_size <= len(SPECIAL_TOKENS):
-            raise ConfigError(
-                f"vocab_size {vocab_size} leaves no room beyond the {len(SPECIAL_TOKENS)} "
-                f"special tokens; use a few thousand or more"
-            )
-        if min_frequency < 1:
-            raise ConfigError(f"min_frequency {min_frequency} must be >= 1")
-        texts = list(texts)
-        if not any(t.strip() for t in texts):
-            raise DataError("cannot train a tokenizer on no text; pass the training sentences")
+        texts = _training_texts(texts, vocab_size, min_frequency, len(SPECIAL_TOKENS))
 
         tok = tokenizers.Tokenizer(models.WordLevel(unk_token=UNK))
         steps = [normalizers.NFKC()] + ([normalizers.Lowercase()] if lowercase else [])
