@@ -191,3 +191,14 @@ def test_fit_to_max_len_reject():
         fit_to_max_len(examples, 4, policy="drop")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="max_len 1"):
         fit_to_max_len(examples, 1)
+
+
+def test_device_batch_moves_every_tensor_and_keeps_the_rest():
+    """Every task's batch gets `to` from DeviceBatch: tensors converted, other fields kept."""
+    from aiayn.tasks.seq2seq import Seq2SeqBatch
+
+    batch = Seq2SeqBatch(torch.ones(2, 3), torch.zeros(2, 4), torch.ones(2, 4), 7)
+    moved = batch.to(torch.device("meta"))
+    assert type(moved) is Seq2SeqBatch and moved.n_tokens == 7
+    assert all(t.device.type == "meta" for t in (moved.src, moved.tgt_in, moved.tgt_out))
+    assert batch.src.device.type == "cpu"  # a copy: the original is untouched

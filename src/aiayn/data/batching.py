@@ -9,6 +9,7 @@ into the padded tensors the model takes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
@@ -30,6 +31,31 @@ def example_lengths(examples: Sequence[IdPair]) -> list[tuple[int, int]]:
     :class:`TokenBatchSampler` so its budget matches the real tensors.
     """
     return [(len(src) + 1, len(tgt) + 1) for src, tgt in examples]
+
+
+class DeviceBatch:
+    """What every task's batch dataclass shares: its tensors move to a device together.
+
+    `to(device)` and `pin_memory()` return a copy with every Tensor field moved (or pinned)
+    and the other fields (such as `n_tokens`) as they are. Copies to a GPU are non-blocking:
+    from pinned memory they overlap the previous step's work.
+    """
+
+    def _with_tensors(self, change):
+        return dataclasses.replace(
+            self,
+            **{
+                f.name: change(getattr(self, f.name))
+                for f in dataclasses.fields(self)
+                if isinstance(getattr(self, f.name), torch.Tensor)
+            },
+        )
+
+    def to(self, device: torch.device):
+        return self._with_tensors(lambda t: t.to(device, non_blocking=True))
+
+    def pin_memory(self):
+        return self._with_tensors(lambda t: t.pin_memory())
 
 
 class TokenBatchSampler:

@@ -41,7 +41,7 @@ from torch import Tensor
 from aiayn import checkpoint as ckpt
 from aiayn.config import ConfigSection, TransformerConfig
 from aiayn.data import corpus
-from aiayn.data.batching import TokenBatchSampler, pad_ids
+from aiayn.data.batching import DeviceBatch, TokenBatchSampler, pad_ids
 from aiayn.data.tokenizer import SPECIAL_TOKENS, Tokenizer
 from aiayn.errors import CheckpointError, ConfigError, DataError
 from aiayn.experiment import Experiment
@@ -364,22 +364,12 @@ class TextEncoder:
 
 
 @dataclass
-class ClassBatch:
+class ClassBatch(DeviceBatch):
     """ids (B, S) right-padded, labels (B,); n_tokens = B: the loss is summed over examples."""
 
     ids: Tensor
     labels: Tensor
     n_tokens: int
-
-    def to(self, device: torch.device) -> ClassBatch:
-        return ClassBatch(
-            self.ids.to(device, non_blocking=True),
-            self.labels.to(device, non_blocking=True),
-            self.n_tokens,
-        )
-
-    def pin_memory(self) -> ClassBatch:
-        return ClassBatch(self.ids.pin_memory(), self.labels.pin_memory(), self.n_tokens)
 
 
 def make_sampler(rows: Sequence[Sequence[int]], max_tokens: int, shuffle: bool, seed: int = 0):

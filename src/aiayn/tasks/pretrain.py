@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from aiayn.config import ConfigSection, TransformerConfig
-from aiayn.data.batching import TokenBatchSampler, collate, pad_ids
+from aiayn.data.batching import DeviceBatch, TokenBatchSampler, collate, pad_ids
 from aiayn.data.pretraining import (
     chunk_documents,
     concat_and_chunk,
@@ -206,35 +206,21 @@ def _batch_key(indices: list[int]) -> tuple[int, int]:
 
 
 @dataclass
-class MaskedLMBatch:
+class MaskedLMBatch(DeviceBatch):
     """input_ids (B, S) with BERT's corruption; labels (B, S): original ids where chosen, else pad."""
 
     input_ids: Tensor
     labels: Tensor
     n_tokens: int  # chosen positions: what the loss is summed over
 
-    def to(self, device: torch.device) -> MaskedLMBatch:
-        return MaskedLMBatch(
-            self.input_ids.to(device, non_blocking=True),
-            self.labels.to(device, non_blocking=True),
-            self.n_tokens,
-        )
-
 
 @dataclass
-class CausalLMBatch:
+class CausalLMBatch(DeviceBatch):
     """tgt_in (B, T) and tgt_out (B, T) = tgt_in shifted left by one."""
 
     tgt_in: Tensor
     tgt_out: Tensor
     n_tokens: int
-
-    def to(self, device: torch.device) -> CausalLMBatch:
-        return CausalLMBatch(
-            self.tgt_in.to(device, non_blocking=True),
-            self.tgt_out.to(device, non_blocking=True),
-            self.n_tokens,
-        )
 
 
 @dataclass

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from aiayn.config import TransformerConfig
-from aiayn.data.batching import TokenBatchSampler, collate, example_lengths
+from aiayn.data.batching import DeviceBatch, TokenBatchSampler, collate, example_lengths
 from aiayn.data.tokenizer import Tokenizer
 from aiayn.errors import DataError
 from aiayn.experiment import Experiment
@@ -37,30 +37,13 @@ IdPair = tuple[Sequence[int], Sequence[int]]
 
 
 @dataclass
-class Seq2SeqBatch:
+class Seq2SeqBatch(DeviceBatch):
     """A padded batch: src (B, S) = ids + EOS, tgt_in (B, T) = BOS + ids, tgt_out (B, T) = ids + EOS."""
 
     src: Tensor
     tgt_in: Tensor
     tgt_out: Tensor
     n_tokens: int  # non-padding target tokens: what the loss is summed over
-
-    def to(self, device: torch.device) -> Seq2SeqBatch:
-        # non_blocking: with pinned memory the copy overlaps the previous step's work on a GPU.
-        return Seq2SeqBatch(
-            self.src.to(device, non_blocking=True),
-            self.tgt_in.to(device, non_blocking=True),
-            self.tgt_out.to(device, non_blocking=True),
-            self.n_tokens,
-        )
-
-    def pin_memory(self) -> Seq2SeqBatch:
-        return Seq2SeqBatch(
-            self.src.pin_memory(),
-            self.tgt_in.pin_memory(),
-            self.tgt_out.pin_memory(),
-            self.n_tokens,
-        )
 
 
 def batch_maker(
