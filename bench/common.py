@@ -16,6 +16,7 @@ The method (docs/performance.md says it at length):
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import datetime as dt
 import gc
@@ -179,6 +180,24 @@ def set_threads(threads: int | None) -> None:
     """Use `threads` intra-op CPU threads (None: PyTorch's default, one per core)."""
     if threads is not None:
         torch.set_num_threads(threads)
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The options every benchmark takes: --device, --size, --dtype, --threads, --seed, --out."""
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--size", choices=tuple(SIZES), default="small")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="results folder (default: bench/results)")
+
+
+def setup(args: argparse.Namespace) -> tuple[torch.device, torch.dtype, Size, TransformerConfig]:
+    """The device (checked), threads set, dtype, size and model config that the options name."""
+    device = resolve_device(args.device)
+    set_threads(args.threads)
+    size = SIZES[args.size]
+    return device, DTYPES[args.dtype], size, size.config()
 
 
 # --------------------------------------------------------------------------- timing

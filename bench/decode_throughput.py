@@ -400,9 +400,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m bench.decode_throughput",
         description="Decoding throughput of aiayn vs Hugging Face generate, on the same weights.",
     )
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--size", choices=tuple(common.SIZES), default="small")
-    parser.add_argument("--dtype", choices=tuple(common.DTYPES), default="fp32")
+    common.add_run_options(parser)
     parser.add_argument("--searches", default="greedy,beam", help="comma-separated: greedy, beam")
     parser.add_argument("--beam-size", type=int, default=4)
     parser.add_argument("--batch", type=int, help="sentences per batch (default: the size's)")
@@ -414,9 +412,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--repeats", type=int, default=5, help="timed batches (the median is reported)"
     )
-    parser.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, help="results folder (default: bench/results)")
     args = parser.parse_args(argv)
     args.searches = [s.strip() for s in args.searches.split(",") if s.strip()]
     unknown = [s for s in args.searches if s not in SEARCHES]
@@ -430,11 +425,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> Path:
     """Run the benchmark; returns the path of the JSON written."""
     args = parse_args(argv)
-    device = common.resolve_device(args.device)
-    common.set_threads(args.threads)
-    dtype = common.DTYPES[args.dtype]
-    size = common.SIZES[args.size]
-    cfg = size.config()
+    device, dtype, size, cfg = common.setup(args)
     batch = args.batch or size.decode_batch
     src_len, steps = args.src_len or size.decode_src_len, args.steps or size.decode_steps
     if not 2 <= steps <= cfg.max_len - 2 or src_len > cfg.max_len:

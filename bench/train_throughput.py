@@ -303,9 +303,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m bench.train_throughput",
         description="Training throughput of aiayn vs torch.nn.Transformer vs HF Marian.",
     )
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--size", choices=tuple(common.SIZES), default="small")
-    parser.add_argument("--dtype", choices=tuple(common.DTYPES), default="fp32")
+    common.add_run_options(parser)
     parser.add_argument(
         "--compile",
         action="store_true",
@@ -326,12 +324,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--batches", type=int, default=4, help="distinct batches used in turn")
     parser.add_argument("--label-smoothing", type=float, default=0.1)
-    parser.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's)")
     parser.add_argument(
         "--matmul-size", type=int, help="n of the n^3 product for MFU (default 8192 GPU, 1024 CPU)"
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, help="results folder (default: bench/results)")
     args = parser.parse_args(argv)
     modes = args.modes or ("eager,compile" if args.compile else "eager")
     args.modes = [m.strip() for m in modes.split(",") if m.strip()]
@@ -346,11 +341,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> Path:
     """Run the benchmark; returns the path of the JSON written."""
     args = parse_args(argv)
-    device = common.resolve_device(args.device)
-    common.set_threads(args.threads)
-    dtype = common.DTYPES[args.dtype]
-    size = common.SIZES[args.size]
-    cfg = size.config()
+    device, dtype, size, cfg = common.setup(args)
     batch = args.batch or size.train_batch
     src_len, tgt_len = args.src_len or size.train_src_len, args.tgt_len or size.train_tgt_len
     flops = common.train_step_flops(cfg, batch, src_len, tgt_len)
