@@ -5,26 +5,28 @@
 
 One randomly initialised aiayn `Transformer` is exported with `aiayn.interop.to_hf_marian` and
 loaded as a ``MarianMTModel``: both sides hold the same weights. aiayn decodes with
-`aiayn.decoding.greedy_search` / `beam_search` over a `TransformerDecoder` (the code
-`translate_ids` runs); Hugging Face with ``model.generate``.
+`aiayn.decoding.greedy_search` / `beam_search` over a `TransformerDecoder` (the reference
+searches; row ``aiayn``) and with `aiayn.static_decoding.StaticDecoding` (the same searches
+with fixed shapes, each step one CUDA graph launch on a GPU; row ``aiayn-static``); Hugging
+Face with ``model.generate``.
 
 **Equal work.** A random model ends its outputs at random steps, differently on each side once
 floating-point sums differ, so both sides are made to decode exactly ``--steps`` (L) decoder
 steps for every sentence:
 
-* greedy: eos is banned for all L outputs. aiayn: a wrapper around the decoder
-  (:class:`ForcedLengthDecoder`) sets eos's log-probability to -inf, and ``max_len=L`` stops
-  each row after L tokens. HF: ``min_new_tokens = max_new_tokens = L``, no forced eos.
+* greedy: eos is banned for all L outputs. aiayn: ``min_len = max_len = L``. HF:
+  ``min_new_tokens = max_new_tokens = L``, no forced eos.
 * beam: L - 1 tokens, then eos forced at step L, so that every beam of every sentence
-  finishes at the same step and neither search can stop early. aiayn: eos banned for the
-  first L - 1 outputs, ``max_len=L-1`` (at its limit the search allows only eos). HF:
+  finishes at the same step and neither search can stop early. aiayn: ``min_len = max_len =
+  L - 1`` (eos banned below L - 1 tokens; at its limit the search allows only eos). HF:
   ``min_new_tokens=L-1, max_new_tokens=L, forced_eos_token_id=eos``. Both rank by
   log-probability; with equal lengths neither length penalty changes the ranking.
 
 Both sides ban pad and bos (aiayn.decoding always does; HF through ``bad_words_ids``).
 
 **Same outputs.** Before timing, both sides decode the timed batch in float32 and the greedy
-outputs must be token-identical: a benchmark that compares different work is worthless. A
+outputs must be token-identical (and aiayn-static's those of aiayn's reference search): a
+benchmark that compares different work is worthless. A
 row may differ only where the two candidates' logits are within float32 rounding of each
 other (a tie, broken differently); such rows are counted and reported, any other difference
 stops the run. Output lengths are checked after every timed case too. Beam outputs are
@@ -39,6 +41,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import tempfile
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -51,10 +54,13 @@ from aiayn.config import TransformerConfig
 from aiayn.decoding import TransformerDecoder, beam_search, greedy_search
 from aiayn.interop import to_hf_marian
 from aiayn.model import Transformer
+from aiayn.static_decoding import StaticDecoding
 from bench import common
 from bench.peers import quiet_transformers  # also sets HF_HUB_OFFLINE before transformers loads
 
-IMPLEMENTATIONS = ("aiayn", "hf-generate")
+# aiayn: the reference searches of aiayn.decoding; aiayn-static: aiayn.static_decoding (fixed
+# shapes, one CUDA graph launch per step on a GPU); hf-generate: the peer.
+IMPLEMENTATIONS = ("aiayn", "aiayn-static", "hf-generate")
 SEARCHES = ("greedy", "beam")
 LENGTH_PENALTY = 0.6  # the paper's alpha; irrelevant to the ranking when all lengths are equal
 # Two logits closer than this (relative to the largest) are a tie at float32 precision.
@@ -67,38 +73,6 @@ class EqualWorkError(RuntimeError):
     def __init__(self, message: str, report: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.report = report  # what `check_equal_work` found, for the result file
-
-
-class ForcedLengthDecoder:
-    """An `IncrementalDecoder` that bans eos for the first `eos_banned_steps` outputs.
-
-    Wraps aiayn's `TransformerDecoder` so that the search cannot end a sentence early: the
-    benchmark's way of making aiayn decode exactly as many steps as HF's ``min_new_tokens``.
-    The ban costs one in-place write per step (HF's min-length processor does the same).
-    """
-
-    def __init__(self, inner: TransformerDecoder, eos_id: int, eos_banned_steps: int) -> None:
-        self.inner, self.eos_id, self.eos_banned_steps = inner, eos_id, eos_banned_steps
-        self.steps = 0
-
-    @property
-    def max_output_length(self) -> int:
-        return self.inner.max_output_length
-
-    def start(self, src_ids: Tensor) -> Any:
-        self.steps = 0
-        return self.inner.start(src_ids)
-
-    @torch.inference_mode()
-    def step(self, tokens: Tensor, state: Any) -> Tensor:
-        log_probs = self.inner.step(tokens, state)
-        if self.steps < self.eos_banned_steps:
-            log_probs[:, self.eos_id] = float("-inf")
-        self.steps += 1
-        return log_probs
-
-    def reorder(self, state: Any, index: Tensor) -> Any:
-        return self.inner.reorder(state, index)
 
 
 # --------------------------------------------------------------------------- the two models
@@ -142,22 +116,35 @@ def make_sources(cfg: TransformerConfig, *, batch: int, src_len: int, seed: int)
 
 
 def aiayn_decode(
-    model: Transformer, src: Tensor, search: str, steps: int, beam_size: int
+    model: Transformer,
+    src: Tensor,
+    search: str,
+    steps: int,
+    beam_size: int,
+    static: StaticDecoding | None = None,
 ) -> list[list[int]]:
-    """aiayn's search, forced to `steps` decoder steps (see the module docstring)."""
-    ids = dict(bos_id=common.BOS_ID, eos_id=common.EOS_ID, pad_id=common.PAD_ID)
-    with torch.inference_mode():
+    """aiayn's search, forced to `steps` decoder steps (see the module docstring): the
+    reference search, or the fixed-shape one when `static` is given."""
+    # greedy: eos banned for all `steps` outputs; beam: for steps - 1, then forced.
+    length = steps if search == "greedy" else steps - 1
+    ids = dict(
+        bos_id=common.BOS_ID,
+        eos_id=common.EOS_ID,
+        pad_id=common.PAD_ID,
+        max_len=length,
+        min_len=length,
+    )
+    if static is not None:
         if search == "greedy":
-            decoder = ForcedLengthDecoder(TransformerDecoder(model), common.EOS_ID, steps)
-            return greedy_search(decoder, src, max_len=steps, **ids)
-        decoder = ForcedLengthDecoder(TransformerDecoder(model), common.EOS_ID, steps - 1)
+            return static.greedy(src, **ids)
+        hypotheses = static.beam(src, beam_size=beam_size, length_penalty=LENGTH_PENALTY, **ids)
+        return [hyps[0].tokens if hyps else [] for hyps in hypotheses]
+    with torch.inference_mode():
+        decoder = TransformerDecoder(model)
+        if search == "greedy":
+            return greedy_search(decoder, src, **ids)
         hypotheses = beam_search(
-            decoder,
-            src,
-            beam_size=beam_size,
-            length_penalty=LENGTH_PENALTY,
-            max_len=steps - 1,
-            **ids,
+            decoder, src, beam_size=beam_size, length_penalty=LENGTH_PENALTY, **ids
         )
     return [hyps[0].tokens if hyps else [] for hyps in hypotheses]
 
@@ -279,6 +266,7 @@ def check_equal_work(
     every output must have the forced length. Raises `EqualWorkError` otherwise.
     """
     report: dict[str, Any] = {}
+    static = StaticDecoding(ours)
     for search in searches:
         mine = aiayn_decode(ours, src, search, steps, beam_size)
         sequences = hf_generate(theirs, src, search, steps, beam_size)
@@ -286,12 +274,23 @@ def check_equal_work(
         check_lengths(mine, None, search, steps)
         check_lengths(other, sequences, search, steps)
         report[search] = compare_outputs(mine, other, ours if search == "greedy" else None, src)
-    greedy = report.get("greedy")
-    if greedy is not None and greedy["mismatches"]:
-        raise EqualWorkError(
-            f"greedy outputs differ between aiayn and HF generate beyond float32 ties: {greedy}",
-            report,
-        )
+        # The fixed-shape search must give the reference's outputs (up to float32 ties). If it
+        # fails to run, its rows fail later; the reference and HF are still compared and timed.
+        try:
+            fixed = aiayn_decode(ours, src, search, steps, beam_size, static)
+            check_lengths(fixed, None, search, steps)
+            found = compare_outputs(fixed, mine, ours if search == "greedy" else None, src)
+        except Exception as exc:  # noqa: BLE001 - recorded in the results
+            traceback.print_exc()
+            found = {"error": f"{type(exc).__name__}: {exc}"}
+        report[search]["static_vs_reference"] = found
+    for search, found in report.items():
+        for name, check in (("HF generate", found), ("aiayn-static", found["static_vs_reference"])):
+            if search == "greedy" and check.get("mismatches"):
+                raise EqualWorkError(
+                    f"greedy outputs differ between aiayn and {name} beyond float32 ties: {check}",
+                    report,
+                )
     return report
 
 
@@ -311,6 +310,11 @@ def make_run(
     """
     if impl == "aiayn":
         return lambda: (aiayn_decode(model, src, search, steps, beam_size), None)
+    if impl == "aiayn-static":
+        # Made here, after the cast to the timed dtype: its buffers take the model's dtype.
+        # Its CUDA graphs are captured in the first (warm-up) batch.
+        static = StaticDecoding(model)
+        return lambda: (aiayn_decode(model, src, search, steps, beam_size, static), None)
 
     def run() -> tuple[list[list[int]], Tensor | None]:
         sequences = hf_generate(model, src, search, steps, beam_size)
@@ -338,7 +342,12 @@ def run_case(
     def call() -> None:
         last[:] = [run()]
 
-    times = common.time_fn(call, device, warmup=warmup, repeats=repeats)
+    # The first batch alone: it includes one-time work (aiayn-static captures its CUDA graphs).
+    started = time.perf_counter()
+    call()
+    common.synchronize(device)
+    first_batch_s = time.perf_counter() - started
+    times = common.time_fn(call, device, warmup=max(0, warmup - 1), repeats=repeats)
     outputs, sequences = last[0]
     check_lengths(outputs, sequences, search, steps)
     seconds = common.median(times)
@@ -348,6 +357,7 @@ def run_case(
         "batch_s_median": seconds,
         "batch_s_repeats": times,
         "batch_s_spread": common.spread(times),
+        "first_batch_s": first_batch_s,
         "sentences_per_s": batch / seconds,
         "output_tokens_per_s": batch * steps / seconds,
         "peak_mem_mib": memory.peak_mib(),
@@ -356,15 +366,18 @@ def run_case(
 
 
 def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per search: aiayn's speed-up over HF generate (>1: aiayn is faster)."""
+    """Per search: each aiayn search's speed-up over HF generate (>1: aiayn is faster)."""
     summary = {}
     for search in SEARCHES:
         rows = {r["impl"]: r for r in results if r["search"] == search and "batch_s_median" in r}
-        if len(rows) == 2:
-            summary[search] = {
-                "aiayn_speedup_over_hf_generate": rows["hf-generate"]["batch_s_median"]
-                / rows["aiayn"]["batch_s_median"]
-            }
+        if "hf-generate" not in rows:
+            continue
+        peer = rows["hf-generate"]["batch_s_median"]
+        summary[search] = {
+            f"{impl.replace('-', '_')}_speedup_over_hf_generate": peer / row["batch_s_median"]
+            for impl, row in rows.items()
+            if impl != "hf-generate"
+        }
     return summary
 
 
@@ -487,9 +500,15 @@ def main(argv: Sequence[str] | None = None) -> Path:
         raise
     payload["equal_work_check_fp32"] = check
     for search, report in check.items():
+        static = report["static_vs_reference"]
         print(
             f"    {search}: {report['identical']}/{report['rows']} identical, "
-            f"{report['ties']} float32 ties, {report['mismatches']} other",
+            f"{report['ties']} float32 ties, {report['mismatches']} other; aiayn-static vs aiayn: "
+            + (
+                static["error"]
+                if "error" in static
+                else f"{static['identical']}/{static['rows']} identical, {static['ties']} ties"
+            ),
             flush=True,
         )
     if dtype != torch.float32:
@@ -499,9 +518,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     outputs: dict[tuple[str, str], list[list[int]]] = {}
     for search in args.searches:
         for impl in IMPLEMENTATIONS:
-            run = make_run(
-                impl, ours if impl == "aiayn" else theirs, src, search, steps, args.beam_size
-            )
+            model = theirs if impl == "hf-generate" else ours
+            run = make_run(impl, model, src, search, steps, args.beam_size)
             print(f"  {impl} ({search}) ...", flush=True)
             try:
                 result, outputs[impl, search] = run_case(
@@ -520,16 +538,20 @@ def main(argv: Sequence[str] | None = None) -> Path:
             payload["results"].append(result)
             payload["summary"] = summarise(payload["results"])
             common.write_json(path, payload)
-        if ("aiayn", search) in outputs and ("hf-generate", search) in outputs:
-            # In the timed dtype (bf16: rounding differs, so outputs may differ): for the record.
-            agreement = compare_outputs(outputs["aiayn", search], outputs["hf-generate", search])
-            payload.setdefault("agreement_timed_dtype", {})[search] = agreement
-            common.write_json(path, payload)
+        for impl in ("aiayn", "aiayn-static"):
+            if (impl, search) in outputs and ("hf-generate", search) in outputs:
+                # In the timed dtype (bf16: rounding differs, outputs may differ): for the record.
+                agreement = compare_outputs(outputs[impl, search], outputs["hf-generate", search])
+                payload.setdefault("agreement_timed_dtype", {})[f"{impl} {search}"] = agreement
+                common.write_json(path, payload)
     payload["status"] = "complete"
     common.write_json(path, payload)
     print(f"\n{common.describe_machine(machine)}\n{table(payload['results'], args.beam_size)}")
-    for search, s in payload.get("summary", {}).items():
-        print(f"{search}: aiayn is {s['aiayn_speedup_over_hf_generate']:.2f}x HF generate")
+    for search, speedups in payload.get("summary", {}).items():
+        for name, ratio in speedups.items():
+            print(
+                f"{search}: {name.removesuffix('_speedup_over_hf_generate')} is {ratio:.2f}x HF generate"
+            )
     print(f"wrote {path}")
     return path
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The GPU suite at the paper's base size, bf16, on one GPU, in about 8 minutes (H100):
-#   1. decoding throughput: aiayn greedy and beam 4 vs Hugging Face generate, same weights;
+#   0. the tests that need a GPU (tests/test_gpu.py: CUDA-graph decoding = the reference search);
+#   1. decoding throughput: aiayn greedy and beam 4 (reference and fixed-shape searches) vs
+#      Hugging Face generate, same weights;
 #   2. training throughput at 256 x 64 source + 256 x 64 target tokens: aiayn vs
 #      torch.nn.Transformer vs Hugging Face Marian, eager and torch.compile'd, in one run.
 # Decoding runs first because it is short and bounded; compilation is the long, uncertain part.
@@ -27,6 +29,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
 echo "GPU benchmark suite, base size, bf16; total time limit ${BUDGET_S}s; results in $OUT_DIR"
 echo "runs, in order:"
+echo "  $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py"
 for step in "${steps[@]}"; do
     echo "  $PY -m $step --out $OUT_DIR"
 done
@@ -40,6 +43,11 @@ mkdir -p "$OUT_DIR"
         echo "nvidia-smi not available"
     start=$(date +%s)
     status=0
+    echo "+ $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py"
+    timeout -k 10 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py || {
+        echo "failed (exit $?): tests/test_gpu.py"
+        status=1
+    }
     for step in "${steps[@]}"; do
         left=$((BUDGET_S - ($(date +%s) - start)))
         if ((left < 30)); then

@@ -17,7 +17,9 @@ anyway), eager. aiayn computes it with `aiayn.train.label_smoothed_nll`, as its 
 eager in eager mode; in compile mode with ``fused=True``, the compiled loss that
 ``train.compile: true`` gives aiayn's training (one of aiayn's fast paths). The row
 ``aiayn-unfused-loss`` is aiayn compiled with the peers' eager loss: the before of that fast
-path. Marian's own loss (``labels=``) would be a plain cross-entropy without smoothing, in the
+path. The row ``aiayn-fused-qkv`` is aiayn with its attention projections as one product
+(``MultiHeadAttention.fused_projections = True``, an option; measured, not faster compiled).
+Marian's own loss (``labels=``) would be a plain cross-entropy without smoothing, in the
 logits' dtype: different work. ``--compile`` compiles the model (as ``train.compile: true``
 does); the optimiser runs eagerly for all.
 
@@ -40,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aiayn.config import TransformerConfig
-from aiayn.model import Transformer
+from aiayn.model import MultiHeadAttention, Transformer
 from aiayn.train import label_smoothed_nll
 from bench import common
 from bench.peers import TorchTransformerMT, build_marian
@@ -48,6 +50,7 @@ from bench.peers import TorchTransformerMT, build_marian
 MODELS: dict[str, str] = {
     "aiayn": "aiayn.model.Transformer, with aiayn's loss (fused when compiled)",
     "aiayn-unfused-loss": "aiayn.model.Transformer with the peers' eager loss",
+    "aiayn-fused-qkv": "aiayn.model.Transformer with Q, K, V projected by one product",
     "nn.Transformer": "torch.nn.Transformer + shared embeddings + tied output layer",
     "hf-marian": "transformers.MarianMTModel, random init, same shape",
 }
@@ -59,7 +62,12 @@ Batch = tuple[Tensor, Tensor, Tensor]  # src_ids (B, S), tgt_in (B, T), tgt_out 
 def build_model(name: str, cfg: TransformerConfig) -> nn.Module:
     """One of `MODELS`, taking ``(src_ids, tgt_in)`` and returning logits (B, T, V)."""
     if name.startswith("aiayn"):
-        return Transformer(cfg)
+        model = Transformer(cfg)
+        if name == "aiayn-fused-qkv":
+            for module in model.modules():
+                if isinstance(module, MultiHeadAttention):
+                    module.fused_projections = True
+        return model
     if name == "nn.Transformer":
         return TorchTransformerMT(cfg)
     if name == "hf-marian":
@@ -173,7 +181,7 @@ def run_case(
         calls += 1
         with autocast(device, dtype):
             logits = forward(src, tgt_in)
-            if name == "aiayn":
+            if name in ("aiayn", "aiayn-fused-qkv"):
                 summed = label_smoothed_nll(
                     logits, tgt_out, cfg.pad_id, label_smoothing, fused=mode == "compile"
                 )

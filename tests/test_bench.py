@@ -103,6 +103,9 @@ def test_decode_throughput_writes_json(tmp_path: Path, one_thread) -> None:
     check = data["equal_work_check_fp32"]
     rows = data["settings"]["batch"]
     assert check["greedy"]["identical"] == rows and check["greedy"]["mismatches"] == 0
+    for search in decode_throughput.SEARCHES:
+        # The fixed-shape search gives the reference search's outputs.
+        assert check[search]["static_vs_reference"]["identical"] == rows
     results = data["results"]
     assert [(r["impl"], r["search"]) for r in results] == [
         (impl, search)

@@ -13,6 +13,7 @@ beams that genuinely compete.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 
 import pytest
@@ -31,6 +32,7 @@ from aiayn.decoding import (
 )
 from aiayn.errors import ConfigError
 from aiayn.model import Transformer
+from aiayn.static_decoding import StaticDecoding
 
 PAD, BOS, EOS = 0, 1, 2
 VOCAB = 16  # words are 3 .. 15
@@ -303,3 +305,89 @@ def test_max_output_lengths_cap() -> None:
     assert max_output_lengths(src, max_len=None, cap=52, **lengths) == [52, 51]
     assert max_output_lengths(src, max_len=100, cap=8, **lengths) == [8, 8]
     assert max_output_lengths(src, max_len=None, cap=-1, **lengths) == [0, 0]
+
+
+# --- fixed shapes: aiayn.static_decoding --------------------------------------------------
+# The same searches with a preallocated cache and the bookkeeping on the device (one CUDA
+# graph per step on a GPU). The reference searches define the results: equal in float64.
+
+STATIC_CASES = [
+    dict(max_len_b=MAX_LEN_B),
+    dict(max_len_a=0, max_len_b=3),  # every source reaches its limit
+    dict(max_len=7, min_len=4),
+    dict(max_len_b=MAX_LEN_B, min_len=30),  # min_len above the limits: the limits win
+    dict(max_len=0),
+]
+
+
+@pytest.fixture(scope="module")
+def model64(model: Transformer) -> Transformer:
+    """The trained model in float64, where rounding cannot break ties differently."""
+    return copy.deepcopy(model).double()
+
+
+def outputs_and_scores(results: list[list[Hypothesis]]) -> list[list[tuple]]:
+    return [[(h.tokens, round(h.score, 9), round(h.log_prob, 9)) for h in hyps] for hyps in results]
+
+
+@pytest.mark.parametrize("options", STATIC_CASES)
+def test_static_greedy_equals_the_reference(model64: Transformer, options: dict) -> None:
+    expected = greedy_search(TransformerDecoder(model64), SRC, **options)
+    assert StaticDecoding(model64).greedy(SRC, **options) == expected
+
+
+@pytest.mark.parametrize("options", STATIC_CASES)
+@pytest.mark.parametrize("beam_size", [2, 4])
+def test_static_beam_equals_the_reference(
+    model64: Transformer, options: dict, beam_size: int
+) -> None:
+    search = dict(beam_size=beam_size, n_best=beam_size, length_penalty=0.6, **options)
+    expected = beam_search(TransformerDecoder(model64), SRC, **search)
+    got = StaticDecoding(model64).beam(SRC, **search)
+    assert outputs_and_scores(got) == outputs_and_scores(expected)
+
+
+def test_static_plans_are_reused_and_reset_between_batches(model64: Transformer) -> None:
+    search = StaticDecoding(model64)
+    other = torch.tensor([[7, 8, 9, PAD], [4, 4, 4, 4]])  # same bucket: 8 rows, 8 positions
+    for src in (SRC, other, SRC[:1], SRC):
+        expected = beam_search(TransformerDecoder(model64), src, n_best=2, max_len=9)
+        assert outputs_and_scores(search.beam(src, n_best=2, max_len=9)) == outputs_and_scores(
+            expected
+        )
+        assert search.greedy(src, max_len=9) == greedy_search(
+            TransformerDecoder(model64), src, max_len=9
+        )
+    # One shape for the beam and one for greedy; batches of 1-3 rows and 4-6 positions share them.
+    assert len(search._plans) == 2
+
+
+def test_translate_ids_static_gives_the_same_translations(model: Transformer) -> None:
+    for beam_size in (1, 4):
+        reference = translate_ids(model, SRC, beam_size=beam_size, static=False)
+        assert translate_ids(model, SRC, beam_size=beam_size, static=True) == reference
+    with pytest.raises(ConfigError, match="no_repeat_ngram_size"):
+        translate_ids(model, SRC, static=True, no_repeat_ngram_size=3)
+
+
+def test_static_decoding_refuses_what_it_cannot_do(model: Transformer) -> None:
+    with pytest.raises(ConfigError, match="CUDA"):
+        StaticDecoding(model, cuda_graphs=True)
+    with pytest.raises(ConfigError, match="encoder-decoder"):
+        StaticDecoding(Transformer(tiny_config(n_encoder_layers=0)))
+    with pytest.raises(ConfigError, match="beam_size"):
+        StaticDecoding(model).beam(SRC, beam_size=1)
+    with pytest.raises(ConfigError, match="pad_id"):
+        StaticDecoding(model).greedy(SRC, pad_id=3)
+
+
+def test_min_len_bans_eos_below_it(model: Transformer) -> None:
+    """min_len (both searches): no output shorter than it, unless its limit is shorter."""
+    decoder = TransformerDecoder(model)
+    short = greedy_search(decoder, SRC, max_len_b=MAX_LEN_B)
+    assert min(len(o) for o in short) < 9  # without it, some outputs are shorter
+    longer = greedy_search(decoder, SRC, max_len_b=MAX_LEN_B, min_len=9)
+    assert all(len(o) >= 9 for o in longer)
+    assert [len(o) for o in greedy_search(decoder, SRC, max_len=5, min_len=9)] == [5, 5, 5]
+    for hyps in beam_search(decoder, SRC, n_best=4, max_len_b=MAX_LEN_B, min_len=9):
+        assert hyps and all(len(h.tokens) >= 9 for h in hyps)

@@ -9,7 +9,12 @@ from torch import nn
 
 from aiayn.config import TransformerConfig
 from aiayn.errors import DataError
-from aiayn.model import Transformer, causal_mask, scaled_dot_product_attention
+from aiayn.model import (
+    MultiHeadAttention,
+    Transformer,
+    causal_mask,
+    scaled_dot_product_attention,
+)
 
 PAD = 0
 
@@ -212,6 +217,32 @@ def test_model_reference_path_equals_sdpa_path(norm):
     slow.load_state_dict(fast.state_dict())
     src, tgt = random_batch(fast.cfg, [5, 2, 7], [6, 3, 4], seed=3)
     torch.testing.assert_close(fast(src, tgt), slow(src, tgt), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_projections_give_the_same_model():
+    """MultiHeadAttention.fused_projections (one product for Q, K, V): same outputs and
+    gradients, same parameters, in training and in incremental decoding."""
+    torch.manual_seed(3)
+    model = Transformer(tiny()).double()
+    src, tgt = random_batch(model.cfg, [5, 2, 7], [6, 3, 4], seed=3)
+    attention = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
+    results = []
+    for fused in (False, True):
+        for module in attention:
+            module.fused_projections = fused
+        model.zero_grad()
+        torch.manual_seed(0)  # the same dropout masks
+        logits = model.train()(src, tgt)
+        logits.square().mean().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        memory, cache = model.eval().encode(src), model.new_cache()
+        steps = [model.decode(tgt[:, t : t + 1], memory, src, cache=cache) for t in range(4)]
+        results.append((logits, grads, torch.cat(steps, dim=1)))
+    (logits_a, grads_a, steps_a), (logits_b, grads_b, steps_b) = results
+    torch.testing.assert_close(logits_b, logits_a)
+    torch.testing.assert_close(steps_b, steps_a)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(b, a)
 
 
 def test_causal_mask_with_cache_offset():

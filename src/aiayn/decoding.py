@@ -43,6 +43,7 @@ Choices this module makes (each one is the fairseq one):
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ from aiayn.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from aiayn.model import KVCache, Transformer
+    from aiayn.static_decoding import StaticDecoding
 
 __all__ = [
     "DecoderState",
@@ -244,6 +246,12 @@ def _banned_ids(*, bos_id: int, eos_id: int, pad_id: int, device: torch.device) 
     return torch.tensor(sorted({pad_id, bos_id} - {eos_id}), dtype=torch.long, device=device)
 
 
+def _ban_eos(log_probs: Tensor, rows: Tensor, eos_id: int) -> Tensor:
+    """A copy of log_probs (N, V) with eos at -inf in ``rows`` (a minimum length not reached)."""
+    minus_inf = torch.tensor(float("-inf"), dtype=log_probs.dtype, device=log_probs.device)
+    return log_probs.index_put((rows, torch.full_like(rows, eos_id)), minus_inf)
+
+
 def repeated_ngram_bans(history: Sequence[int], n: int) -> set[int]:
     """Tokens that would repeat an n-gram of ``history`` if appended to it (n-gram blocking).
 
@@ -285,6 +293,7 @@ def greedy_search(
     max_len: int | None = None,
     max_len_a: int = 1,
     max_len_b: int = 50,
+    min_len: int = 0,
     no_repeat_ngram_size: int = 0,
 ) -> list[list[int]]:
     """Decode each source by always taking the most probable next token.
@@ -303,6 +312,7 @@ def greedy_search(
         max_len: if given, the maximum output length of every source.
         max_len_a: otherwise each source's maximum is ``max_len_a * its length + max_len_b``.
         max_len_b: see ``max_len_a``.
+        min_len: eos is banned until an output has this many tokens (or its maximum length).
         no_repeat_ngram_size: if n > 0, no output repeats one of its own n-grams.
 
     Returns:
@@ -331,8 +341,12 @@ def greedy_search(
         state = decoder.reorder(state, torch.tensor(active, device=device))
     last = torch.full((len(active), 1), bos_id, dtype=torch.long, device=device)
 
-    while True:
+    for step in itertools.count():
         log_probs = _next_log_probs(decoder, last, state, banned)  # (A, V)
+        # Every active row has emitted `step` tokens.
+        early = [row for row, source in enumerate(active) if step < min(min_len, limits[source])]
+        if early:
+            log_probs = _ban_eos(log_probs, torch.tensor(early, device=device), eos_id)
         if no_repeat_ngram_size:
             histories = [outputs[source] for source in active]
             log_probs = _block_repeats(log_probs, histories, no_repeat_ngram_size)
@@ -368,6 +382,7 @@ def beam_search(
     max_len_a: int = 1,
     max_len_b: int = 50,
     n_best: int = 1,
+    min_len: int = 0,
     no_repeat_ngram_size: int = 0,
 ) -> list[list[Hypothesis]]:
     """Decode each source with beam search, batched over B sources x ``beam_size`` beams.
@@ -400,6 +415,7 @@ def beam_search(
         max_len_a: otherwise each source's maximum is ``max_len_a * its length + max_len_b``.
         max_len_b: see ``max_len_a``.
         n_best: how many hypotheses to return per source, ``1 <= n_best <= beam_size``.
+        min_len: eos is banned until a hypothesis has this many tokens (or its maximum length).
         no_repeat_ngram_size: if n > 0, no hypothesis repeats one of its own n-grams.
 
     Returns:
@@ -455,6 +471,13 @@ def beam_search(
 
         # Sources at their maximum length may only end: every token but eos gets -inf.
         at_limit = limits_on_device[active_on_device] <= step  # (A,)
+        early = [a for a, source in enumerate(active) if step < min(min_len, limits[source])]
+        if early:
+            beams = torch.tensor(early).repeat_interleave(k) * k + torch.arange(k).repeat(
+                len(early)
+            )
+            log_probs = _ban_eos(log_probs.view(-1, vocab), beams.to(device), eos_id)
+            log_probs = log_probs.view(len(active), k, vocab)
         force_eos = at_limit.view(-1, 1, 1) & not_eos.view(1, 1, -1)  # (A, 1, V)
         log_probs = log_probs.masked_fill(force_eos, float("-inf"))
 
@@ -629,6 +652,20 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
+def static_decoding_of(model: Transformer) -> StaticDecoding:
+    """The model's :class:`~aiayn.static_decoding.StaticDecoding`, made once and kept on the
+    model so that its captured graphs serve every later batch (remade if the model has moved
+    to another device or dtype since)."""
+    from aiayn.static_decoding import StaticDecoding
+
+    weight = model.generator.weight
+    search = getattr(model, "_static_decoding", None)
+    if search is None or search.placement != (weight.device, weight.dtype):
+        search = StaticDecoding(model)
+        model._static_decoding = search  # a plain attribute: not a submodule, not saved
+    return search
+
+
 def translate_ids(
     model: Transformer,
     src_ids: Tensor,
@@ -640,7 +677,9 @@ def translate_ids(
     pad_id: int = 0,
     max_len_a: int = 1,
     max_len_b: int = 50,
+    min_len: int = 0,
     no_repeat_ngram_size: int = 0,
+    static: bool | None = None,
 ) -> list[list[int]]:
     """Translate a batch of sources with an encoder-decoder model: the paper's decoding (§6.1).
 
@@ -659,7 +698,11 @@ def translate_ids(
         pad_id: the padding id; must be the model's ``cfg.pad_id``.
         max_len_a: see above.
         max_len_b: see above.
+        min_len: eos is banned until an output has this many tokens (or its maximum length).
         no_repeat_ngram_size: n-gram blocking (0: off, the paper's decoding).
+        static: use :mod:`aiayn.static_decoding` (the same search with fixed shapes, one CUDA
+            graph launch per step); default: when the model is on CUDA and no n-gram blocking
+            is asked for (it does not do that).
 
     Returns:
         B lists of output token ids, without bos and eos: the best hypothesis of each source.
@@ -667,12 +710,26 @@ def translate_ids(
     if pad_id != model.cfg.pad_id:
         # The model masks its own pad id; the search counts source lengths with this one.
         raise ConfigError(f"pad_id={pad_id} differs from the model's cfg.pad_id={model.cfg.pad_id}")
-    decoder = TransformerDecoder(model)
-    src_ids = src_ids.to(model.generator.weight.device)
+    device = model.generator.weight.device
+    if static is None:
+        static = device.type == "cuda" and not no_repeat_ngram_size
+    elif static and no_repeat_ngram_size:
+        raise ConfigError("no_repeat_ngram_size is not available with static=True")
+    src_ids = src_ids.to(device)
     ids = dict(bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)
-    lengths = dict(
-        max_len_a=max_len_a, max_len_b=max_len_b, no_repeat_ngram_size=no_repeat_ngram_size
-    )
+    lengths = dict(max_len_a=max_len_a, max_len_b=max_len_b, min_len=min_len)
+    if static and beam_size > 1:
+        with _eval_mode(model):
+            search = static_decoding_of(model)
+            hypotheses = search.beam(
+                src_ids, beam_size=beam_size, length_penalty=length_penalty, **ids, **lengths
+            )
+        return [hyps[0].tokens if hyps else [] for hyps in hypotheses]
+    if static:
+        with _eval_mode(model):
+            return static_decoding_of(model).greedy(src_ids, **ids, **lengths)
+    decoder = TransformerDecoder(model)
+    lengths["no_repeat_ngram_size"] = no_repeat_ngram_size
     with _eval_mode(model):
         if beam_size == 1:
             return greedy_search(decoder, src_ids, **ids, **lengths)

@@ -22,6 +22,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,9 @@ from torch import Tensor, nn
 
 from aiayn.config import TransformerConfig
 from aiayn.errors import DataError
+
+if TYPE_CHECKING:
+    from aiayn.static_decoding import StaticKVCache, StaticLayerCache
 
 # --------------------------------------------------------------------------- attention (§3.2)
 
@@ -97,6 +101,13 @@ class MultiHeadAttention(nn.Module):
     MultiHead(Q, K, V) = Concat(head_1, ..., head_h) W^O,  head_i = Attention(Q W_i^Q, K W_i^K, V W_i^V).
     The h projections W_i^Q (d_model x d_k) are stored side by side as one d_model x d_model
     matrix `w_q`, and likewise for K and V.
+
+    Option (`fused_projections = True`, off by default): projections of the same input as one
+    matrix product, [W^Q; W^K; W^V] (d_model x 3 d_model) for self-attention and [W^K; W^V]
+    for the memory. The parameters stay the separate matrices (checkpoints and imported weights
+    keep their layout); they are concatenated at each call. Measured at the base size on an
+    H200 (docs/performance.md): not faster under torch.compile (slower in both runs), 1.10x in
+    one eager run; so the paper's separate products stay the default.
     """
 
     def __init__(self, d_model: int, n_heads: int, attention_dropout: float, impl: str) -> None:
@@ -107,6 +118,7 @@ class MultiHeadAttention(nn.Module):
         self.w_k = nn.Linear(d_model, d_model)
         self.w_v = nn.Linear(d_model, d_model)
         self.w_o = nn.Linear(d_model, d_model)
+        self.fused_projections = False
         # Set by `recording_attention`: keep the latest attention weights (for plots).
         self.record_weights = False
         self.weights: Tensor | None = None
@@ -116,9 +128,22 @@ class MultiHeadAttention(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, self.n_heads, self.d_k).transpose(1, 2)
 
+    def _project(self, x: Tensor, linears: tuple[nn.Linear, ...]) -> tuple[Tensor, ...]:
+        """x (B, T, d_model) through each of `linears`, split into heads: each (B, h, T, d_k)."""
+        if not self.fused_projections or len(linears) == 1:
+            return tuple(self.split_heads(linear(x)) for linear in linears)
+        weight = torch.cat([linear.weight for linear in linears])  # (n * d_model, d_model)
+        bias = torch.cat([linear.bias for linear in linears])
+        parts = F.linear(x, weight, bias).chunk(len(linears), dim=-1)
+        return tuple(self.split_heads(part) for part in parts)
+
     def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values (B, h, T, d_k) of x (B, T, d_model); cached by the incremental decoder."""
-        return self.split_heads(self.w_k(x)), self.split_heads(self.w_v(x))
+        return self._project(x, (self.w_k, self.w_v))
+
+    def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys and values (B, h, T, d_k) of x (B, T, d_model): self-attention."""
+        return self._project(x, (self.w_q, self.w_k, self.w_v))
 
     def forward(
         self,
@@ -132,8 +157,13 @@ class MultiHeadAttention(nn.Module):
         `mask` is a boolean key mask broadcastable to (B, h, T_q, T_k); `is_causal` adds the
         decoder's mask over the last T_q of the T_k positions. Returns (B, T_q, d_model).
         """
-        q = self.split_heads(self.w_q(x))  # (B, h, T_q, d_k)
-        k, v = kv
+        return self.attend(self.split_heads(self.w_q(x)), *kv, mask, is_causal)
+
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, is_causal: bool = False
+    ) -> Tensor:
+        """Attention of projected queries (B, h, T_q, d_k) over keys/values (B, h, T_k, d_k),
+        heads concatenated and projected by W^O: (B, T_q, d_model). Masks as in `forward`."""
         # F.scaled_dot_product_attention's is_causal aligns the mask top-left: right only when
         # queries and keys are the same positions and there is no other mask. Otherwise (a
         # cache, a key mask, the reference path) spell the causal mask out.
@@ -210,6 +240,11 @@ class SinusoidalPositionalEncoding(nn.Module):
         """Encodings of positions start .. start + length - 1: (length, d_model)."""
         return self.pe[start : start + length]
 
+    def at(self, positions: Tensor) -> Tensor:
+        """Encodings of the positions in a (n,) long tensor: (n, d_model). Reads no value on
+        the host, so a CUDA graph can replay it with positions that change between replays."""
+        return self.pe.index_select(0, positions)
+
 
 class LearnedPositionalEmbedding(nn.Module):
     """Learned absolute positions (Table 3, row E: "nearly identical results" to sinusoids)."""
@@ -220,6 +255,10 @@ class LearnedPositionalEmbedding(nn.Module):
 
     def forward(self, start: int, length: int) -> Tensor:
         positions = torch.arange(start, start + length, device=self.embedding.weight.device)
+        return self.embedding(positions)
+
+    def at(self, positions: Tensor) -> Tensor:
+        """Embeddings of the positions in a (n,) long tensor: (n, d_model)."""
         return self.embedding(positions)
 
 
@@ -263,7 +302,9 @@ class EncoderLayer(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
         """x (B, S, d) with key mask (B, 1, 1, S) -> (B, S, d)."""
-        x = self.sublayer[0](x, lambda y: self.self_attn(y, self.self_attn.project_kv(y), mask))
+        x = self.sublayer[0](
+            x, lambda y: self.self_attn.attend(*self.self_attn.project_qkv(y), mask)
+        )
         return self.sublayer[1](x, self.feed_forward)
 
 
@@ -275,6 +316,15 @@ class LayerCache:
     self_v: Tensor | None = None
     cross_k: Tensor | None = None  # computed once per source, from the encoder output
     cross_v: Tensor | None = None
+
+    def extend(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Append the new positions' keys/values (B, h, T_new, d_k); return all keys and values
+        so far and a key mask (None: the causal mask alone is right)."""
+        if self.self_k is not None:
+            k = torch.cat([self.self_k, k], dim=2)
+            v = torch.cat([self.self_v, v], dim=2)
+        self.self_k, self.self_v = k, v
+        return k, v, None
 
 
 @dataclass
@@ -328,7 +378,7 @@ class DecoderLayer(nn.Module):
         x: Tensor,
         memory: Tensor | None,
         memory_mask: Tensor | None,
-        cache: LayerCache | None = None,
+        cache: LayerCache | StaticLayerCache | None = None,
     ) -> Tensor:
         """x (B, T, d) attends causally to itself, then to memory (B, S, d) under memory_mask (B, 1, 1, S).
 
@@ -336,13 +386,12 @@ class DecoderLayer(nn.Module):
         """
 
         def self_attention(y: Tensor) -> Tensor:
-            k, v = self.self_attn.project_kv(y)
+            q, k, v = self.self_attn.project_qkv(y)
+            mask = None
             if cache is not None:
-                if cache.self_k is not None:
-                    k = torch.cat([cache.self_k, k], dim=2)
-                    v = torch.cat([cache.self_v, v], dim=2)
-                cache.self_k, cache.self_v = k, v
-            return self.self_attn(y, (k, v), is_causal=True)
+                # A LayerCache grows; a preallocated one (aiayn.static_decoding) writes in place.
+                k, v, mask = cache.extend(k, v)
+            return self.self_attn.attend(q, k, v, mask, is_causal=True)
 
         def cross_attention(y: Tensor) -> Tensor:
             if cache is not None and cache.cross_k is not None:
@@ -397,7 +446,7 @@ class Decoder(nn.Module):
         x: Tensor,
         memory: Tensor | None,
         memory_mask: Tensor | None,
-        cache: KVCache | None = None,
+        cache: KVCache | StaticKVCache | None = None,
     ) -> Tensor:
         for i, layer in enumerate(self.layers):
             x = layer(x, memory, memory_mask, cache.layers[i] if cache is not None else None)

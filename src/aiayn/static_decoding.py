@@ -1,0 +1,536 @@
+"""Greedy and beam search with every shape fixed in advance: one CUDA graph launch per step.
+
+:mod:`aiayn.decoding` holds the reference searches. They are written for reading: the model
+sits behind a three-method protocol, finished rows are dropped from the batch, and the host
+decides what happens to every hypothesis. On a GPU that costs more than the arithmetic: one
+decoder step of the base model is ~150 small kernels, and launching them from Python takes
+longer than running them (about 4 ms per step at 64 sentences on an H100, with the GPU mostly
+idle). This module does the same searches, with the same results, in a form the GPU can run on
+its own:
+
+* **A preallocated key/value cache** (:class:`StaticKVCache`): room for every position from
+  the start; step t writes position t in place (``index_copy_`` with t held in a device
+  tensor) and attends over all positions under a key mask (key j visible iff j <= t), so the
+  shapes never change. Cross-attention keys and values are projected once per batch.
+* **The search's bookkeeping on the device**: scores, token histories, finished hypotheses and
+  a done flag per source are tensors updated in place; a source that is done stays in the
+  batch, frozen, instead of being dropped.
+* **One CUDA graph per shape**: the whole step (decoder, log-softmax, banned tokens, top-k,
+  finishing hypotheses, reordering the cache) is captured once and replayed with one launch.
+  The host reads the done flags every ``check_every`` steps to stop early.
+
+On a CPU the same step runs eagerly (there are no graphs to replay); it is tested there
+against the reference searches, which stay the definition of what the search does: their
+docstrings (and the module docstring of :mod:`aiayn.decoding`) give the length penalty, the
+stopping rule and the length limits, all of which hold here unchanged. What differs: n-gram
+blocking is not available here (use the reference searches), and outputs may differ from the
+reference's where two candidates tie to within rounding (attention sums over a padded cache
+are grouped differently).
+
+Graphs are kept per shape (batch rounded up to a multiple of 8, source length to a multiple
+of 8, output length limit), a few at a time: decoding a file in length-sorted batches reuses
+them. Padding rows and positions are masked, so they change no result.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from aiayn.decoding import (
+    Hypothesis,
+    _check_inputs,
+    length_penalty_factor,
+    max_output_lengths,
+)
+from aiayn.errors import ConfigError, DataError
+from aiayn.model import padding_mask
+
+if TYPE_CHECKING:
+    from aiayn.model import Transformer
+
+__all__ = ["StaticDecoding", "StaticKVCache", "StaticLayerCache"]
+
+_ROUND = 8  # batch rows and source positions are rounded up to a multiple of this
+_MAX_PLANS = 4  # captured shapes kept per model (each holds its cache and graph)
+
+
+def _round_up(n: int, multiple: int = _ROUND) -> int:
+    return multiple * math.ceil(n / multiple)
+
+
+class StaticLayerCache:
+    """One decoder layer's keys and values, preallocated for every position.
+
+    Attributes:
+        self_k, self_v: (N, h, L, d_k) self-attention keys/values of positions 0 .. L-1.
+        cross_k, cross_v: (N, h, S, d_k) cross-attention keys/values of the encoder output.
+        position: a 0-d long tensor shared by all layers: the position being decoded.
+        key_mask: (1, 1, 1, L) boolean, True for positions 0 .. position (set each step).
+    """
+
+    def __init__(self, self_k: Tensor, self_v: Tensor, cross_kv: Tensor, position: Tensor) -> None:
+        self.self_k, self.self_v = self_k, self_v
+        self.cross_k, self.cross_v = cross_kv[0], cross_kv[1]
+        self.position = position
+        self.key_mask: Tensor | None = None
+
+    def extend(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Write the new position's keys/values (N, h, 1, d_k) at ``position``; return the
+        whole cache and the mask of the positions written so far."""
+        index = self.position.view(1)
+        self.self_k.index_copy_(2, index, k)
+        self.self_v.index_copy_(2, index, v)
+        return self.self_k, self.self_v, self.key_mask
+
+
+class StaticKVCache:
+    """The decoder's state for N rows and up to L positions, every tensor allocated once.
+
+    Args:
+        model: the encoder-decoder model whose decoder it serves.
+        rows: N, the batch rows (sources x beams).
+        positions: L, the most target positions (bos included) the search will feed.
+        src_len: S, the source positions of the encoder output.
+    """
+
+    def __init__(self, model: Transformer, rows: int, positions: int, src_len: int) -> None:
+        cfg = model.cfg
+        param = model.generator.weight
+        h, d_k = cfg.n_heads, cfg.d_model // cfg.n_heads
+        n_layers = cfg.n_decoder_layers
+        kw = dict(dtype=param.dtype, device=param.device)
+        # Zeros, not empty: masked positions still enter the attention product (times 0).
+        # Rows first: reordering the beams then copies whole contiguous rows (on an H200 half
+        # the time of selecting rows along an inner dimension; bench/decode_kernels.py).
+        self.self_kv = torch.zeros(rows, n_layers, 2, h, positions, d_k, **kw)
+        self.cross_kv = torch.zeros(n_layers, 2, rows, h, src_len, d_k, **kw)
+        self.memory_mask = torch.ones(rows, 1, 1, src_len, dtype=torch.bool, device=param.device)
+        self.position = torch.zeros((), dtype=torch.long, device=param.device)
+        self.key_range = torch.arange(positions, device=param.device)
+        self.layers = [
+            StaticLayerCache(
+                self.self_kv[:, i, 0], self.self_kv[:, i, 1], self.cross_kv[i], self.position
+            )
+            for i in range(n_layers)
+        ]
+
+    def begin_step(self) -> None:
+        """Set the key mask for the current position (device-side: no host read)."""
+        mask = (self.key_range <= self.position).view(1, 1, 1, -1)
+        for layer in self.layers:
+            layer.key_mask = mask
+
+    def reorder(self, rows: Tensor) -> None:
+        """Row i of the self-attention cache becomes row ``rows[i]``, in place. Cross-attention
+        keys and values are not touched: the search only reorders beams within a source."""
+        self.self_kv.copy_(self.self_kv.index_select(0, rows))
+
+
+@dataclass
+class _Search:
+    """The fixed-shape state of one search, updated in place by each step."""
+
+    cache: StaticKVCache
+    last: Tensor  # (N,) the token fed at this step
+    limits: Tensor  # (B,) output limit of each source
+    min_lens: Tensor  # (B,) eos banned while the step is below this
+    done: Tensor  # (B,) bool
+    # Greedy: the outputs so far. Beam: the live beams' histories.
+    history: Tensor  # (N, L) long
+    lengths: Tensor | None = None  # greedy: (B,) tokens emitted
+    scores: Tensor | None = None  # beam: (B, K) cumulative log-probabilities
+    fin_tokens: Tensor | None = None  # beam: (B, K, L) finished hypotheses' tokens
+    fin_len: Tensor | None = None  # beam: (B, K) their lengths
+    fin_logp: Tensor | None = None  # beam: (B, K) their log-probabilities
+    n_fin: Tensor | None = None  # beam: (B,) finished so far
+
+
+class _Plan:
+    """Buffers, step and (on CUDA) graph for one shape: B sources x K beams, S, L."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        *,
+        batch: int,
+        beam: int,
+        src_len: int,
+        positions: int,
+        ids: tuple[int, int, int],
+        use_graph: bool,
+    ) -> None:
+        self.model, self.batch, self.beam = model, batch, beam
+        self.bos_id, self.eos_id, self.pad_id = ids
+        device = model.generator.weight.device
+        rows = batch * beam
+        vocab = model.cfg.tgt_vocab_size
+        score_dtype = torch.promote_types(model.generator.weight.dtype, torch.float32)
+        self.banned = torch.tensor(
+            sorted({self.pad_id, self.bos_id} - {self.eos_id}), dtype=torch.long, device=device
+        )
+        self.not_eos = torch.arange(vocab, device=device).ne(self.eos_id)
+        self.row_base = torch.arange(batch, device=device) * beam  # (B,) first row of each source
+        self.slots = torch.arange(beam, device=device)
+        long = dict(dtype=torch.long, device=device)
+        self.state = _Search(
+            cache=StaticKVCache(model, rows, positions, src_len),
+            last=torch.zeros(rows, **long),
+            limits=torch.zeros(batch, **long),
+            min_lens=torch.zeros(batch, **long),
+            done=torch.zeros(batch, dtype=torch.bool, device=device),
+            history=torch.zeros(rows, positions, **long),
+        )
+        if beam == 1:
+            self.state.lengths = torch.zeros(batch, **long)
+        else:
+            self.state.scores = torch.zeros(batch, beam, dtype=score_dtype, device=device)
+            self.state.fin_tokens = torch.zeros(batch, beam, positions, **long)
+            self.state.fin_len = torch.zeros(batch, beam, **long)
+            self.state.fin_logp = torch.zeros(batch, beam, dtype=score_dtype, device=device)
+            self.state.n_fin = torch.zeros(batch, **long)
+        self.graph = self._capture() if use_graph else None
+
+    # ----------------------------------------------------------------- one step, in place
+    def log_probs(self) -> Tensor:
+        """The decoder on ``last`` at the cache's position: (N, V), banned ids at -inf."""
+        model, s = self.model, self.state
+        cache = s.cache
+        cache.begin_step()
+        x = model.tgt_embed(s.last.view(-1, 1))  # (N, 1, d)
+        x = x + model.positions.at(cache.position.view(1)).to(x.dtype)
+        x = model.embed_dropout(model.embed_norm(x))
+        x = model.decoder(x, None, cache.memory_mask, cache)  # (N, 1, d)
+        logits = model.generator(x[:, 0])  # (N, V)
+        log_probs = logits.log_softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+        return log_probs.index_fill(-1, self.banned, float("-inf"))
+
+    def _ban_eos_before_min_len(self, log_probs: Tensor, per_row: Tensor) -> Tensor:
+        """eos at -inf in the rows whose source is below its minimum length; (N, V)."""
+        early = per_row & self.not_eos.logical_not().view(1, -1)  # (N, V): the eos column
+        return log_probs.masked_fill(early, float("-inf"))
+
+    def greedy_step(self) -> None:
+        s = self.state
+        t = s.cache.position
+        log_probs = self._ban_eos_before_min_len(self.log_probs(), (t < s.min_lens).view(-1, 1))
+        token = log_probs.argmax(dim=-1)  # (B,)
+        emit = ~s.done & token.ne(self.eos_id)
+        # Every live row emits one token per step, so a row's next output goes to column t.
+        s.history.index_copy_(1, t.view(1), torch.where(emit, token, 0).view(-1, 1))
+        s.lengths.add_(emit)
+        s.done.logical_or_(token.eq(self.eos_id)).logical_or_(s.lengths >= s.limits)
+        s.last.copy_(token)
+        t.add_(1)
+
+    def beam_step(self) -> None:
+        s, B, K = self.state, self.batch, self.beam
+        t = s.cache.position
+        log_probs = self.log_probs()
+        vocab = log_probs.size(-1)
+        below_min = (t < s.min_lens).view(-1, 1).expand(B, K).reshape(-1, 1)  # (N, 1)
+        log_probs = self._ban_eos_before_min_len(log_probs, below_min).view(B, K, vocab)
+        # Sources at their limit may only end: every token but eos at -inf.
+        at_limit = s.limits <= t  # (B,)
+        log_probs = log_probs.masked_fill(
+            at_limit.view(-1, 1, 1) & self.not_eos.view(1, 1, -1), float("-inf")
+        )
+        # The 2K best (beam, token) extensions of each source, as aiayn.decoding.beam_step.
+        total = (s.scores.unsqueeze(-1) + log_probs).view(B, K * vocab)
+        cand_scores, flat = total.topk(min(2 * K, K * vocab), dim=1)  # (B, 2K)
+        cand_beams, cand_tokens = flat // vocab, flat % vocab
+        cand_is_eos = cand_tokens.eq(self.eos_id)
+
+        # Finish the eos candidates among the top K, best first, while the source has room:
+        # the r-th of them (r = 1, 2, ...) goes to slot n_fin + r - 1 if that is below K.
+        top_eos = cand_is_eos[:, :K] & cand_scores[:, :K].isfinite() & ~s.done.view(-1, 1)
+        slot = s.n_fin.view(-1, 1) + top_eos.long().cumsum(dim=1) - 1  # (B, K candidates)
+        accept = top_eos & (slot < K)
+        hit = accept.unsqueeze(2) & slot.unsqueeze(2).eq(self.slots.view(1, 1, -1))  # (B, Kc, Ks)
+        filled = hit.any(dim=1)  # (B, K slots)
+        cand_of_slot = hit.float().argmax(dim=1)  # (B, K slots): the candidate written there
+        rows_of_slot = self.row_base.view(-1, 1) + cand_beams[:, :K].gather(1, cand_of_slot)
+        s.fin_tokens.copy_(
+            torch.where(
+                filled.unsqueeze(2),
+                s.history[rows_of_slot.view(-1)].view_as(s.fin_tokens),
+                s.fin_tokens,
+            )
+        )
+        s.fin_len.copy_(torch.where(filled, t, s.fin_len))
+        s.fin_logp.copy_(
+            torch.where(filled, cand_scores[:, :K].gather(1, cand_of_slot), s.fin_logp)
+        )
+        s.n_fin.add_(accept.sum(dim=1))
+
+        # The next live beams: the K best candidates that do not end in eos (stable sort on
+        # the eos flag keeps their rank order); an eos picked here (vocabulary of one) is dead.
+        live = cand_is_eos.to(torch.uint8).argsort(dim=1, stable=True)[:, :K]  # (B, K)
+        live_scores = cand_scores.gather(1, live).masked_fill(
+            cand_is_eos.gather(1, live), float("-inf")
+        )
+        live_beams, live_tokens = cand_beams.gather(1, live), cand_tokens.gather(1, live)
+        alive = live_scores.isfinite().any(dim=1)
+        s.done.logical_or_(s.n_fin >= K).logical_or_(at_limit).logical_or_(~alive)
+
+        rows = (self.row_base.view(-1, 1) + live_beams).view(-1)  # (N,)
+        s.cache.reorder(rows)
+        s.history.copy_(s.history.index_select(0, rows))
+        s.history.index_copy_(1, t.view(1), live_tokens.view(-1, 1))
+        s.last.copy_(live_tokens.view(-1))
+        s.scores.copy_(live_scores)
+        t.add_(1)
+
+    def step(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.beam == 1:
+            self.greedy_step()
+        else:
+            self.beam_step()
+
+    # ----------------------------------------------------------------- loading a batch
+    def load(self, src_ids: Tensor, limits: list[int], min_len: int, real: int) -> None:
+        """Encode ``src_ids`` (B, S) and reset every state tensor for a new search.
+
+        The first ``real`` rows are the caller's sources; the rest are padding rows, done
+        from the start.
+        """
+        model, s, K = self.model, self.state, self.beam
+        memory = model.encode(src_ids)  # (B, S, d)
+        for i, layer in enumerate(model.decoder.layers):
+            k, v = layer.cross_attn.project_kv(memory)  # (B, h, S, d_k)
+            s.cache.cross_kv[i, 0].copy_(k.repeat_interleave(K, dim=0))
+            s.cache.cross_kv[i, 1].copy_(v.repeat_interleave(K, dim=0))
+        s.cache.memory_mask.copy_(padding_mask(src_ids, self.pad_id).repeat_interleave(K, dim=0))
+        s.cache.position.zero_()
+        s.last.fill_(self.bos_id)
+        host_limits = torch.tensor(limits + [0] * (self.batch - len(limits)), dtype=torch.long)
+        s.limits.copy_(host_limits)
+        s.min_lens.copy_(host_limits.clamp(max=min_len))
+        is_padding_row = torch.arange(self.batch) >= real
+        s.history.zero_()
+        if K == 1:
+            # The reference search never steps a source whose limit is 0.
+            s.done.copy_(is_padding_row | (host_limits <= 0))
+            s.lengths.zero_()
+        else:
+            # It does step such a source once: at its limit it may only end (eos).
+            s.done.copy_(is_padding_row)
+            s.scores.fill_(float("-inf"))
+            s.scores[:, 0] = 0.0
+            s.fin_tokens.zero_()
+            s.fin_len.zero_()
+            s.fin_logp.zero_()
+            s.n_fin.zero_()
+
+    # ----------------------------------------------------------------- the CUDA graph
+    def _capture(self) -> torch.cuda.CUDAGraph:
+        """Capture one step. The warm-up steps run on harmless state (no source loaded)."""
+        step = self.greedy_step if self.beam == 1 else self.beam_step
+        s = self.state
+        s.cache.position.zero_()
+        if s.scores is not None:
+            s.scores.fill_(float("-inf"))
+            s.scores[:, 0] = 0.0
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # lazy initialisations (cuBLAS workspaces) outside the capture
+                s.cache.position.zero_()  # each from position 0: the cache may hold just one
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        s.cache.position.zero_()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        return graph
+
+
+class StaticDecoding:
+    """Greedy and beam search for one encoder-decoder model, with fixed shapes (see the module
+    docstring). Create it once and call it for every batch, so that captured graphs are reused.
+
+    Args:
+        model: an encoder-decoder :class:`~aiayn.model.Transformer`, in eval mode (it is used
+            as it is; dropout would make the search random).
+        cuda_graphs: replay each step as a CUDA graph; default: when the model is on CUDA.
+        check_every: steps between two reads of the done flags (each read waits for the GPU).
+    """
+
+    def __init__(
+        self, model: Transformer, *, cuda_graphs: bool | None = None, check_every: int = 8
+    ) -> None:
+        if model.encoder is None or model.decoder is None:
+            raise ConfigError("StaticDecoding needs an encoder-decoder model")
+        on_cuda = model.generator.weight.device.type == "cuda"
+        if cuda_graphs and not on_cuda:
+            raise ConfigError("cuda_graphs=True needs the model on a CUDA device")
+        self.model = model
+        weight = model.generator.weight
+        self.placement = (weight.device, weight.dtype)  # what the plans' buffers were made for
+        self.cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
+        self.check_every = max(1, check_every) if self.cuda_graphs else 1
+        self._plans: OrderedDict[tuple, _Plan] = OrderedDict()
+
+    def _plan(self, *, batch: int, beam: int, src_len: int, positions: int, ids: tuple) -> _Plan:
+        key = (batch, beam, src_len, positions, ids)
+        plan = self._plans.pop(key, None)
+        if plan is None:
+            if len(self._plans) >= _MAX_PLANS:
+                self._plans.popitem(last=False)  # the least recently used shape
+            plan = _Plan(
+                self.model,
+                batch=batch,
+                beam=beam,
+                src_len=src_len,
+                positions=positions,
+                ids=ids,
+                use_graph=self.cuda_graphs,
+            )
+        self._plans[key] = plan
+        return plan
+
+    @torch.inference_mode()
+    def _run(
+        self,
+        src_ids: Tensor,
+        *,
+        beam: int,
+        bos_id: int,
+        eos_id: int,
+        pad_id: int,
+        max_len: int | None,
+        max_len_a: int,
+        max_len_b: int,
+        min_len: int,
+    ) -> tuple[_Plan, list[int]]:
+        _check_inputs(src_ids)
+        model = self.model
+        if pad_id != model.cfg.pad_id:
+            raise ConfigError(
+                f"pad_id={pad_id} differs from the model's cfg.pad_id={model.cfg.pad_id}"
+            )
+        device = model.generator.weight.device
+        if src_ids.device != device:
+            raise DataError(
+                f"src_ids are on {src_ids.device} but the model is on {device}: "
+                "move them with src_ids.to(device)"
+            )
+        real, src_len = src_ids.shape
+        cap = model.cfg.max_len - 2  # bos + output + eos fit in the model's positions
+        limits = max_output_lengths(
+            src_ids,
+            pad_id=pad_id,
+            max_len=max_len,
+            max_len_a=max_len_a,
+            max_len_b=max_len_b,
+            cap=cap,
+        )
+        batch, padded_len = _round_up(real), _round_up(src_len)
+        # Room for the longest limit any source of this padded length could have, so that
+        # batches of one bucket share a plan; the search feeds positions 0 .. limit.
+        longest = max_len if max_len is not None else max_len_a * padded_len + max_len_b
+        positions = max(0, min(longest, cap)) + 1
+        src = torch.full((batch, padded_len), pad_id, dtype=src_ids.dtype, device=device)
+        src[:real, :src_len] = src_ids
+        plan = self._plan(
+            batch=batch,
+            beam=beam,
+            src_len=padded_len,
+            positions=positions,
+            ids=(bos_id, eos_id, pad_id),
+        )
+        plan.load(src, limits, min_len, real)
+        steps = max(limits, default=0) + (0 if beam == 1 else 1)
+        for step in range(steps):
+            plan.step()
+            if (step + 1) % self.check_every == 0 and bool(plan.state.done.all()):
+                break
+        return plan, limits
+
+    def greedy(
+        self,
+        src_ids: Tensor,
+        *,
+        bos_id: int = 1,
+        eos_id: int = 2,
+        pad_id: int = 0,
+        max_len: int | None = None,
+        max_len_a: int = 1,
+        max_len_b: int = 50,
+        min_len: int = 0,
+    ) -> list[list[int]]:
+        """:func:`aiayn.decoding.greedy_search` for this model: B lists of output ids."""
+        plan, _ = self._run(
+            src_ids,
+            beam=1,
+            bos_id=bos_id,
+            eos_id=eos_id,
+            pad_id=pad_id,
+            max_len=max_len,
+            max_len_a=max_len_a,
+            max_len_b=max_len_b,
+            min_len=min_len,
+        )
+        real = src_ids.size(0)
+        history = plan.state.history[:real].cpu()
+        lengths = plan.state.lengths[:real].tolist()
+        return [history[b, :n].tolist() for b, n in enumerate(lengths)]
+
+    def beam(
+        self,
+        src_ids: Tensor,
+        *,
+        beam_size: int = 4,
+        length_penalty: float = 0.6,
+        bos_id: int = 1,
+        eos_id: int = 2,
+        pad_id: int = 0,
+        max_len: int | None = None,
+        max_len_a: int = 1,
+        max_len_b: int = 50,
+        min_len: int = 0,
+        n_best: int = 1,
+    ) -> list[list[Hypothesis]]:
+        """:func:`aiayn.decoding.beam_search` for this model: B lists of hypotheses."""
+        if beam_size < 2:
+            raise ConfigError(
+                f"beam search needs beam_size >= 2 here (1 is greedy), got {beam_size}"
+            )
+        if not 1 <= n_best <= beam_size:
+            raise ConfigError(f"n_best must be between 1 and beam_size={beam_size}, got {n_best}")
+        if src_ids.size(0) == 0:
+            return []
+        plan, _ = self._run(
+            src_ids,
+            beam=beam_size,
+            bos_id=bos_id,
+            eos_id=eos_id,
+            pad_id=pad_id,
+            max_len=max_len,
+            max_len_a=max_len_a,
+            max_len_b=max_len_b,
+            min_len=min_len,
+        )
+        s, real = plan.state, src_ids.size(0)
+        n_fin = s.n_fin[:real].tolist()
+        fin_len = s.fin_len[:real].tolist()
+        fin_logp = s.fin_logp[:real].tolist()
+        fin_tokens = s.fin_tokens[:real].cpu()
+        results = []
+        for b in range(real):
+            # In finishing order, so that the stable sort breaks ties as the reference does.
+            hyps = []
+            for slot in range(n_fin[b]):
+                tokens = fin_tokens[b, slot, : fin_len[b][slot]].tolist()
+                log_prob = fin_logp[b][slot]
+                score = log_prob / length_penalty_factor(len(tokens) + 1, length_penalty)
+                hyps.append(Hypothesis(tokens, score, log_prob))
+            results.append(sorted(hyps, key=lambda h: h.score, reverse=True)[:n_best])
+        return results
