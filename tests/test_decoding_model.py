@@ -28,6 +28,8 @@ from aiayn.decoding import (
     greedy_search,
     length_penalty_factor,
     max_output_lengths,
+    release_static_decoding,
+    static_decoding_of,
     translate_ids,
 )
 from aiayn.errors import ConfigError
@@ -366,6 +368,12 @@ def test_translate_ids_static_gives_the_same_translations(model: Transformer) ->
     for beam_size in (1, 4):
         reference = translate_ids(model, SRC, beam_size=beam_size, static=False)
         assert translate_ids(model, SRC, beam_size=beam_size, static=True) == reference
+    kept = static_decoding_of(model)
+    assert translate_ids(model, SRC, static=True) and static_decoding_of(model) is kept
+    assert len(kept._plans) == 2  # greedy and beam: reused by every later call
+    release_static_decoding(model)  # what validation during training does afterwards
+    assert static_decoding_of(model) is not kept
+    release_static_decoding(model)
     with pytest.raises(ConfigError, match="no_repeat_ngram_size"):
         translate_ids(model, SRC, static=True, no_repeat_ngram_size=3)
 

@@ -69,6 +69,8 @@ __all__ = [
     "greedy_search",
     "length_penalty_factor",
     "max_output_lengths",
+    "release_static_decoding",
+    "static_decoding_of",
     "translate_ids",
 ]
 
@@ -664,6 +666,11 @@ def static_decoding_of(model: Transformer) -> StaticDecoding:
         search = StaticDecoding(model)
         model._static_decoding = search  # a plain attribute: not a submodule, not saved
     return search
+
+
+def release_static_decoding(model: Transformer) -> None:
+    """Drop the graphs and caches :func:`static_decoding_of` kept on the model (GPU memory)."""
+    model.__dict__.pop("_static_decoding", None)
 
 
 def translate_ids(

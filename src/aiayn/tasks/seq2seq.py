@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from aiayn.config import TransformerConfig
 from aiayn.data.batching import DeviceBatch, TokenBatchSampler, collate, example_lengths
 from aiayn.data.tokenizer import Tokenizer
+from aiayn.decoding import release_static_decoding
 from aiayn.errors import DataError
 from aiayn.experiment import Experiment
 from aiayn.model import Transformer
@@ -173,7 +174,12 @@ def train_seq2seq(
         metrics = {
             "val_loss": validation_loss(m, valid_ids, max_tokens=exp.train.max_tokens, **ids)
         }
-        return {**metrics, **score(m, tokenizer)}
+        try:
+            return {**metrics, **score(m, tokenizer)}
+        finally:
+            # On a GPU the search keeps caches and CUDA graphs per batch shape on the model;
+            # training needs that memory back until the next validation.
+            release_static_decoding(m)
 
     run_config = exp.resolved(model_cfg)
     trainer = Trainer(
