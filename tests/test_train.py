@@ -196,6 +196,34 @@ def test_non_finite_steps_are_skipped_then_training_stops(tmp_path):
     assert [r["step"] for r in skipped if r.get("skipped_non_finite")] == [1, 2, 3]
 
 
+def test_a_fused_optimiser_skips_non_finite_steps_on_the_device(tmp_path):
+    """With a fused AdamW (the Trainer's choice on a GPU) the skip needs no host read: the
+    kernel itself leaves parameters, moments and step counts alone where found_inf is set."""
+    trainer = make_trainer(tmp_path, 50, copy_examples(), max_bad_steps=3)
+    groups = [
+        {k: v for k, v in g.items() if k not in ("fused", "foreach")}
+        for g in trainer.optimizer.param_groups
+    ]
+    trainer.optimizer = torch.optim.AdamW(groups, fused=True)  # fused AdamW runs on a CPU too
+    steps = []
+    step = trainer.optimizer.step
+    trainer.optimizer.step = lambda: steps.append(trainer.optimizer.found_inf.item()) or step()
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    loss_fn = trainer.loss_fn
+    trainer.loss_fn = lambda model, batch: loss_fn(model, batch) * math.inf
+    with pytest.raises(TrainingError, match="not finite for 3 steps in a row .last at step 3."):
+        trainer.fit(progress=False)
+    assert steps == [1.0, 1.0, 1.0]  # the optimiser ran, told to skip, each time
+    after = trainer.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    state = next(iter(trainer.optimizer.state.values()))
+    assert float(state["step"]) == 0 and not state["exp_avg"].any()
+    trainer.loss_fn = loss_fn  # a finite step is applied
+    loss, _, applied = trainer.train_step()
+    assert bool(applied) and torch.isfinite(loss) and steps[-1] == 0.0
+    assert not all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+
+
 def test_checkpoints_keep_last_k_and_best(tmp_path):
     examples = copy_examples()
     trainer = make_trainer(tmp_path, 12, examples, keep_last=2)

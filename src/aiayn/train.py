@@ -512,8 +512,15 @@ class Trainer:
         indices = [self.stream.next() for _ in range(n)]
         return [self.make_batch(ix) for ix in indices[self.dist.rank :: self.dist.world_size]]
 
-    def train_step(self) -> tuple[float, int, bool]:
-        """One optimiser step. Returns (summed loss, target tokens, whether the update was applied)."""
+    def train_step(self) -> tuple[Tensor, int, Tensor]:
+        """One optimiser step: (summed loss, target tokens, whether the update was applied).
+
+        The loss and the flag are 0-d tensors on the device. Reading them waits for the device
+        to finish the step, so the loop reads them only when it logs, validates or saves
+        (`_settle`): meanwhile the host prepares the next batches while the device computes.
+        With a fused AdamW (the default on a GPU) a non-finite step is also skipped on the
+        device (`found_inf`, as under GradScaler); otherwise the flag is read here.
+        """
         self.train_model.train()
         batches = self._next_batches()
         n_tokens = sum(b.n_tokens for b in batches)
@@ -546,16 +553,23 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.clip_norm if self.cfg.clip_norm > 0 else math.inf
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss_sum))
+        finite = torch.isfinite(grad_norm) & torch.isfinite(loss_sum)
         maybe_fail("step")  # tests: a kill between the backward pass and the update
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skips the update itself when gradients overflowed
             self.scaler.update()
-        elif finite:
+        elif self.optimizer.defaults.get("fused"):
+            # The fused kernel skips the update (and its step count) where found_inf is 1.
+            self.optimizer.found_inf = (~finite).float()
+            try:
+                self.optimizer.step()
+            finally:
+                self.optimizer.found_inf = None
+        elif bool(finite):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return float(loss_sum), n_tokens, finite
+        return loss_sum, n_tokens, finite
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[str, float]:
@@ -641,23 +655,50 @@ class Trainer:
         )
         self._fit_start = time.perf_counter()
         window_loss, window_tokens, window_start, bad_in_a_row = 0.0, 0, time.perf_counter(), 0
-        with self._graceful_stop():
-            while not self._done():
-                loss_sum, n_tokens, finite = self.train_step()
-                if not finite:
+        pending: list[tuple[int, Tensor, int, Tensor]] = []  # steps whose results are unread
+
+        def settle() -> bool:
+            """Read the pending steps' results (one wait for the device); whether the last
+            step's update was applied. Stops training after max_bad_steps skipped in a row."""
+            nonlocal window_loss, window_tokens, bad_in_a_row
+            values = torch.stack([torch.stack([loss, ok.float()]) for _, loss, _, ok in pending])
+            applied = True
+            for (step, _, n_tokens, _), (loss, ok) in zip(pending, values.tolist(), strict=True):
+                applied = bool(ok)
+                if not applied:
                     bad_in_a_row += 1
-                    self._log({"step": self.step, "skipped_non_finite": True})
+                    self._log({"step": step, "skipped_non_finite": True})
                     if bad_in_a_row >= cfg.max_bad_steps:
                         raise TrainingError(
                             f"loss or gradients were not finite for {bad_in_a_row} steps in a row "
-                            f"(last at step {self.step}): lower train.lr_scale, use bf16 instead of "
+                            f"(last at step {step}): lower train.lr_scale, use bf16 instead of "
                             "fp16, or check the data for empty or broken examples"
                         )
                     continue
                 bad_in_a_row = 0
-                window_loss += loss_sum
+                window_loss += loss
                 window_tokens += n_tokens
+            pending.clear()
+            return applied
+
+        with self._graceful_stop():
+            while not self._done():
+                pending.append((self.step + 1, *self.train_step()))
                 bar.update(1)
+                boundary = (
+                    self.step % cfg.log_every == 0
+                    or self.step == cfg.max_steps
+                    or self._stop_signal is not None
+                    or (cfg.eval_every and self.step % cfg.eval_every == 0)
+                    or (cfg.save_every and self.step % cfg.save_every == 0)
+                    or self._done()
+                )
+                # Read the results at a boundary, and at least every max_bad_steps steps so
+                # that a run of non-finite steps stops training when it reaches that length.
+                if not boundary and len(pending) < cfg.max_bad_steps:
+                    continue
+                if not settle():
+                    continue  # the last step was skipped: no log, validation or save for it
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                     elapsed = time.perf_counter() - window_start
                     record = {
