@@ -399,3 +399,21 @@ def test_min_len_bans_eos_below_it(model: Transformer) -> None:
     assert [len(o) for o in greedy_search(decoder, SRC, max_len=5, min_len=9)] == [5, 5, 5]
     for hyps in beam_search(decoder, SRC, n_best=4, max_len_b=MAX_LEN_B, min_len=9):
         assert hyps and all(len(h.tokens) >= 9 for h in hyps)
+
+
+@pytest.mark.parametrize(("cuda_graphs", "static"), [(True, None), (False, False)])
+def test_decode_cuda_graphs_chooses_the_search(monkeypatch, cuda_graphs: bool, static) -> None:
+    """decode.cuda_graphs: true lets translate_ids pick the fixed-shape search on a GPU;
+    false keeps the reference search everywhere."""
+    from aiayn.data.tokenizer import Tokenizer
+    from aiayn.tasks import translation
+
+    seen = []
+    monkeypatch.setattr(
+        translation, "translate_ids", lambda *args, **kw: seen.append(kw["static"]) or [[]]
+    )
+    tokenizer = Tokenizer.train(["a b c d"] * 5, vocab_size=40, min_frequency=1)
+    model = Transformer(TransformerConfig.from_preset("tiny", vocab_size=tokenizer.vocab_size))
+    decode = translation.DecodeConfig(cuda_graphs=cuda_graphs)
+    translation.Translator(model, tokenizer, decode).translate(["a b"])
+    assert seen == [static]

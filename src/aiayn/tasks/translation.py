@@ -119,6 +119,9 @@ class DecodeConfig(ConfigSection):
     eval_beam_size: int = 1  # during training's validation: greedy is much cheaper
     batch_size: int = 64  # sentences decoded together
     no_repeat_ngram_size: int = 0  # n > 0: no output repeats one of its n-grams (0: the paper)
+    # On a GPU, search with aiayn.static_decoding (the same results; one CUDA graph launch per
+    # step); false: the reference search of aiayn.decoding. No effect on a CPU.
+    cuda_graphs: bool = True
 
     def check(self) -> None:
         if self.beam_size < 1 or self.eval_beam_size < 1 or self.batch_size < 1:
@@ -237,6 +240,7 @@ class Translator:
                 max_len_a=len_a,
                 max_len_b=len_b,
                 no_repeat_ngram_size=no_repeat_ngram_size,
+                static=None if self.decode.cuda_graphs else False,
             )
             for i, out in zip(chunk, ids, strict=True):
                 outputs[i] = tok.decode(out)
