@@ -417,3 +417,31 @@ def test_decode_cuda_graphs_chooses_the_search(monkeypatch, cuda_graphs: bool, s
     decode = translation.DecodeConfig(cuda_graphs=cuda_graphs)
     translation.Translator(model, tokenizer, decode).translate(["a b"])
     assert seen == [static]
+
+
+@pytest.mark.parametrize("norm", ["post", "pre"])
+@pytest.mark.parametrize("positions", ["sinusoidal", "learned"])
+@pytest.mark.parametrize("shared", [True, False])
+def test_static_search_on_every_model_layout(norm: str, positions: str, shared: bool) -> None:
+    """Pre-LN's final norm, learned positions (looked up by a device tensor), separate
+    vocabularies and an output bias: the fixed-shape step goes through each of them."""
+    torch.manual_seed(0)
+    options = dict(norm=norm, positions=positions, output_bias=True)
+    if shared:
+        cfg = TransformerConfig.from_preset("tiny", vocab_size=30, **options)
+    else:
+        cfg = TransformerConfig.from_preset(
+            "tiny", src_vocab_size=30, tgt_vocab_size=23, shared_vocab=False,
+            tie_embeddings=False, **options,
+        )  # fmt: skip
+    model = Transformer(cfg).double().eval()
+    src = torch.randint(3, 30, (3, 11), generator=torch.Generator().manual_seed(1))
+    src[2, 5:] = PAD
+    search = StaticDecoding(model)
+    assert search.greedy(src, max_len=15) == greedy_search(
+        TransformerDecoder(model), src, max_len=15
+    )
+    expected = beam_search(TransformerDecoder(model), src, n_best=3, max_len=15)
+    assert outputs_and_scores(search.beam(src, n_best=3, max_len=15)) == outputs_and_scores(
+        expected
+    )
