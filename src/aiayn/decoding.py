@@ -708,8 +708,8 @@ def translate_ids(
         min_len: eos is banned until an output has this many tokens (or its maximum length).
         no_repeat_ngram_size: n-gram blocking (0: off, the paper's decoding).
         static: use :mod:`aiayn.static_decoding` (the same search with fixed shapes, one CUDA
-            graph launch per step); default: when the model is on CUDA and no n-gram blocking
-            is asked for (it does not do that).
+            graph launch per step); default: when the model is on CUDA, not sharded (FSDP),
+            and no n-gram blocking is asked for (it does not do that).
 
     Returns:
         B lists of output token ids, without bos and eos: the best hypothesis of each source.
@@ -719,7 +719,10 @@ def translate_ids(
         raise ConfigError(f"pad_id={pad_id} differs from the model's cfg.pad_id={model.cfg.pad_id}")
     device = model.generator.weight.device
     if static is None:
-        static = device.type == "cuda" and not no_repeat_ngram_size
+        from aiayn.sharding import is_sharded
+
+        # A sharded (FSDP) model gathers its layers with collectives, which no graph captures.
+        static = device.type == "cuda" and not no_repeat_ngram_size and not is_sharded(model)
     elif static and no_repeat_ngram_size:
         raise ConfigError("no_repeat_ngram_size is not available with static=True")
     src_ids = src_ids.to(device)

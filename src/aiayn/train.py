@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aiayn import checkpoint as ckpt
+from aiayn import sharding
 from aiayn.config import ConfigSection
 from aiayn.data.batching import TokenBatchSampler
 from aiayn.errors import AiaynError, CheckpointError, CheckpointMismatchError, ConfigError
@@ -72,6 +73,9 @@ class TrainConfig(ConfigSection):
         "auto"  # bf16 autocast on a GPU that has it, else fp32; fp16 uses a grad scaler
     )
     compile: bool = False  # torch.compile the model for training
+    # Under torchrun: shard parameters, gradients and optimiser state over the processes
+    # (FSDP) instead of replicating them (DDP); for models that do not fit one card.
+    fsdp: bool = False
     device: str = "auto"  # cuda if available, else cpu
     seed: int = 1  # the batch order; tasks also seed the initialisation (and so dropout) with it
     log_every: int = 100  # steps between metrics lines in train.jsonl
@@ -309,6 +313,9 @@ class Trainer:
             dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
         self.precision = resolve_precision(cfg.precision, self.device)
         self.model = model.to(self.device)
+        self.fsdp = cfg.fsdp and self.dist.world_size > 1
+        if self.fsdp:
+            sharding.shard(self.model, self.device, self.dist.world_size)  # before the optimiser
         self.sampler, self.make_batch, self.loss_fn = sampler, make_batch, loss_fn
         self.run_config, self.d_model = run_config, d_model
         self.evaluate_fn, self.best_metric, self.higher_is_better = (
@@ -366,7 +373,7 @@ class Trainer:
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         wrapped = model
-        if self.dist.world_size > 1:
+        if self.dist.world_size > 1 and not self.fsdp:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         if self.cfg.compile:
@@ -386,6 +393,9 @@ class Trainer:
 
     def save(self) -> Path | None:
         """Checkpoint the current step (main process only); returns its directory."""
+        model, optimizer = self.model, self.optimizer
+        if self.fsdp:  # gathered on rank 0: every process takes part
+            model, optimizer = sharding.full_state(self.model, self.optimizer)
         if not self.dist.is_main:
             return None
         state = {
@@ -401,9 +411,9 @@ class Trainer:
         try:
             path = ckpt.save_checkpoint(
                 ckpt.checkpoint_path(self.checkpoint_root, self.step),
-                model=self.model,
+                model=model,
                 config=self.run_config,
-                optimizer=self.optimizer,
+                optimizer=optimizer,
                 trainer_state=state,
                 files=self.extra_files,
             )
@@ -429,8 +439,14 @@ class Trainer:
             raise CheckpointError(
                 f"--resume: no checkpoint under {self.checkpoint_root}; start without --resume"
             )
+        model, optimizer = self.model, self.optimizer
+        if self.fsdp:
+            # Read full tensors (the checkpoint is unsharded), checked against the model's
+            # global shapes, then each process keeps its shard.
+            model = sharding.FullState(self.model.state_dict())
+            optimizer = sharding.FullState({})
         try:
-            loaded = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer)
+            loaded = ckpt.load_checkpoint(path, model=model, optimizer=optimizer)
         except CheckpointMismatchError as exc:
             raise CheckpointMismatchError(
                 f"{exc}; --resume needs the model settings and tokenizer the run was started "
@@ -442,6 +458,8 @@ class Trainer:
                 f"{exc}; --resume takes the latest checkpoint: move {path} out of "
                 f"{path.parent} to resume from the one before it"
             ) from exc
+        if self.fsdp:
+            sharding.load_full_state(self.model, self.optimizer, model.loaded, optimizer.loaded)
         state = loaded.trainer_state
         if state.get("world_size", 1) != self.dist.world_size:
             logger.warning(
@@ -542,7 +560,9 @@ class Trainer:
             batch = batch.to(self.device)
             last = i == len(batches) - 1
             sync = nullcontext()
-            if self.dist.world_size > 1 and not last:
+            if self.fsdp:
+                self.model.set_requires_gradient_sync(last)  # reduce-scatter after the last
+            elif self.dist.world_size > 1 and not last:
                 sync = self.train_model.no_sync()  # all-reduce gradients once, after the last
             with sync, self._autocast():
                 loss = self.loss_fn(self.train_model, batch)
@@ -553,6 +573,8 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.clip_norm if self.cfg.clip_norm > 0 else math.inf
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # sharded gradients give a sharded (DTensor) norm
+            grad_norm = grad_norm.full_tensor()
         finite = torch.isfinite(grad_norm) & torch.isfinite(loss_sum)
         maybe_fail("step")  # tests: a kill between the backward pass and the update
         if self.scaler is not None:
@@ -573,14 +595,23 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[str, float]:
-        if self.evaluate_fn is None or not self.dist.is_main:
+        if self.evaluate_fn is None or not (self.dist.is_main or self.fsdp):
             return {}
         self.model.eval()
-        with torch.no_grad():
-            metrics = self.evaluate_fn(self.model)
+        if self.fsdp:
+            # A sharded model runs only if every process runs it: all of them validate (the
+            # same batches, the same results), with the root unit gathered for the whole
+            # validation, since decoding also calls its embeddings and output layer directly.
+            self.model.unshard()
+        try:
+            with torch.no_grad():
+                metrics = self.evaluate_fn(self.model)
+        finally:
+            if self.fsdp:
+                self.model.reshard()
         maybe_fail("eval")  # tests: a kill after validating, before anything is saved
         self.model.train()
-        return metrics
+        return metrics if self.dist.is_main else {}
 
     def _is_better(self, value: float) -> bool:
         if self.best_value is None:
