@@ -111,3 +111,27 @@ def test_aiayn_train_under_torchrun(tmp_path, sharding):
         line for line in (run_dir / "train.jsonl").read_text().splitlines() if '"loss"' in line
     ]
     assert len(steps) == 4  # logged once (by rank 0), not once per process
+
+
+def test_classification_under_torchrun_with_fsdp(tmp_path):
+    """A task that scores its test set after training: with a sharded model both processes
+    load the best checkpoint and score together; rank 0 writes test_scores.json."""
+    import json
+    import subprocess
+
+    from test_classification import toy_config, toy_rows, write_tsv
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, (n, seed) in {"train": (300, 0), "dev": (40, 1), "test": (40, 2)}.items():
+        write_tsv(data / f"{name}.tsv", toy_rows(n, seed))
+    train = {"max_steps": 80, "eval_every": 40, "save_every": 40}
+    config = toy_config(tmp_path, data, tmp_path / "run", train=train)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(free_port()), "-m", "aiayn.cli", "train", str(config),
+           "--train.fsdp", "true", "--quiet"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    test = json.loads((tmp_path / "run" / "test_scores.json").read_text())
+    assert test["examples"] == 40 and test["accuracy"] >= 90.0, test

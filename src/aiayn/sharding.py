@@ -81,13 +81,18 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Full
 
 def load_full_state(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
     model_state: dict[str, Any],
-    optimizer_state: dict[str, Any],
+    optimizer: torch.optim.Optimizer | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> None:
-    """Load full states (as `full_state` gave them) into a sharded model and its optimiser:
-    each process keeps its own shard. A collective: every process calls it with the same states."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    """Load full states (as `full_state` gave them) into a sharded model and, if given, its
+    optimiser: each process keeps its own shard. A collective: every process calls it with the
+    same states."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_state_dict,
+    )
 
     # A tied weight is one parameter under several names (the shared embeddings and the output
     # layer, §3.4); it is loaded once, under the name the model lists it by. Hence strict=False:
@@ -96,10 +101,14 @@ def load_full_state(
     names = {name for name, _ in model.named_parameters()}
     names |= {name for name, _ in model.named_buffers()}
     model_state = {name: value for name, value in model_state.items() if name in names}
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    if optimizer is None:
+        set_model_state_dict(model, model_state, options=options)
+        return
     set_state_dict(
         model,
         optimizer,
         model_state_dict=model_state,
         optim_state_dict=optimizer_state,
-        options=StateDictOptions(full_state_dict=True, strict=False),
+        options=options,
     )

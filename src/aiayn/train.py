@@ -459,7 +459,7 @@ class Trainer:
                 f"{path.parent} to resume from the one before it"
             ) from exc
         if self.fsdp:
-            sharding.load_full_state(self.model, self.optimizer, model.loaded, optimizer.loaded)
+            sharding.load_full_state(self.model, model.loaded, self.optimizer, optimizer.loaded)
         state = loaded.trainer_state
         if state.get("world_size", 1) != self.dist.world_size:
             logger.warning(
@@ -483,6 +483,18 @@ class Trainer:
         self._truncate_log(self.step)
         logger.info("resumed from %s at step %d", path, self.step)
         return self.step
+
+    def load_weights(self, path: Path) -> None:
+        """Copy a checkpoint's weights into the model (e.g. the best one, to score a test set).
+
+        Under FSDP every process must call it, and then run the model together.
+        """
+        if not self.fsdp:
+            ckpt.load_checkpoint(path, model=self.model)
+            return
+        receiver = sharding.FullState(self.model.state_dict())
+        ckpt.load_checkpoint(path, model=receiver)
+        sharding.load_full_state(self.model, receiver.loaded)
 
     # ------------------------------------------------------------------ logging
     @property

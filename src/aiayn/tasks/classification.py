@@ -669,13 +669,16 @@ def train_classification(
     )
     result = exp.fit(trainer, run_config, resume=resume, progress=progress)
     metrics: dict[str, Any] = dict(result.metrics)
-    if splits.test and Distributed.from_env().is_main:
+    is_main = Distributed.from_env().is_main
+    # A sharded (FSDP) model runs only with every process: then all of them score the test set.
+    if splits.test and (is_main or trainer.fsdp):
         best = ckpt.read_best_pointer(run_dir / "checkpoints") or ckpt.latest_checkpoint(
             run_dir / "checkpoints"
         )
-        ckpt.load_checkpoint(best, model=model)
+        trainer.load_weights(best)
         model.eval()
         test = scores(model, rows["test"], y_test, max_tokens)
+    if splits.test and is_main:
         metrics["test_accuracy"], metrics["test_macro_f1"] = test["accuracy"], test["macro_f1"]
         logger.info(
             "test (%s, %s): accuracy %.2f, macro-F1 %.2f",
