@@ -194,7 +194,8 @@ class Experiment:
         else:
             self.write_config(run_config)
         result = trainer.fit(progress=progress)
-        self.plot_curves()
+        if trainer.dist.is_main:  # the process that wrote train.jsonl draws it, once
+            self.plot_curves()
         return result
 
     def plot_curves(self) -> Path | None:
