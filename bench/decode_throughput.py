@@ -59,8 +59,11 @@ from bench import common
 from bench.peers import quiet_transformers  # also sets HF_HUB_OFFLINE before transformers loads
 
 # aiayn: the reference searches of aiayn.decoding; aiayn-static: aiayn.static_decoding (fixed
-# shapes, one CUDA graph launch per step on a GPU); hf-generate: the peer.
-IMPLEMENTATIONS = ("aiayn", "aiayn-static", "hf-generate")
+# shapes, one CUDA graph launch per step on a GPU); hf-generate: the peer, with its default
+# dynamic cache; hf-generate-static: with its static cache (`cache_implementation="static"`,
+# which transformers also compiles on a GPU): the peer's own fast path.
+IMPLEMENTATIONS = ("aiayn", "aiayn-static", "hf-generate", "hf-generate-static")
+PEERS = ("hf-generate", "hf-generate-static")
 SEARCHES = ("greedy", "beam")
 LENGTH_PENALTY = 0.6  # the paper's alpha; irrelevant to the ranking when all lengths are equal
 # Two logits closer than this (relative to the largest) are a tie at float32 precision.
@@ -149,8 +152,11 @@ def aiayn_decode(
     return [hyps[0].tokens if hyps else [] for hyps in hypotheses]
 
 
-def hf_generate(model: nn.Module, src: Tensor, search: str, steps: int, beam_size: int) -> Tensor:
-    """HF ``generate`` forced to `steps` decoder steps; returns its (B, 1 + steps) sequences."""
+def hf_generate(
+    model: nn.Module, src: Tensor, search: str, steps: int, beam_size: int, static: bool = False
+) -> Tensor:
+    """HF ``generate`` forced to `steps` decoder steps; returns its (B, 1 + steps) sequences.
+    `static`: with HF's static key/value cache instead of its dynamic one."""
     options: dict[str, Any] = dict(
         input_ids=src,
         attention_mask=src.ne(common.PAD_ID),
@@ -162,6 +168,8 @@ def hf_generate(model: nn.Module, src: Tensor, search: str, steps: int, beam_siz
         pad_token_id=common.PAD_ID,
         use_cache=True,
     )
+    if static:
+        options["cache_implementation"] = "static"
     if search == "greedy":
         options |= dict(num_beams=1, min_new_tokens=steps, forced_eos_token_id=None)
     else:
@@ -316,8 +324,10 @@ def make_run(
         static = StaticDecoding(model)
         return lambda: (aiayn_decode(model, src, search, steps, beam_size, static), None)
 
+    static = impl == "hf-generate-static"
+
     def run() -> tuple[list[list[int]], Tensor | None]:
-        sequences = hf_generate(model, src, search, steps, beam_size)
+        sequences = hf_generate(model, src, search, steps, beam_size, static)
         return hf_outputs(sequences, search), sequences
 
     return run
@@ -366,18 +376,20 @@ def run_case(
 
 
 def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per search: each aiayn search's speed-up over HF generate (>1: aiayn is faster)."""
+    """Per search: each aiayn search's speed-up over each HF variant (>1: aiayn is faster)."""
     summary = {}
     for search in SEARCHES:
         rows = {r["impl"]: r for r in results if r["search"] == search and "batch_s_median" in r}
-        if "hf-generate" not in rows:
-            continue
-        peer = rows["hf-generate"]["batch_s_median"]
-        summary[search] = {
-            f"{impl.replace('-', '_')}_speedup_over_hf_generate": peer / row["batch_s_median"]
+        ratios = {
+            f"{impl}_speedup_over_{peer}".replace("-", "_"): rows[peer]["batch_s_median"]
+            / row["batch_s_median"]
             for impl, row in rows.items()
-            if impl != "hf-generate"
+            if impl not in PEERS
+            for peer in PEERS
+            if peer in rows
         }
+        if ratios:
+            summary[search] = ratios
     return summary
 
 
@@ -518,7 +530,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     outputs: dict[tuple[str, str], list[list[int]]] = {}
     for search in args.searches:
         for impl in IMPLEMENTATIONS:
-            model = theirs if impl == "hf-generate" else ours
+            model = theirs if impl in PEERS else ours
             run = make_run(impl, model, src, search, steps, args.beam_size)
             print(f"  {impl} ({search}) ...", flush=True)
             try:
@@ -538,7 +550,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
             payload["results"].append(result)
             payload["summary"] = summarise(payload["results"])
             common.write_json(path, payload)
-        for impl in ("aiayn", "aiayn-static"):
+        for impl in ("aiayn", "aiayn-static", "hf-generate-static"):
             if (impl, search) in outputs and ("hf-generate", search) in outputs:
                 # In the timed dtype (bf16: rounding differs, outputs may differ): for the record.
                 agreement = compare_outputs(outputs[impl, search], outputs["hf-generate", search])
@@ -549,9 +561,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     print(f"\n{common.describe_machine(machine)}\n{table(payload['results'], args.beam_size)}")
     for search, speedups in payload.get("summary", {}).items():
         for name, ratio in speedups.items():
-            print(
-                f"{search}: {name.removesuffix('_speedup_over_hf_generate')} is {ratio:.2f}x HF generate"
-            )
+            impl, peer = name.split("_speedup_over_")
+            print(f"{search}: {impl} is {ratio:.2f}x {peer}")
     print(f"wrote {path}")
     return path
 
