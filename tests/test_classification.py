@@ -65,7 +65,7 @@ def encoder_cfg(**changes) -> TransformerConfig:
 # --------------------------------------------------------------------------- the head
 
 
-@pytest.mark.parametrize("pooling", ["mean", "cls"])
+@pytest.mark.parametrize("pooling", ["mean", "cls", "max"])
 def test_padding_does_not_change_the_logits(one_thread, pooling):
     torch.manual_seed(0)
     model = SequenceClassifier(Transformer(encoder_cfg()), n_classes=3, pooling=pooling).eval()
@@ -87,6 +87,17 @@ def test_mean_pooling_averages_only_real_tokens():
     pooled = model.pool(memory, ids)
     torch.testing.assert_close(pooled[0], memory[0].mean(0))
     torch.testing.assert_close(pooled[1], memory[1, :2].mean(0))
+
+
+def test_max_pooling_takes_the_maximum_over_real_tokens_only():
+    model = SequenceClassifier(Transformer(encoder_cfg()), n_classes=2, pooling="max")
+    memory = -torch.arange(12, dtype=torch.float).view(1, 3, 4).repeat(2, 1, 1)
+    memory[:, 1, 0] = 5.0  # the maximum of feature 0 is at position 1; the others at position 0
+    memory[1, 1:] = 100.0  # larger than anything real, but at the padding of the second row
+    ids = torch.tensor([[4, 5, 6], [6, 0, 0]])  # the second row: one real token, then padding
+    pooled = model.pool(memory, ids)
+    torch.testing.assert_close(pooled[0], torch.tensor([5.0, -1.0, -2.0, -3.0]))
+    torch.testing.assert_close(pooled[1], memory[1, 0])  # padding never wins
 
 
 def test_the_head_needs_an_encoder_only_body():
@@ -279,7 +290,7 @@ def test_bad_training_data(one_thread, tmp_path, toy_data, capsys):
     "section, values, message",
     [
         ("model", {"n_decoder_layers": 2}, "task classification needs an encoder-only model"),
-        ("head", {"pooling": "max"}, "head.pooling must be one of"),
+        ("head", {"pooling": "median"}, "head.pooling must be one of"),
         ("finetune", {"freeze_layers": 1}, "finetune settings need a source"),
         ("data", {"valid_file": None}, "data needs validation data"),
         ("data", {"labels": ["only"]}, "at least 2 distinct classes"),

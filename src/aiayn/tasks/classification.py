@@ -151,7 +151,7 @@ class HeadConfig(ConfigSection):
     SECTION: ClassVar[str] = "head"
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"pooling": POOLINGS}
 
-    pooling: str = "mean"  # mean over non-padding positions, or "cls": the first position
+    pooling: str = "mean"  # mean / max over non-padding positions, or "cls": the first position
     dropout: float = 0.1  # on the pooled vector
 
     def check(self) -> None:
