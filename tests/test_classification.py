@@ -23,6 +23,8 @@ from aiayn.model import Transformer
 from aiayn.tasks.classification import (
     ClassificationData,
     Classifier,
+    classification_loss,
+    drop_tokens,
     read_splits,
 )
 from aiayn.train import TrainConfig, Trainer, learning_rate
@@ -98,6 +100,35 @@ def test_max_pooling_takes_the_maximum_over_real_tokens_only():
     pooled = model.pool(memory, ids)
     torch.testing.assert_close(pooled[0], torch.tensor([5.0, -1.0, -2.0, -3.0]))
     torch.testing.assert_close(pooled[1], memory[1, 0])  # padding never wins
+
+
+def test_token_dropout_replaces_tokens_but_never_padding_or_specials():
+    torch.manual_seed(0)
+    ids = torch.randint(4, 50, (64, 30))
+    ids[:, -1], ids[:32, 20:] = 2, 0  # </s> closes each row; half of them padded
+    dropped = drop_tokens(ids, 0.25, 3, keep_ids=[0, 2])
+    changed = dropped.ne(ids)
+    assert dropped[changed].eq(3).all()  # what changes becomes <unk>
+    assert not changed[:, -1].any() and not changed[:32, 20:].any()  # </s> and padding stay
+    rate = changed.sum() / ids.ge(4).sum()
+    assert 0.2 < rate < 0.3
+    assert drop_tokens(ids, 0.0, 3, [0]).equal(ids)
+
+
+def test_token_dropout_applies_in_training_only(one_thread):
+    torch.manual_seed(0)
+    model = SequenceClassifier(Transformer(encoder_cfg()), n_classes=2)
+    batch = types.SimpleNamespace(ids=torch.randint(4, 50, (8, 6)), labels=torch.zeros(8).long())
+    plain, dropping = classification_loss(0.0), classification_loss(0.0, 0.5, 3, [2])
+    model.eval()  # evaluation: the texts are scored whole
+    torch.testing.assert_close(dropping(model, batch), plain(model, batch))
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0  # only the token dropout is random now
+    assert not torch.allclose(dropping(model, batch), plain(model, batch))
+    with pytest.raises(ConfigError, match="unknown token"):
+        classification_loss(0.0, 0.1, None)
 
 
 def test_the_head_needs_an_encoder_only_body():
@@ -298,6 +329,7 @@ def test_bad_training_data(one_thread, tmp_path, toy_data, capsys):
         ("data", {"lowercase": True}, "data.lowercase applies to data.tokenizer: word only"),
         ("data", {"tokenizer": "word", "embeddings_freeze": True}, "needs data.embeddings_file"),
         ("data", {"tokenizer": "chars"}, "data.tokenizer must be one of"),
+        ("data", {"token_dropout": 1.0}, "data.token_dropout must be in [0, 1)"),
     ],
 )
 def test_bad_classification_configs(tmp_path, toy_data, capsys, section, values, message):

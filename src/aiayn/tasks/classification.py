@@ -99,6 +99,9 @@ class ClassificationData(ConfigSection):
     # the words it has (word tokenizer only); the others keep their random initialisation.
     embeddings_file: str | None = None
     embeddings_freeze: bool = False  # keep the embedding matrix fixed (static word vectors)
+    # Word dropout (Iyyer et al. 2015), training only: each token of a training text becomes
+    # <unk> with this probability, afresh at every step; validation and test texts are whole.
+    token_dropout: float = 0.0
     max_train_examples: int | None = None  # only the first N training texts (tests, quick runs)
     max_valid_examples: int | None = None
 
@@ -137,6 +140,8 @@ class ClassificationData(ConfigSection):
             raise ConfigError("data.embeddings_freeze needs data.embeddings_file")
         if self.lowercase and self.tokenizer != "word":
             raise ConfigError("data.lowercase applies to data.tokenizer: word only")
+        if not 0.0 <= self.token_dropout < 1.0:
+            raise ConfigError(f"data.token_dropout must be in [0, 1), got {self.token_dropout}")
 
     def path(self, name: str) -> Path:
         """A data file name, under `root` when one is given."""
@@ -321,6 +326,8 @@ class TextEncoder:
         self.tok = tok
         if isinstance(tok, Tokenizer):
             self.pad_id, self.vocab_size = tok.pad_id, tok.vocab_size
+            self.unk_id: int | None = tok.unk_id
+            self.special_ids = list(range(len(SPECIAL_TOKENS)))
         else:
             tok.no_padding()
             tok.no_truncation()
@@ -329,6 +336,11 @@ class TextEncoder:
             if pad is None:
                 raise CheckpointError("the tokenizer has no [PAD] or <pad> token")
             self.pad_id, self.vocab_size = pad, tok.get_vocab_size(with_added_tokens=True)
+            self.unk_id = next(
+                (i for i in map(tok.token_to_id, ("[UNK]", "<unk>")) if i is not None), None
+            )
+            added = tok.get_added_tokens_decoder()
+            self.special_ids = sorted(i for i, t in added.items() if t.special)
 
     @classmethod
     def load(cls, path: Path) -> TextEncoder:
@@ -389,11 +401,33 @@ def batch_maker(rows: Sequence[Sequence[int]], labels: Sequence[int], pad_id: in
     return make
 
 
-def classification_loss(smoothing: float):
-    """Cross-entropy summed over the batch's examples (the trainer divides by their number)."""
+def drop_tokens(ids: Tensor, p: float, unk_id: int, keep_ids: Sequence[int]) -> Tensor:
+    """`ids` with each token replaced by `unk_id` with probability p, except padding and the
+    special tokens in `keep_ids`; from torch's global generator, like dropout (checkpointed)."""
+    chosen = torch.rand(ids.shape, device=ids.device) < p
+    chosen &= ~torch.isin(ids, torch.tensor(list(keep_ids), dtype=ids.dtype, device=ids.device))
+    return ids.masked_fill(chosen, unk_id)
+
+
+def classification_loss(
+    smoothing: float,
+    token_dropout: float = 0.0,
+    unk_id: int | None = None,
+    keep_ids: Sequence[int] = (),
+):
+    """Cross-entropy summed over the batch's examples (the trainer divides by their number).
+
+    With token_dropout > 0, training batches (the model in train mode) first have their tokens
+    replaced by `unk_id` at that rate (`drop_tokens`; padding and `keep_ids` are kept).
+    """
+    if token_dropout > 0 and unk_id is None:
+        raise ConfigError("data.token_dropout needs a tokenizer with an unknown token")
 
     def loss(model: SequenceClassifier, batch: ClassBatch) -> Tensor:
-        logits = model(batch.ids).float()  # (B, C), float32 under autocast too
+        ids = batch.ids
+        if token_dropout > 0 and model.training:
+            ids = drop_tokens(ids, token_dropout, unk_id, [model.pad_id, *keep_ids])
+        logits = model(ids).float()  # (B, C), float32 under autocast too
         return F.cross_entropy(logits, batch.labels, reduction="sum", label_smoothing=smoothing)
 
     return loss
@@ -657,7 +691,9 @@ def train_classification(
         make_batch=batch_maker(
             rows["train"], y_train, encoder.pad_id, pin=torch.cuda.is_available()
         ),
-        loss_fn=classification_loss(exp.train.label_smoothing),
+        loss_fn=classification_loss(
+            exp.train.label_smoothing, data.token_dropout, encoder.unk_id, encoder.special_ids
+        ),
         run_dir=run_dir,
         run_config=run_config,
         d_model=model_cfg.d_model,
