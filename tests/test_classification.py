@@ -15,7 +15,7 @@ from aiayn import checkpoint as ckpt
 from aiayn.cli import main
 from aiayn.config import TransformerConfig
 from aiayn.data.batching import TokenBatchSampler
-from aiayn.errors import CheckpointMismatchError, ConfigError
+from aiayn.errors import CheckpointMismatchError, ConfigError, DataError
 from aiayn.experiment import Experiment
 from aiayn.finetune import FinetuneConfig, Source, freeze, load_matching, load_source
 from aiayn.heads import SequenceClassifier
@@ -330,6 +330,8 @@ def test_bad_training_data(one_thread, tmp_path, toy_data, capsys):
         ("data", {"tokenizer": "word", "embeddings_freeze": True}, "needs data.embeddings_file"),
         ("data", {"tokenizer": "chars"}, "data.tokenizer must be one of"),
         ("data", {"token_dropout": 1.0}, "data.token_dropout must be in [0, 1)"),
+        ("data", {"valid_sentences": 0}, "data.valid_sentences must be >= 1"),
+        ("data", {"valid_sentences": 5, "valid_fraction": 0.1}, "set one of data.valid_fraction"),
     ],
 )
 def test_bad_classification_configs(tmp_path, toy_data, capsys, section, values, message):
@@ -395,6 +397,28 @@ def test_table_jsonl_int_labels_and_held_out_part(tmp_path):
     assert {e.text for e in splits.train}.isdisjoint(e.text for e in splits.valid)
     again = read_splits(data)  # seeded: the same part every time
     assert [e.text for e in again.valid] == [e.text for e in splits.valid]
+
+
+def test_held_out_sentences_take_their_own_phrases_with_them(tmp_path):
+    """data.valid_sentences: whole sentences (texts inside no other) validate; the phrases found
+    only inside them leave training, the ones a kept sentence shares stay."""
+    texts = [
+        "the film is very good .", "the film", "is very good .", "very good",
+        "the film is a dull mess .", "is a dull mess .", "dull mess", "fine", "so fine",
+    ]  # fmt: skip
+    path = tmp_path / "phrases.tsv"
+    path.write_text("sentence\tlabel\n" + "".join(f"{t}\t1\n" for t in texts), encoding="utf-8")
+    data = ClassificationData(train_file=str(path), valid_sentences=1)
+    splits = read_splits(data)
+    (held,) = [e.text for e in splits.valid]  # "so fine" is a sentence but too short to hold out
+    assert held in ("the film is very good .", "the film is a dull mess .")
+    kept = ({"the film is very good .", "is very good .", "very good"}
+            if held.endswith("mess .") else {"the film is a dull mess .", "is a dull mess .",
+                                             "dull mess"})  # fmt: skip
+    assert {e.text for e in splits.train} == kept | {"the film", "fine", "so fine"}
+    assert [e.text for e in read_splits(data).valid] == [held]  # seeded
+    with pytest.raises(DataError, match="leaves no training sentence"):
+        read_splits(ClassificationData(train_file=str(path), valid_sentences=2))
 
 
 def test_imdb_reads_the_aclimdb_folder(tmp_path):

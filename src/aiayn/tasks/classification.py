@@ -79,6 +79,10 @@ class ClassificationData(ConfigSection):
     valid_file: str | None = None  # null: hold out valid_fraction of the training data
     test_file: str | None = None  # scored with the best checkpoint after training
     valid_fraction: float | None = None  # e.g. 0.1: a seeded random 10% of train validates
+    # Phrase-level data (GLUE's SST-2 train: every phrase of each parsed sentence, labelled):
+    # hold out N whole sentences of the training data (phrases no other phrase contains, of 5+
+    # words) and the phrases found only inside them, for validation like an unseen test set.
+    valid_sentences: int | None = None
     split_seed: int = 1  # the held-out part's random choice
     text_field: str = "sentence"
     label_field: str = "label"
@@ -106,13 +110,19 @@ class ClassificationData(ConfigSection):
     max_valid_examples: int | None = None
 
     def check(self) -> None:
-        if self.valid_file is None and self.valid_fraction is None and self.format != "hf":
+        held_out = self.valid_fraction is not None or self.valid_sentences is not None
+        if self.valid_file is None and not held_out and self.format != "hf":
             raise ConfigError(
                 "data needs validation data: set data.valid_file, or data.valid_fraction "
                 "(e.g. 0.1) to hold out part of the training data"
             )
         if self.valid_fraction is not None and not 0.0 < self.valid_fraction < 1.0:
             raise ConfigError(f"data.valid_fraction must be in (0, 1), got {self.valid_fraction}")
+        if self.valid_sentences is not None:
+            if self.valid_fraction is not None:
+                raise ConfigError("set one of data.valid_fraction and data.valid_sentences")
+            if self.valid_sentences < 1:
+                raise ConfigError(f"data.valid_sentences must be >= 1, got {self.valid_sentences}")
         if self.format in ("glue", "table") and self.train_file is None:
             raise ConfigError(f"data.train_file is required when data.format is {self.format!r}")
         if self.format == "hf" and self.hf_name is None:
@@ -308,6 +318,41 @@ def hold_out(examples: list[Example], fraction: float, seed: int) -> tuple[list,
     # Both parts in the shuffled order: a file sorted by label (IMDB's is) gives balanced
     # first-N subsets (data.max_train_examples / max_valid_examples) too.
     return [examples[i] for i in order[n_valid:]], [examples[i] for i in order[:n_valid]]
+
+
+SENTENCE_MIN_WORDS = 5  # hold_out_sentences holds out sentences of at least this many words
+
+
+def hold_out_sentences(examples: list[Example], n: int, seed: int) -> tuple[list, list]:
+    """(train, valid) for phrase-level data: `n` seeded random whole sentences validate.
+
+    A sentence is a text (of SENTENCE_MIN_WORDS+ whitespace words) that is no contiguous part of
+    another; SST's phrases are the nodes of parse trees, so these are its roots. Training keeps
+    every other text except those that occur only inside held-out sentences: a held-out
+    sentence's phrases are no more in training than a test sentence's, beyond the ones that
+    other sentences share (a validation set like GLUE's, which gives whole unseen sentences).
+    """
+    words = [tuple(ex.text.split()) for ex in examples]
+    parts = []  # the contiguous word spans of each text, itself included
+    for w in words:
+        parts.append({w[a:b] for a in range(len(w)) for b in range(a + 1, len(w) + 1)})
+    inside = {part for w, p in zip(words, parts, strict=True) for part in p if part != w}
+    roots = [i for i, w in enumerate(words) if w not in inside]
+    candidates = [i for i in roots if len(words[i]) >= SENTENCE_MIN_WORDS]
+    if n >= len(candidates):
+        raise DataError(
+            f"data.valid_sentences {n} leaves no training sentence: the training data has "
+            f"{len(candidates)} sentences of {SENTENCE_MIN_WORDS}+ words"
+        )
+    held = set(random.Random(seed).sample(candidates, n))
+    kept_parts = set().union(*(parts[i] for i in roots if i not in held))
+    held_parts = set().union(*(parts[i] for i in held))
+    train = [
+        ex
+        for i, ex in enumerate(examples)
+        if i not in held and (words[i] in kept_parts or words[i] not in held_parts)
+    ]
+    return train, [examples[i] for i in sorted(held)]
 
 
 # --------------------------------------------------------------------------- tokenizers
@@ -541,6 +586,8 @@ def read_splits(data: ClassificationData) -> Splits:
     train = read_split(data, "train")
     if data.valid_fraction is not None:
         train, valid = hold_out(train, data.valid_fraction, data.split_seed)
+    elif data.valid_sentences is not None:
+        train, valid = hold_out_sentences(train, data.valid_sentences, data.split_seed)
     else:
         valid = read_split(data, "valid")
     has_test = data.test_split if data.format == "hf" else data.test_file
