@@ -331,6 +331,7 @@ def test_bad_training_data(one_thread, tmp_path, toy_data, capsys):
         ("data", {"tokenizer": "chars"}, "data.tokenizer must be one of"),
         ("data", {"token_dropout": 1.0}, "data.token_dropout must be in [0, 1)"),
         ("data", {"valid_sentences": 0}, "data.valid_sentences must be >= 1"),
+        ("data", {"train_file": []}, "data.train_file must be a file name or a list"),
         ("data", {"valid_sentences": 5, "valid_fraction": 0.1}, "set one of data.valid_fraction"),
     ],
 )
@@ -417,6 +418,11 @@ def test_held_out_sentences_take_their_own_phrases_with_them(tmp_path):
                                              "dull mess"})  # fmt: skip
     assert {e.text for e in splits.train} == kept | {"the film", "fine", "so fine"}
     assert [e.text for e in read_splits(data).valid] == [held]  # seeded
+    # The same phrases from two files (GLUE's SST-2 train is our train.tsv + dev.tsv).
+    (tmp_path / "a.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t1\n" for t in texts[:4]))
+    (tmp_path / "b.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t1\n" for t in texts[4:]))
+    two = ClassificationData(root=str(tmp_path), train_file=["a.tsv", "b.tsv"], valid_sentences=1)
+    assert [e.text for e in read_splits(two).valid] == [held]
     with pytest.raises(DataError, match="leaves no training sentence"):
         read_splits(ClassificationData(train_file=str(path), valid_sentences=2))
 

@@ -75,7 +75,7 @@ class ClassificationData(ConfigSection):
 
     format: str = "glue"
     root: str | None = None  # folder the file names are relative to (imdb: the data folder)
-    train_file: str | None = "train.tsv"
+    train_file: str | list | None = "train.tsv"  # or a list of files, read one after another
     valid_file: str | None = None  # null: hold out valid_fraction of the training data
     test_file: str | None = None  # scored with the best checkpoint after training
     valid_fraction: float | None = None  # e.g. 0.1: a seeded random 10% of train validates
@@ -125,6 +125,12 @@ class ClassificationData(ConfigSection):
                 raise ConfigError(f"data.valid_sentences must be >= 1, got {self.valid_sentences}")
         if self.format in ("glue", "table") and self.train_file is None:
             raise ConfigError(f"data.train_file is required when data.format is {self.format!r}")
+        if isinstance(self.train_file, list) and not (
+            self.train_file and all(isinstance(x, str) for x in self.train_file)
+        ):
+            raise ConfigError(
+                f"data.train_file must be a file name or a list of them, got {self.train_file!r}"
+            )
         if self.format == "hf" and self.hf_name is None:
             raise ConfigError("data.hf_name is required when data.format is 'hf'")
         if self.labels is not None:
@@ -201,7 +207,11 @@ def read_split(data: ClassificationData, split: str) -> list[Example]:
             for i, (text, label) in enumerate(pairs)
         ]
     name = {"train": data.train_file, "valid": data.valid_file, "test": data.test_file}[split]
-    return read_table_examples(data.path(name), data.text_field, data.label_field)
+    return [
+        ex
+        for one in (name if isinstance(name, list) else [name])
+        for ex in read_table_examples(data.path(one), data.text_field, data.label_field)
+    ]
 
 
 def read_table_examples(path: Path, text_field: str, label_field: str) -> list[Example]:
