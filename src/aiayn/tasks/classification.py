@@ -14,9 +14,11 @@ Data formats (the `data:` section, `ClassificationData`):
            JSONL copy train.jsonl.gz ({"text", "label"})
     hf     a Hugging Face dataset by name (`hf_name`, `hf_config`, splits), e.g. glue/sst2
 
-Validation data is a file (`valid_file`) or a seeded held-out part of the training data
-(`valid_fraction`; IMDB's accuracy is reported on such a part). An optional `test_file` is
-scored with the best checkpoint once training ends.
+Validation data is a file (`valid_file`), a seeded held-out part of the training data
+(`valid_fraction`; IMDB's accuracy is reported on such a part), or, for phrase-level data such
+as SST's, seeded held-out whole sentences with the phrases only they contain (`valid_sentences`,
+`hold_out_sentences`). An optional `test_file` is scored with the best checkpoint once training
+ends.
 """
 
 from __future__ import annotations
