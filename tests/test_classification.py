@@ -15,7 +15,7 @@ from aiayn import checkpoint as ckpt
 from aiayn.cli import main
 from aiayn.config import TransformerConfig
 from aiayn.data.batching import TokenBatchSampler
-from aiayn.errors import CheckpointMismatchError, ConfigError
+from aiayn.errors import CheckpointMismatchError, ConfigError, DataError
 from aiayn.experiment import Experiment
 from aiayn.finetune import FinetuneConfig, Source, freeze, load_matching, load_source
 from aiayn.heads import SequenceClassifier
@@ -23,6 +23,8 @@ from aiayn.model import Transformer
 from aiayn.tasks.classification import (
     ClassificationData,
     Classifier,
+    classification_loss,
+    drop_tokens,
     read_splits,
 )
 from aiayn.train import TrainConfig, Trainer, learning_rate
@@ -65,7 +67,7 @@ def encoder_cfg(**changes) -> TransformerConfig:
 # --------------------------------------------------------------------------- the head
 
 
-@pytest.mark.parametrize("pooling", ["mean", "cls"])
+@pytest.mark.parametrize("pooling", ["mean", "cls", "max"])
 def test_padding_does_not_change_the_logits(one_thread, pooling):
     torch.manual_seed(0)
     model = SequenceClassifier(Transformer(encoder_cfg()), n_classes=3, pooling=pooling).eval()
@@ -87,6 +89,46 @@ def test_mean_pooling_averages_only_real_tokens():
     pooled = model.pool(memory, ids)
     torch.testing.assert_close(pooled[0], memory[0].mean(0))
     torch.testing.assert_close(pooled[1], memory[1, :2].mean(0))
+
+
+def test_max_pooling_takes_the_maximum_over_real_tokens_only():
+    model = SequenceClassifier(Transformer(encoder_cfg()), n_classes=2, pooling="max")
+    memory = -torch.arange(12, dtype=torch.float).view(1, 3, 4).repeat(2, 1, 1)
+    memory[:, 1, 0] = 5.0  # the maximum of feature 0 is at position 1; the others at position 0
+    memory[1, 1:] = 100.0  # larger than anything real, but at the padding of the second row
+    ids = torch.tensor([[4, 5, 6], [6, 0, 0]])  # the second row: one real token, then padding
+    pooled = model.pool(memory, ids)
+    torch.testing.assert_close(pooled[0], torch.tensor([5.0, -1.0, -2.0, -3.0]))
+    torch.testing.assert_close(pooled[1], memory[1, 0])  # padding never wins
+
+
+def test_token_dropout_replaces_tokens_but_never_padding_or_specials():
+    torch.manual_seed(0)
+    ids = torch.randint(4, 50, (64, 30))
+    ids[:, -1], ids[:32, 20:] = 2, 0  # </s> closes each row; half of them padded
+    dropped = drop_tokens(ids, 0.25, 3, keep_ids=[0, 2])
+    changed = dropped.ne(ids)
+    assert dropped[changed].eq(3).all()  # what changes becomes <unk>
+    assert not changed[:, -1].any() and not changed[:32, 20:].any()  # </s> and padding stay
+    rate = changed.sum() / ids.ge(4).sum()
+    assert 0.2 < rate < 0.3
+    assert drop_tokens(ids, 0.0, 3, [0]).equal(ids)
+
+
+def test_token_dropout_applies_in_training_only(one_thread):
+    torch.manual_seed(0)
+    model = SequenceClassifier(Transformer(encoder_cfg()), n_classes=2)
+    batch = types.SimpleNamespace(ids=torch.randint(4, 50, (8, 6)), labels=torch.zeros(8).long())
+    plain, dropping = classification_loss(0.0), classification_loss(0.0, 0.5, 3, [2])
+    model.eval()  # evaluation: the texts are scored whole
+    torch.testing.assert_close(dropping(model, batch), plain(model, batch))
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0  # only the token dropout is random now
+    assert not torch.allclose(dropping(model, batch), plain(model, batch))
+    with pytest.raises(ConfigError, match="unknown token"):
+        classification_loss(0.0, 0.1, None)
 
 
 def test_the_head_needs_an_encoder_only_body():
@@ -284,7 +326,7 @@ def test_bad_training_data(one_thread, tmp_path, toy_data, capsys):
     "section, values, message",
     [
         ("model", {"n_decoder_layers": 2}, "task classification needs an encoder-only model"),
-        ("head", {"pooling": "max"}, "head.pooling must be one of"),
+        ("head", {"pooling": "median"}, "head.pooling must be one of"),
         ("finetune", {"freeze_layers": 1}, "finetune settings need a source"),
         ("data", {"valid_file": None}, "data needs validation data"),
         ("data", {"labels": ["only"]}, "at least 2 distinct classes"),
@@ -292,6 +334,10 @@ def test_bad_training_data(one_thread, tmp_path, toy_data, capsys):
         ("data", {"lowercase": True}, "data.lowercase applies to data.tokenizer: word only"),
         ("data", {"tokenizer": "word", "embeddings_freeze": True}, "needs data.embeddings_file"),
         ("data", {"tokenizer": "chars"}, "data.tokenizer must be one of"),
+        ("data", {"token_dropout": 1.0}, "data.token_dropout must be in [0, 1)"),
+        ("data", {"valid_sentences": 0}, "data.valid_sentences must be >= 1"),
+        ("data", {"train_file": []}, "data.train_file must be a file name or a list"),
+        ("data", {"valid_sentences": 5, "valid_fraction": 0.1}, "set one of data.valid_fraction"),
     ],
 )
 def test_bad_classification_configs(tmp_path, toy_data, capsys, section, values, message):
@@ -357,6 +403,33 @@ def test_table_jsonl_int_labels_and_held_out_part(tmp_path):
     assert {e.text for e in splits.train}.isdisjoint(e.text for e in splits.valid)
     again = read_splits(data)  # seeded: the same part every time
     assert [e.text for e in again.valid] == [e.text for e in splits.valid]
+
+
+def test_held_out_sentences_take_their_own_phrases_with_them(tmp_path):
+    """data.valid_sentences: whole sentences (texts inside no other) validate; the phrases found
+    only inside them leave training, the ones a kept sentence shares stay."""
+    texts = [
+        "the film is very good .", "the film", "is very good .", "very good",
+        "the film is a dull mess .", "is a dull mess .", "dull mess", "fine", "so fine",
+    ]  # fmt: skip
+    path = tmp_path / "phrases.tsv"
+    path.write_text("sentence\tlabel\n" + "".join(f"{t}\t1\n" for t in texts), encoding="utf-8")
+    data = ClassificationData(train_file=str(path), valid_sentences=1)
+    splits = read_splits(data)
+    (held,) = [e.text for e in splits.valid]  # "so fine" is a sentence but too short to hold out
+    assert held in ("the film is very good .", "the film is a dull mess .")
+    kept = ({"the film is very good .", "is very good .", "very good"}
+            if held.endswith("mess .") else {"the film is a dull mess .", "is a dull mess .",
+                                             "dull mess"})  # fmt: skip
+    assert {e.text for e in splits.train} == kept | {"the film", "fine", "so fine"}
+    assert [e.text for e in read_splits(data).valid] == [held]  # seeded
+    # The same phrases from two files (GLUE's SST-2 train is our train.tsv + dev.tsv).
+    (tmp_path / "a.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t1\n" for t in texts[:4]))
+    (tmp_path / "b.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t1\n" for t in texts[4:]))
+    two = ClassificationData(root=str(tmp_path), train_file=["a.tsv", "b.tsv"], valid_sentences=1)
+    assert [e.text for e in read_splits(two).valid] == [held]
+    with pytest.raises(DataError, match="leaves no training sentence"):
+        read_splits(ClassificationData(train_file=str(path), valid_sentences=2))
 
 
 def test_imdb_reads_the_aclimdb_folder(tmp_path):

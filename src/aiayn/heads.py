@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from aiayn.errors import ConfigError
 from aiayn.model import Transformer
 
-Pooling = Literal["mean", "cls"]
-POOLINGS = ("mean", "cls")
+Pooling = Literal["mean", "cls", "max"]
+POOLINGS = ("mean", "cls", "max")
 
 
 class SequenceClassifier(nn.Module):
@@ -31,7 +31,10 @@ class SequenceClassifier(nn.Module):
         body: an encoder-only `Transformer` (n_decoder_layers=0).
         n_classes: C, the number of classes (>= 2).
         pooling: "mean" averages the encoder output over the non-padding positions (the
-            sentence-transformers recipe); "cls" takes the first position (BERT's [CLS]).
+            sentence-transformers recipe); "cls" takes the first position (BERT's [CLS]);
+            "max" takes each feature's maximum over the non-padding positions (Kim 2014's
+            max-over-time pooling): one strong phrase counts as much in a long sentence as
+            alone, where a mean dilutes it.
         dropout: on the pooled vector, before the linear layer.
     """
 
@@ -62,6 +65,9 @@ class SequenceClassifier(nn.Module):
         """One vector per sequence: memory (B, S, d), ids (B, S) -> (B, d)."""
         if self.pooling == "cls":
             return memory[:, 0]
+        if self.pooling == "max":
+            pad = ids.eq(self.pad_id).unsqueeze(-1)  # (B, S, 1): True at padding
+            return memory.masked_fill(pad, torch.finfo(memory.dtype).min).amax(dim=1)
         keep = ids.ne(self.pad_id).unsqueeze(-1).to(memory.dtype)  # (B, S, 1): 1 at real tokens
         # Padding positions are excluded, so appending padding leaves the mean unchanged.
         return (memory * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1.0)

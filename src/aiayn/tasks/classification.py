@@ -14,9 +14,11 @@ Data formats (the `data:` section, `ClassificationData`):
            JSONL copy train.jsonl.gz ({"text", "label"})
     hf     a Hugging Face dataset by name (`hf_name`, `hf_config`, splits), e.g. glue/sst2
 
-Validation data is a file (`valid_file`) or a seeded held-out part of the training data
-(`valid_fraction`; IMDB's accuracy is reported on such a part). An optional `test_file` is
-scored with the best checkpoint once training ends.
+Validation data is a file (`valid_file`), a seeded held-out part of the training data
+(`valid_fraction`; IMDB's accuracy is reported on such a part), or, for phrase-level data such
+as SST's, seeded held-out whole sentences with the phrases only they contain (`valid_sentences`,
+`hold_out_sentences`). An optional `test_file` is scored with the best checkpoint once training
+ends.
 """
 
 from __future__ import annotations
@@ -75,10 +77,14 @@ class ClassificationData(ConfigSection):
 
     format: str = "glue"
     root: str | None = None  # folder the file names are relative to (imdb: the data folder)
-    train_file: str | None = "train.tsv"
+    train_file: str | list | None = "train.tsv"  # or a list of files, read one after another
     valid_file: str | None = None  # null: hold out valid_fraction of the training data
     test_file: str | None = None  # scored with the best checkpoint after training
     valid_fraction: float | None = None  # e.g. 0.1: a seeded random 10% of train validates
+    # Phrase-level data (GLUE's SST-2 train: every phrase of each parsed sentence, labelled):
+    # hold out N whole sentences of the training data (phrases no other phrase contains, of 5+
+    # words) and the phrases found only inside them, for validation like an unseen test set.
+    valid_sentences: int | None = None
     split_seed: int = 1  # the held-out part's random choice
     text_field: str = "sentence"
     label_field: str = "label"
@@ -99,19 +105,34 @@ class ClassificationData(ConfigSection):
     # the words it has (word tokenizer only); the others keep their random initialisation.
     embeddings_file: str | None = None
     embeddings_freeze: bool = False  # keep the embedding matrix fixed (static word vectors)
+    # Word dropout (Iyyer et al. 2015), training only: each token of a training text becomes
+    # <unk> with this probability, afresh at every step; validation and test texts are whole.
+    token_dropout: float = 0.0
     max_train_examples: int | None = None  # only the first N training texts (tests, quick runs)
     max_valid_examples: int | None = None
 
     def check(self) -> None:
-        if self.valid_file is None and self.valid_fraction is None and self.format != "hf":
+        held_out = self.valid_fraction is not None or self.valid_sentences is not None
+        if self.valid_file is None and not held_out and self.format != "hf":
             raise ConfigError(
                 "data needs validation data: set data.valid_file, or data.valid_fraction "
                 "(e.g. 0.1) to hold out part of the training data"
             )
         if self.valid_fraction is not None and not 0.0 < self.valid_fraction < 1.0:
             raise ConfigError(f"data.valid_fraction must be in (0, 1), got {self.valid_fraction}")
+        if self.valid_sentences is not None:
+            if self.valid_fraction is not None:
+                raise ConfigError("set one of data.valid_fraction and data.valid_sentences")
+            if self.valid_sentences < 1:
+                raise ConfigError(f"data.valid_sentences must be >= 1, got {self.valid_sentences}")
         if self.format in ("glue", "table") and self.train_file is None:
             raise ConfigError(f"data.train_file is required when data.format is {self.format!r}")
+        if isinstance(self.train_file, list) and not (
+            self.train_file and all(isinstance(x, str) for x in self.train_file)
+        ):
+            raise ConfigError(
+                f"data.train_file must be a file name or a list of them, got {self.train_file!r}"
+            )
         if self.format == "hf" and self.hf_name is None:
             raise ConfigError("data.hf_name is required when data.format is 'hf'")
         if self.labels is not None:
@@ -137,6 +158,8 @@ class ClassificationData(ConfigSection):
             raise ConfigError("data.embeddings_freeze needs data.embeddings_file")
         if self.lowercase and self.tokenizer != "word":
             raise ConfigError("data.lowercase applies to data.tokenizer: word only")
+        if not 0.0 <= self.token_dropout < 1.0:
+            raise ConfigError(f"data.token_dropout must be in [0, 1), got {self.token_dropout}")
 
     def path(self, name: str) -> Path:
         """A data file name, under `root` when one is given."""
@@ -151,7 +174,7 @@ class HeadConfig(ConfigSection):
     SECTION: ClassVar[str] = "head"
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"pooling": POOLINGS}
 
-    pooling: str = "mean"  # mean over non-padding positions, or "cls": the first position
+    pooling: str = "mean"  # mean / max over non-padding positions, or "cls": the first position
     dropout: float = 0.1  # on the pooled vector
 
     def check(self) -> None:
@@ -186,7 +209,11 @@ def read_split(data: ClassificationData, split: str) -> list[Example]:
             for i, (text, label) in enumerate(pairs)
         ]
     name = {"train": data.train_file, "valid": data.valid_file, "test": data.test_file}[split]
-    return read_table_examples(data.path(name), data.text_field, data.label_field)
+    return [
+        ex
+        for one in (name if isinstance(name, list) else [name])
+        for ex in read_table_examples(data.path(one), data.text_field, data.label_field)
+    ]
 
 
 def read_table_examples(path: Path, text_field: str, label_field: str) -> list[Example]:
@@ -305,6 +332,41 @@ def hold_out(examples: list[Example], fraction: float, seed: int) -> tuple[list,
     return [examples[i] for i in order[n_valid:]], [examples[i] for i in order[:n_valid]]
 
 
+SENTENCE_MIN_WORDS = 5  # hold_out_sentences holds out sentences of at least this many words
+
+
+def hold_out_sentences(examples: list[Example], n: int, seed: int) -> tuple[list, list]:
+    """(train, valid) for phrase-level data: `n` seeded random whole sentences validate.
+
+    A sentence is a text (of SENTENCE_MIN_WORDS+ whitespace words) that is no contiguous part of
+    another; SST's phrases are the nodes of parse trees, so these are its roots. Training keeps
+    every other text except those that occur only inside held-out sentences: a held-out
+    sentence's phrases are no more in training than a test sentence's, beyond the ones that
+    other sentences share (a validation set like GLUE's, which gives whole unseen sentences).
+    """
+    words = [tuple(ex.text.split()) for ex in examples]
+    parts = []  # the contiguous word spans of each text, itself included
+    for w in words:
+        parts.append({w[a:b] for a in range(len(w)) for b in range(a + 1, len(w) + 1)})
+    inside = {part for w, p in zip(words, parts, strict=True) for part in p if part != w}
+    roots = [i for i, w in enumerate(words) if w not in inside]
+    candidates = [i for i in roots if len(words[i]) >= SENTENCE_MIN_WORDS]
+    if n >= len(candidates):
+        raise DataError(
+            f"data.valid_sentences {n} leaves no training sentence: the training data has "
+            f"{len(candidates)} sentences of {SENTENCE_MIN_WORDS}+ words"
+        )
+    held = set(random.Random(seed).sample(candidates, n))
+    kept_parts = set().union(*(parts[i] for i in roots if i not in held))
+    held_parts = set().union(*(parts[i] for i in held))
+    train = [
+        ex
+        for i, ex in enumerate(examples)
+        if i not in held and (words[i] in kept_parts or words[i] not in held_parts)
+    ]
+    return train, [examples[i] for i in sorted(held)]
+
+
 # --------------------------------------------------------------------------- tokenizers
 
 
@@ -321,6 +383,8 @@ class TextEncoder:
         self.tok = tok
         if isinstance(tok, Tokenizer):
             self.pad_id, self.vocab_size = tok.pad_id, tok.vocab_size
+            self.unk_id: int | None = tok.unk_id
+            self.special_ids = list(range(len(SPECIAL_TOKENS)))
         else:
             tok.no_padding()
             tok.no_truncation()
@@ -329,6 +393,11 @@ class TextEncoder:
             if pad is None:
                 raise CheckpointError("the tokenizer has no [PAD] or <pad> token")
             self.pad_id, self.vocab_size = pad, tok.get_vocab_size(with_added_tokens=True)
+            self.unk_id = next(
+                (i for i in map(tok.token_to_id, ("[UNK]", "<unk>")) if i is not None), None
+            )
+            added = tok.get_added_tokens_decoder()
+            self.special_ids = sorted(i for i, t in added.items() if t.special)
 
     @classmethod
     def load(cls, path: Path) -> TextEncoder:
@@ -389,11 +458,33 @@ def batch_maker(rows: Sequence[Sequence[int]], labels: Sequence[int], pad_id: in
     return make
 
 
-def classification_loss(smoothing: float):
-    """Cross-entropy summed over the batch's examples (the trainer divides by their number)."""
+def drop_tokens(ids: Tensor, p: float, unk_id: int, keep_ids: Sequence[int]) -> Tensor:
+    """`ids` with each token replaced by `unk_id` with probability p, except padding and the
+    special tokens in `keep_ids`; from torch's global generator, like dropout (checkpointed)."""
+    chosen = torch.rand(ids.shape, device=ids.device) < p
+    chosen &= ~torch.isin(ids, torch.tensor(list(keep_ids), dtype=ids.dtype, device=ids.device))
+    return ids.masked_fill(chosen, unk_id)
+
+
+def classification_loss(
+    smoothing: float,
+    token_dropout: float = 0.0,
+    unk_id: int | None = None,
+    keep_ids: Sequence[int] = (),
+):
+    """Cross-entropy summed over the batch's examples (the trainer divides by their number).
+
+    With token_dropout > 0, training batches (the model in train mode) first have their tokens
+    replaced by `unk_id` at that rate (`drop_tokens`; padding and `keep_ids` are kept).
+    """
+    if token_dropout > 0 and unk_id is None:
+        raise ConfigError("data.token_dropout needs a tokenizer with an unknown token")
 
     def loss(model: SequenceClassifier, batch: ClassBatch) -> Tensor:
-        logits = model(batch.ids).float()  # (B, C), float32 under autocast too
+        ids = batch.ids
+        if token_dropout > 0 and model.training:
+            ids = drop_tokens(ids, token_dropout, unk_id, [model.pad_id, *keep_ids])
+        logits = model(ids).float()  # (B, C), float32 under autocast too
         return F.cross_entropy(logits, batch.labels, reduction="sum", label_smoothing=smoothing)
 
     return loss
@@ -507,6 +598,8 @@ def read_splits(data: ClassificationData) -> Splits:
     train = read_split(data, "train")
     if data.valid_fraction is not None:
         train, valid = hold_out(train, data.valid_fraction, data.split_seed)
+    elif data.valid_sentences is not None:
+        train, valid = hold_out_sentences(train, data.valid_sentences, data.split_seed)
     else:
         valid = read_split(data, "valid")
     has_test = data.test_split if data.format == "hf" else data.test_file
@@ -657,7 +750,9 @@ def train_classification(
         make_batch=batch_maker(
             rows["train"], y_train, encoder.pad_id, pin=torch.cuda.is_available()
         ),
-        loss_fn=classification_loss(exp.train.label_smoothing),
+        loss_fn=classification_loss(
+            exp.train.label_smoothing, data.token_dropout, encoder.unk_id, encoder.special_ids
+        ),
         run_dir=run_dir,
         run_config=run_config,
         d_model=model_cfg.d_model,
