@@ -15,7 +15,7 @@ from aiayn import checkpoint as ckpt
 from aiayn.cli import main
 from aiayn.config import TransformerConfig
 from aiayn.data.batching import TokenBatchSampler
-from aiayn.errors import CheckpointMismatchError, ConfigError, DataError
+from aiayn.errors import CheckpointError, CheckpointMismatchError, ConfigError, DataError
 from aiayn.experiment import Experiment
 from aiayn.finetune import FinetuneConfig, Source, freeze, load_matching, load_source
 from aiayn.heads import SequenceClassifier
@@ -23,9 +23,11 @@ from aiayn.model import Transformer
 from aiayn.tasks.classification import (
     ClassificationData,
     Classifier,
+    Ensemble,
     classification_loss,
     drop_tokens,
     read_splits,
+    read_table_examples,
 )
 from aiayn.train import TrainConfig, Trainer, learning_rate
 
@@ -256,6 +258,28 @@ def test_classifier_api(toy_run):
     clf = Classifier.from_checkpoint(run_dir)
     (label, prob), (label2, _) = clf.predict(["superb", "dull and sad"])
     assert (label, label2) == ("positive", "negative") and 0.5 < prob <= 1.0
+
+
+def test_an_ensemble_averages_the_members_probabilities(toy_run, capsys, tmp_path):
+    run_dir, folder = toy_run
+    best = ckpt.read_best_pointer(run_dir / "checkpoints")
+    first = ckpt.list_checkpoints(run_dir / "checkpoints")[0]  # step 40: another model
+    members = [Classifier.from_checkpoint(p) for p in (best, first)]
+    texts = ["superb", "dull and sad", "the plot was great"]
+    expected = (members[0].probabilities(texts) + members[1].probabilities(texts)) / 2
+    ensemble = Ensemble(members)
+    torch.testing.assert_close(ensemble.probabilities(texts), expected)
+    assert ensemble.predict(["superb"])[0][0] == "positive"
+    code, out, err = run(
+        ["classify", "--checkpoint", best, first, "--eval", folder / "test.tsv", "--json"], capsys
+    )
+    assert code == 0, err
+    examples = read_table_examples(folder / "test.tsv", "sentence", "label")
+    assert json.loads(out) == ensemble.evaluate(examples)
+    other = Classifier.from_checkpoint(best)
+    other.labels = ["neg", "pos"]
+    with pytest.raises(CheckpointError, match="different classes"):
+        Ensemble([members[0], other])
 
 
 # --------------------------------------------------------------------------- bad input

@@ -324,7 +324,7 @@ def cmd_summarize(args: argparse.Namespace) -> int:
 def cmd_classify(args: argparse.Namespace) -> int:
     import torch
 
-    from aiayn.tasks.classification import Classifier, read_table_examples
+    from aiayn.tasks.classification import Classifier, Ensemble, read_table_examples
 
     try:
         device = torch.device(args.device)
@@ -336,7 +336,10 @@ def cmd_classify(args: argparse.Namespace) -> int:
         raise ConfigError("give --eval FILE (labelled) or --input FILE (texts), not both")
     if args.eval is not None and not Path(args.eval).is_file():
         raise DataError(f"--eval {args.eval} does not exist; give a TSV/CSV/JSONL file")
-    classifier = Classifier.from_checkpoint(args.checkpoint, device=args.device)
+    if len(args.checkpoint) == 1:
+        classifier = Classifier.from_checkpoint(args.checkpoint[0], device=args.device)
+    else:
+        classifier = Ensemble.from_checkpoints(args.checkpoint, device=args.device)
     if args.eval is not None:
         text_field = args.text_field or classifier.data.get("text_field", "sentence")
         label_field = args.label_field or classifier.data.get("label_field", "label")
@@ -546,7 +549,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="classify lines from stdin or --input, or score a labelled --eval file",
     )
     p.add_argument(
-        "--checkpoint", required=True, help="a checkpoint folder, or a run folder (uses its best)"
+        "--checkpoint",
+        required=True,
+        nargs="+",
+        help="a checkpoint folder, or a run folder (uses its best); several: an ensemble "
+        "(their class probabilities averaged)",
     )
     p.add_argument("--input", default=None, help="texts, one a line (default: stdin)")
     p.add_argument("--output", default=None, help="write label<TAB>probability lines here")

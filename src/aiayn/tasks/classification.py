@@ -517,7 +517,33 @@ def scores(
 # --------------------------------------------------------------------------- inference
 
 
-class Classifier:
+class ProbabilityClassifier:
+    """Texts in, (label, probability) out, from a subclass's ``probabilities`` and ``labels``."""
+
+    labels: list[str]
+
+    def probabilities(self, texts: Sequence[str]) -> Tensor:
+        """(N, C) class probabilities."""
+        raise NotImplementedError
+
+    def predict(self, texts: Sequence[str]) -> list[tuple[str, float]]:
+        """The most probable class of each text and its probability, in input order."""
+        probs = self.probabilities(texts)
+        best, idx = probs.max(dim=-1)
+        return [
+            (self.labels[i], float(p)) for p, i in zip(best.tolist(), idx.tolist(), strict=True)
+        ]
+
+    def evaluate(self, examples: Sequence[Example]) -> dict[str, float]:
+        """Accuracy and macro-F1 (x 100) on labelled examples, and their number."""
+        check_texts(examples)
+        gold = label_ids(examples, self.labels)
+        probs = self.probabilities([ex.text for ex in examples])
+        metrics = classification_scores(probs.argmax(-1).tolist(), gold, len(self.labels))
+        return {**metrics, "examples": len(examples)}
+
+
+class Classifier(ProbabilityClassifier):
     """A trained classifier with its tokenizer and class names: texts in, (label, probability) out."""
 
     def __init__(
@@ -567,21 +593,29 @@ class Classifier:
         rows, _ = self.encoder.encode(texts, self.max_len)
         return predict_ids(self.model, rows, self.max_tokens)
 
-    def predict(self, texts: Sequence[str]) -> list[tuple[str, float]]:
-        """The most probable class of each text and its probability, in input order."""
-        probs = self.probabilities(texts)
-        best, idx = probs.max(dim=-1)
-        return [
-            (self.labels[i], float(p)) for p, i in zip(best.tolist(), idx.tolist(), strict=True)
-        ]
 
-    def evaluate(self, examples: Sequence[Example]) -> dict[str, float]:
-        """Accuracy and macro-F1 (x 100) on labelled examples, and their number."""
-        check_texts(examples)
-        gold = label_ids(examples, self.labels)
-        probs = self.probabilities([ex.text for ex in examples])
-        metrics = classification_scores(probs.argmax(-1).tolist(), gold, len(self.labels))
-        return {**metrics, "examples": len(examples)}
+class Ensemble(ProbabilityClassifier):
+    """Several classifiers of the same classes (e.g. runs with different seeds): the mean of
+    their class probabilities. Each member keeps its own tokenizer and model."""
+
+    def __init__(self, members: Sequence[Classifier]) -> None:
+        if not members:
+            raise ConfigError("an ensemble needs at least one classifier")
+        for member in members[1:]:
+            if member.labels != members[0].labels:
+                raise CheckpointError(
+                    f"the classifiers have different classes ({members[0].labels} vs "
+                    f"{member.labels}): an ensemble needs the same classes in the same order"
+                )
+        self.members, self.labels, self.data = list(members), members[0].labels, members[0].data
+
+    @classmethod
+    def from_checkpoints(cls, paths: Sequence[str | Path], device: str = "cpu") -> Ensemble:
+        return cls([Classifier.from_checkpoint(path, device=device) for path in paths])
+
+    def probabilities(self, texts: Sequence[str]) -> Tensor:
+        """(N, C): the members' probabilities, averaged."""
+        return torch.stack([member.probabilities(texts) for member in self.members]).mean(dim=0)
 
 
 # --------------------------------------------------------------------------- training
@@ -792,6 +826,7 @@ def train_classification(
 __all__ = [
     "ClassificationData",
     "Classifier",
+    "Ensemble",
     "HeadConfig",
     "SequenceClassifier",
     "TextEncoder",
