@@ -345,10 +345,16 @@ def hold_out_sentences(examples: list[Example], n: int, seed: int) -> tuple[list
     other sentences share (a validation set like GLUE's, which gives whole unseen sentences).
     """
     words = [tuple(ex.text.split()) for ex in examples]
-    parts = []  # the contiguous word spans of each text, itself included
-    for w in words:
-        parts.append({w[a:b] for a in range(len(w)) for b in range(a + 1, len(w) + 1)})
-    inside = {part for w, p in zip(words, parts, strict=True) for part in p if part != w}
+    texts = set(words)
+
+    def texts_within(w: tuple[str, ...]) -> set[tuple[str, ...]]:
+        """The texts of the data that are contiguous word spans of w (w itself included).
+        Only spans that are texts are kept: a set of every span of every phrase of SST-2
+        would take gigabytes."""
+        spans = (w[a:b] for a in range(len(w)) for b in range(a + 1, len(w) + 1))
+        return {span for span in spans if span in texts}
+
+    inside = {part for w in texts for part in texts_within(w) if part != w}
     roots = [i for i, w in enumerate(words) if w not in inside]
     candidates = [i for i in roots if len(words[i]) >= SENTENCE_MIN_WORDS]
     if n >= len(candidates):
@@ -357,8 +363,8 @@ def hold_out_sentences(examples: list[Example], n: int, seed: int) -> tuple[list
             f"{len(candidates)} sentences of {SENTENCE_MIN_WORDS}+ words"
         )
     held = set(random.Random(seed).sample(candidates, n))
-    kept_parts = set().union(*(parts[i] for i in roots if i not in held))
-    held_parts = set().union(*(parts[i] for i in held))
+    kept_parts = set().union(*(texts_within(words[i]) for i in roots if i not in held))
+    held_parts = set().union(*(texts_within(words[i]) for i in held))
     train = [
         ex
         for i, ex in enumerate(examples)
