@@ -1,6 +1,7 @@
 """The `aiayn` command end to end: train a few steps on Multi30k, translate, evaluate, average, resume;
 and every bad input gives one clear line and a non-zero exit."""
 
+import argparse
 import gzip
 import io
 import subprocess
@@ -115,6 +116,18 @@ def test_train_translate_evaluate_average_resume(tmp_path, capsys, monkeypatch):
                          monkeypatch=monkeypatch)  # fmt: skip
     assert code == 0, err
     assert len(out.splitlines()) == 2
+    # The reference search instead of the fixed-shape one (a GPU-only path): the same outputs.
+    code, again, err = run(["translate", "--checkpoint", run_dir, "--beam-size", "2",
+                            "--no-cuda-graphs"], capsys,
+                           stdin="Ein Mann fährt Fahrrad.\nZwei Hunde spielen im Schnee.\n".encode(),
+                           monkeypatch=monkeypatch)  # fmt: skip
+    assert code == 0 and again == out, err
+    from aiayn.cli import _translator
+
+    options = dict(checkpoint=run_dir, beam_size=None, length_penalty=None, device="cpu")
+    for flag in (False, True):
+        translator = _translator(argparse.Namespace(**options, no_cuda_graphs=flag))
+        assert translator.decode.cuda_graphs is not flag
 
     attention = tmp_path / "attention.png"
     code, _, err = run(["translate", "--checkpoint", run_dir, "--attention", attention], capsys,

@@ -8,6 +8,7 @@ Every user error ends as one line, `error: <what is wrong and what to do>`, and 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -182,7 +183,10 @@ def _translator(args: argparse.Namespace, task: str = "translation"):
         raise ConfigError(f"--device {args.device!r} is not a device; use cpu or cuda") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda, but no CUDA GPU is visible; use --device cpu")
-    return Translator.from_checkpoint(args.checkpoint, device=args.device)
+    translator = Translator.from_checkpoint(args.checkpoint, device=args.device)
+    if getattr(args, "no_cuda_graphs", False):
+        translator.decode = dataclasses.replace(translator.decode, cuda_graphs=False)
+    return translator
 
 
 def cmd_translate(args: argparse.Namespace) -> int:
@@ -479,6 +483,12 @@ def build_parser() -> argparse.ArgumentParser:
             "--length-penalty", type=float, default=None, help="alpha of Wu et al. (default 0.6)"
         )
         p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+        p.add_argument(
+            "--no-cuda-graphs",
+            action="store_true",
+            help="on a GPU, search with the reference code instead of the fixed-shape search "
+            "replayed as CUDA graphs (the same results; decode.cuda_graphs)",
+        )
         p.add_argument("--output", default=None, help="write output here instead of stdout")
 
     p = sub.add_parser("translate", parents=[common], help="translate lines from stdin or --input")
