@@ -216,6 +216,27 @@ def beam_step(
     return candidate_scores, flat_index // vocab, flat_index % vocab
 
 
+def _check_n_best(n_best: int, beam_size: int) -> None:
+    if not 1 <= n_best <= beam_size:
+        raise ConfigError(f"n_best must be between 1 and beam_size={beam_size}, got {n_best}")
+
+
+def _check_pad_id(model: Transformer, pad_id: int) -> None:
+    if pad_id != model.cfg.pad_id:
+        # The model masks its own pad id; the search counts source lengths with this one.
+        raise ConfigError(f"pad_id={pad_id} differs from the model's cfg.pad_id={model.cfg.pad_id}")
+
+
+def _check_on_model_device(src_ids: Tensor, model: Transformer) -> None:
+    device = model.generator.weight.device
+    if src_ids.device != device:
+        # The search creates its tokens on src_ids' device; they must meet the model there.
+        raise DataError(
+            f"src_ids are on {src_ids.device} but the model is on {device}: "
+            "move them with src_ids.to(device)"
+        )
+
+
 def _check_inputs(src_ids: Tensor) -> None:
     if src_ids.dim() != 2:
         raise DataError(
@@ -346,7 +367,8 @@ def greedy_search(
     for step in itertools.count():
         log_probs = _next_log_probs(decoder, last, state, banned)  # (A, V)
         # Every active row has emitted `step` tokens.
-        early = [row for row, source in enumerate(active) if step < min(min_len, limits[source])]
+        # Rows still below their minimum length (a host loop, so only when one is asked for).
+        early = min_len and [r for r, src in enumerate(active) if step < min(min_len, limits[src])]
         if early:
             log_probs = _ban_eos(log_probs, torch.tensor(early, device=device), eos_id)
         if no_repeat_ngram_size:
@@ -427,8 +449,7 @@ def beam_search(
     _check_inputs(src_ids)
     if beam_size < 1:
         raise ConfigError(f"beam_size must be at least 1, got {beam_size}")
-    if not 1 <= n_best <= beam_size:
-        raise ConfigError(f"n_best must be between 1 and beam_size={beam_size}, got {n_best}")
+    _check_n_best(n_best, beam_size)
     batch = src_ids.size(0)
     if batch == 0:
         return []
@@ -473,7 +494,7 @@ def beam_search(
 
         # Sources at their maximum length may only end: every token but eos gets -inf.
         at_limit = limits_on_device[active_on_device] <= step  # (A,)
-        early = [a for a, source in enumerate(active) if step < min(min_len, limits[source])]
+        early = min_len and [a for a, src in enumerate(active) if step < min(min_len, limits[src])]
         if early:
             beams = torch.tensor(early).repeat_interleave(k) * k + torch.arange(k).repeat(
                 len(early)
@@ -607,13 +628,7 @@ class TransformerDecoder:
     @torch.inference_mode()
     def start(self, src_ids: Tensor) -> TransformerDecoderState:
         """Encode the sources: (B, S) ids on the model's device -> the state for B rows."""
-        device = self.model.generator.weight.device
-        if src_ids.device != device:
-            # The search creates its tokens on src_ids' device; they must meet the model there.
-            raise DataError(
-                f"src_ids are on {src_ids.device} but the model is on {device}: "
-                "move them with src_ids.to(device)"
-            )
+        _check_on_model_device(src_ids, self.model)
         memory = self.model.encode(src_ids)  # (B, S, d)
         return TransformerDecoderState(memory, src_ids, self.model.new_cache())
 
@@ -714,9 +729,7 @@ def translate_ids(
     Returns:
         B lists of output token ids, without bos and eos: the best hypothesis of each source.
     """
-    if pad_id != model.cfg.pad_id:
-        # The model masks its own pad id; the search counts source lengths with this one.
-        raise ConfigError(f"pad_id={pad_id} differs from the model's cfg.pad_id={model.cfg.pad_id}")
+    _check_pad_id(model, pad_id)
     device = model.generator.weight.device
     if static is None:
         from aiayn.sharding import is_sharded

@@ -48,11 +48,16 @@ from torch import Tensor
 
 from aiayn.decoding import (
     Hypothesis,
+    _banned_ids,
     _check_inputs,
+    _check_n_best,
+    _check_on_model_device,
+    _check_pad_id,
+    beam_step,
     length_penalty_factor,
     max_output_lengths,
 )
-from aiayn.errors import ConfigError, DataError
+from aiayn.errors import ConfigError
 from aiayn.model import padding_mask
 
 if TYPE_CHECKING:
@@ -175,10 +180,11 @@ class _Plan:
         rows = batch * beam
         vocab = model.cfg.tgt_vocab_size
         score_dtype = torch.promote_types(model.generator.weight.dtype, torch.float32)
-        self.banned = torch.tensor(
-            sorted({self.pad_id, self.bos_id} - {self.eos_id}), dtype=torch.long, device=device
+        self.banned = _banned_ids(
+            bos_id=self.bos_id, eos_id=self.eos_id, pad_id=self.pad_id, device=device
         )
-        self.not_eos = torch.arange(vocab, device=device).ne(self.eos_id)
+        self.is_eos = torch.arange(vocab, device=device).eq(self.eos_id)  # (V,)
+        self.not_eos = ~self.is_eos
         self.row_base = torch.arange(batch, device=device) * beam  # (B,) first row of each source
         self.slots = torch.arange(beam, device=device)
         long = dict(dtype=torch.long, device=device)
@@ -216,7 +222,7 @@ class _Plan:
 
     def _ban_eos_before_min_len(self, log_probs: Tensor, per_row: Tensor) -> Tensor:
         """eos at -inf in the rows whose source is below its minimum length; (N, V)."""
-        early = per_row & self.not_eos.logical_not().view(1, -1)  # (N, V): the eos column
+        early = per_row & self.is_eos.view(1, -1)  # (N, V): the eos column
         return log_probs.masked_fill(early, float("-inf"))
 
     def greedy_step(self) -> None:
@@ -244,10 +250,10 @@ class _Plan:
         log_probs = log_probs.masked_fill(
             at_limit.view(-1, 1, 1) & self.not_eos.view(1, 1, -1), float("-inf")
         )
-        # The 2K best (beam, token) extensions of each source, as aiayn.decoding.beam_step.
-        total = (s.scores.unsqueeze(-1) + log_probs).view(B, K * vocab)
-        cand_scores, flat = total.topk(min(2 * K, K * vocab), dim=1)  # (B, 2K)
-        cand_beams, cand_tokens = flat // vocab, flat % vocab
+        # The 2K best (beam, token) extensions of each source.
+        cand_scores, cand_beams, cand_tokens = beam_step(
+            log_probs, s.scores, num_candidates=min(2 * K, K * vocab)
+        )  # each (B, 2K)
         cand_is_eos = cand_tokens.eq(self.eos_id)
 
         # Finish the eos candidates among the top K, best first, while the source has room:
@@ -413,19 +419,12 @@ class StaticDecoding:
         max_len_a: int,
         max_len_b: int,
         min_len: int,
-    ) -> tuple[_Plan, list[int]]:
+    ) -> _Plan:
         _check_inputs(src_ids)
         model = self.model
-        if pad_id != model.cfg.pad_id:
-            raise ConfigError(
-                f"pad_id={pad_id} differs from the model's cfg.pad_id={model.cfg.pad_id}"
-            )
+        _check_pad_id(model, pad_id)
+        _check_on_model_device(src_ids, model)
         device = model.generator.weight.device
-        if src_ids.device != device:
-            raise DataError(
-                f"src_ids are on {src_ids.device} but the model is on {device}: "
-                "move them with src_ids.to(device)"
-            )
         real, src_len = src_ids.shape
         cap = model.cfg.max_len - 2  # bos + output + eos fit in the model's positions
         limits = max_output_lengths(
@@ -456,7 +455,7 @@ class StaticDecoding:
             plan.step()
             if (step + 1) % self.check_every == 0 and bool(plan.state.done.all()):
                 break
-        return plan, limits
+        return plan
 
     def greedy(
         self,
@@ -471,7 +470,7 @@ class StaticDecoding:
         min_len: int = 0,
     ) -> list[list[int]]:
         """:func:`aiayn.decoding.greedy_search` for this model: B lists of output ids."""
-        plan, _ = self._run(
+        plan = self._run(
             src_ids,
             beam=1,
             bos_id=bos_id,
@@ -507,11 +506,10 @@ class StaticDecoding:
             raise ConfigError(
                 f"beam search needs beam_size >= 2 here (1 is greedy), got {beam_size}"
             )
-        if not 1 <= n_best <= beam_size:
-            raise ConfigError(f"n_best must be between 1 and beam_size={beam_size}, got {n_best}")
+        _check_n_best(n_best, beam_size)
         if src_ids.size(0) == 0:
             return []
-        plan, _ = self._run(
+        plan = self._run(
             src_ids,
             beam=beam_size,
             bos_id=bos_id,
