@@ -343,19 +343,20 @@ def test_train_summarize_and_score(trained, toy_bbc, tmp_path, capsys, monkeypat
 
 
 def test_lead_on_a_config_split(toy_bbc, tmp_path, capsys):
+    """The shipped config, its data path overridden on the command line as for `aiayn train`."""
     config = ROOT / "configs" / "bbc_summary.yaml"
-    text = config.read_text().replace(
-        "../shared/data/bbc_news_summary/bbc_news_summary.jsonl.gz", str(toy_bbc)
-    )
-    (tmp_path / "c.yaml").write_text(text)
-    code, out, err = run(
-        ["summarize", "--lead", "3", "--config", tmp_path / "c.yaml", "--split", "test"], capsys
-    )
+    lead = ["summarize", "--lead", "3", "--config", config, "--split", "test"]
+    code, out, err = run([*lead, "--data.path", toy_bbc], capsys)
     assert code == 0, err
     records = [json.loads(line) for line in gzip.open(toy_bbc, "rt")]
     test = split_records(records, 1, 0.05, 0.05)["test"]
     expected = rouge_f1([lead_n(r["document"], 3) for r in test], [r["summary"] for r in test])
     assert f"ROUGE-L {expected['rougeL']:.2f}" in out and "lead-3" in out
+    # An override without --config, or a key the config does not have: one-line errors.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["summarize", "--lead", "3", "--input", str(tmp_path / "x"), "--data.path", "y"])
+    assert exit_info.value.code == 2 and "need --config" in capsys.readouterr().err
+    one_line_error(*run([*lead, "--data.nope", "1"], capsys)[::2], "unknown data key 'nope'")
 
 
 def test_summarize_bad_input(trained, tmp_path, capsys, monkeypatch):

@@ -248,7 +248,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_summarize(args: argparse.Namespace) -> int:
+def cmd_summarize(args: argparse.Namespace, overrides: Sequence[str] = ()) -> int:
+    """`overrides` (`--section.key value`, e.g. `--data.path DIR`) apply to --config."""
     from aiayn.tasks.summarization import SummarizationData, lead_n, rouge_f1
 
     if args.lead is not None and args.lead < 1:
@@ -270,7 +271,7 @@ def cmd_summarize(args: argparse.Namespace) -> int:
     if args.config is not None:
         from aiayn.experiment import Experiment
 
-        exp = Experiment.from_yaml(args.config)
+        exp = Experiment.from_yaml(args.config, list(overrides))
         if exp.task != "summarization":
             raise ConfigError(f"{args.config} is a {exp.task} experiment, not a summarization one")
         data = SummarizationData.from_dict(exp.data)
@@ -535,7 +536,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="summarize and score this split of the data section (the checkpoint's or --config's)",
     )
-    p.add_argument("--config", default=None, help="experiment YAML whose data section to use")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="experiment YAML whose data section to use; --section.key value after it "
+        "overrides a value (e.g. --data.path DIR)",
+    )
     p.add_argument("--max-examples", type=int, default=None, help="only the first N of --split")
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
 
@@ -607,8 +613,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command not in ("train", "finetune"):
+    if extra and args.command not in ("train", "finetune", "summarize"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra and args.command == "summarize" and args.config is None:
+        parser.error(
+            f"unrecognized arguments: {' '.join(extra)} (overrides such as --data.path "
+            "value need --config)"
+        )
     level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(
         level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
@@ -628,6 +639,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_train(args, extra)
         if args.command == "finetune":
             return cmd_finetune(args, extra)
+        if args.command == "summarize":
+            return cmd_summarize(args, extra)
         return commands[args.command](args)
     except AiaynError as exc:
         if args.debug:
