@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The CPU suite at the small size (d_model 256, 3+3 layers, shared vocabulary of 8k), fp32:
+# The CPU suite at the small size (d_model 256, 3+3 layers, shared vocabulary of 8k), fp32
+# unless DTYPE says otherwise:
 #   1. training throughput: aiayn vs torch.nn.Transformer vs Hugging Face Marian (eager);
 #   2. decoding throughput: aiayn greedy and beam 4 vs Hugging Face generate, same weights.
 # Run it on an idle machine: on a busy one the numbers are wrong (the JSON records the load).
@@ -8,6 +9,8 @@
 #   OUT=/some/dir bench/run_cpu.sh    results in /some/dir
 #   THREADS=4 bench/run_cpu.sh        a fixed number of threads (default: PyTorch's, one per core)
 #   COMPILE=1 bench/run_cpu.sh        training also torch.compile'd (needs a C++ compiler; minutes)
+#   DTYPE=bf16 bench/run_cpu.sh       bf16 autocast for every model (fast on CPUs with AMX)
+#   ROUNDS=1 bench/run_cpu.sh         training measured in 1 round instead of 3 (see --rounds)
 #   DRY_RUN=1 bench/run_cpu.sh        print what would run, run nothing
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,9 +23,10 @@ else
     PY=python3
 fi
 OUT_DIR=${OUT:-bench/results}
-common=(--device cpu --size small --dtype fp32 --out "$OUT_DIR")
+common=(--device cpu --size small --dtype "${DTYPE:-fp32}" --out "$OUT_DIR")
 [[ -n "${THREADS:-}" ]] && common+=(--threads "$THREADS")
-train=(-m bench.train_throughput "${common[@]}")
+# Several rounds: this machine's speed wanders, and a round measures every model once.
+train=(-m bench.train_throughput "${common[@]}" --rounds "${ROUNDS:-3}")
 [[ "${COMPILE:-0}" == 1 ]] && train+=(--compile)
 decode=(-m bench.decode_throughput "${common[@]}")
 # aiayn from the checkout even where it is not installed.

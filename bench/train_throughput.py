@@ -14,17 +14,24 @@ The loss is the same function for all: cross-entropy with label smoothing 0.1 ov
 log-probabilities. The peers compute it the way their users write it,
 ``F.cross_entropy(logits.float(), ...)`` (PyTorch's own; autocast would run it in float32
 anyway), eager. aiayn computes it with `aiayn.train.label_smoothed_nll`, as its Trainer does:
-eager in eager mode; in compile mode with ``fused=True``, the compiled loss that
-``train.compile: true`` gives aiayn's training (one of aiayn's fast paths). The row
-``aiayn-unfused-loss`` is aiayn compiled with the peers' eager loss: the before of that fast
-path. The row ``aiayn-fused-qkv`` is aiayn with its attention projections as one product
+in eager mode on a CPU its own loss computed by blocks of rows (`aiayn.loss.LabelSmoothedNLL`;
+on a GPU the peers' loss); in compile mode with ``fused=True``, the compiled loss that
+``train.compile: true`` gives aiayn's training (both among aiayn's fast paths). The row
+``aiayn-unfused-loss`` is aiayn with the peers' eager loss: the before of those fast paths
+(skipped in eager mode on a GPU, where it would repeat ``aiayn``). The row ``aiayn-fused-qkv`` is aiayn with its attention projections as one product
 (``MultiHeadAttention.fused_projections = True``, an option; measured, not faster compiled).
+The row ``aiayn-sdpa-only`` is aiayn calling F.scaled_dot_product_attention for every call,
+also where aiayn writes eq. (1) out because the fused kernel is slow there (CPU half-precision
+training, `aiayn.model._slow_fused_backward`): the before of that choice.
 Marian's own loss (``labels=``) would be a plain cross-entropy without smoothing, in the
 logits' dtype: different work. ``--compile`` compiles the model (as ``train.compile: true``
 does); the optimiser runs eagerly for all.
 
 Output: bench/results/train_throughput-<device>-<date>.json (rewritten after each case, so a
 run stopped by a time limit keeps what it measured) and a markdown table on stdout.
+``--rounds N`` measures every case N times in turn and reports the median over rounds (the
+JSON's ``results`` has a row per round, ``cases`` the combined rows): on a shared machine whose
+speed wanders, the per-round speed-ups in the summary show how far one round can be trusted.
 """
 
 from __future__ import annotations
@@ -36,11 +43,13 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import aiayn.model
 from aiayn.config import TransformerConfig
 from aiayn.model import MultiHeadAttention, Transformer
 from aiayn.train import label_smoothed_nll
@@ -51,6 +60,7 @@ MODELS: dict[str, str] = {
     "aiayn": "aiayn.model.Transformer, with aiayn's loss (fused when compiled)",
     "aiayn-unfused-loss": "aiayn.model.Transformer with the peers' eager loss",
     "aiayn-fused-qkv": "aiayn.model.Transformer with Q, K, V projected by one product",
+    "aiayn-sdpa-only": "aiayn.model.Transformer with PyTorch's fused attention for every call",
     "nn.Transformer": "torch.nn.Transformer + shared embeddings + tied output layer",
     "hf-marian": "transformers.MarianMTModel, random init, same shape",
 }
@@ -181,7 +191,7 @@ def run_case(
         calls += 1
         with autocast(device, dtype):
             logits = forward(src, tgt_in)
-            if name in ("aiayn", "aiayn-fused-qkv"):
+            if name in ("aiayn", "aiayn-fused-qkv", "aiayn-sdpa-only"):
                 summed = label_smoothed_nll(
                     logits, tgt_out, cfg.pad_id, label_smoothing, fused=mode == "compile"
                 )
@@ -193,11 +203,17 @@ def run_case(
         optimizer.zero_grad(set_to_none=True)
         last_loss = loss.detach()  # read after the timing: .item() here would synchronise
 
-    # The first step alone: it allocates the optimiser state and, compiled, compiles.
-    common.synchronize(device)
-    first = common.time_fn(step, device, warmup=0, repeats=1)[0]
-    first_loss = float(last_loss)
-    times = common.time_fn(step, device, warmup=warmup, repeats=repeats)
+    fused_everywhere = (
+        mock.patch.object(aiayn.model, "_slow_fused_backward", lambda q: False)
+        if name == "aiayn-sdpa-only"
+        else contextlib.nullcontext()
+    )
+    with fused_everywhere:
+        # The first step alone: it allocates the optimiser state and, compiled, compiles.
+        common.synchronize(device)
+        first = common.time_fn(step, device, warmup=0, repeats=1)[0]
+        first_loss = float(last_loss)
+        times = common.time_fn(step, device, warmup=warmup, repeats=repeats)
     step_s = common.median(times)
     result = {
         "model": name,
@@ -246,28 +262,88 @@ def prewarm(names: Sequence[str], device: torch.device, dtype: torch.dtype) -> N
     common.free_memory(device)
 
 
+def combine_rounds(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (model, mode) from the rows of every round, in first-measured order.
+
+    With one round a row is its round's row. With several, the step time is the median of the
+    rounds' medians (`step_s_rounds`), the rates are recomputed from it, the repeats of all
+    rounds are pooled for the spread, and the peak memory is the largest. A case that failed in
+    every round keeps its first error.
+    """
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault((r["model"], r["mode"]), []).append(r)
+    rows = []
+    for group in groups.values():
+        done = [r for r in group if "step_s_median" in r]
+        if not done:
+            rows.append(group[0])
+            continue
+        if len(done) == 1:
+            rows.append(done[0])
+            continue
+        first = done[0]
+        per_round = [r["step_s_median"] for r in done]
+        step_s = common.median(per_round)
+        pooled = [t for r in done for t in r["step_s_repeats"]]
+        scale = first["step_s_median"] / step_s  # rates are inversely proportional to time
+        row = {key: value for key, value in first.items() if key != "round"}
+        row.update(
+            rounds=len(done),
+            step_s_median=step_s,
+            step_s_rounds=per_round,
+            step_s_repeats=pooled,
+            step_s_spread=common.spread(pooled),
+            peak_mem_mib=max(r["peak_mem_mib"] for r in done),
+            loss_last=done[-1]["loss_last"],
+        )
+        for key in ("tgt_tokens_per_s", "tokens_per_s", "model_flops_per_s", "mfu"):
+            row[key] = first[key] * scale
+        rows.append(row)
+    return rows
+
+
+def _speedup(rows: list[dict[str, Any]], aiayn_mode: str, peer_mode: str) -> dict | None:
+    """aiayn's speed-up over the fastest peer among `rows`, or None if either is missing."""
+    done = [r for r in rows if "step_s_median" in r]
+    ours = [r for r in done if r["model"] == "aiayn" and r["mode"] == aiayn_mode]
+    peers = [r for r in done if not r["model"].startswith("aiayn") and r["mode"] == peer_mode]
+    if not (ours and peers):
+        return None
+    best = min(peers, key=lambda r: r["step_s_median"])
+    return {
+        "fastest_peer": best["model"],
+        "aiayn_speedup": best["step_s_median"] / ours[0]["step_s_median"],
+    }
+
+
 def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
     """aiayn's speed-up over the fastest peer (>1: aiayn is faster), for every pair of modes
-    measured: "aiayn eager vs peers compile" compares eager aiayn with the compiled peers."""
-    done = [r for r in results if "step_s_median" in r]
+    measured: "aiayn eager vs peers compile" compares eager aiayn with the compiled peers.
+
+    From the combined rows (:func:`combine_rounds`); with several rounds, also each round's own
+    speed-up (`per_round`): their range says how much one round can be trusted.
+    """
+    rounds = sorted({r.get("round", 1) for r in results})
     summary: dict[str, Any] = {}
     for aiayn_mode in MODES:
-        ours = [r for r in done if r["model"] == "aiayn" and r["mode"] == aiayn_mode]
         for peer_mode in MODES:
-            peers = [
-                r for r in done if not r["model"].startswith("aiayn") and r["mode"] == peer_mode
-            ]
-            if ours and peers:
-                best = min(peers, key=lambda r: r["step_s_median"])
-                summary[f"aiayn {aiayn_mode} vs peers {peer_mode}"] = {
-                    "fastest_peer": best["model"],
-                    "aiayn_speedup": best["step_s_median"] / ours[0]["step_s_median"],
-                }
+            overall = _speedup(combine_rounds(results), aiayn_mode, peer_mode)
+            if overall is None:
+                continue
+            if len(rounds) > 1:
+                each = [
+                    _speedup([r for r in results if r.get("round", 1) == k], aiayn_mode, peer_mode)
+                    for k in rounds
+                ]
+                overall["per_round"] = [e["aiayn_speedup"] if e else None for e in each]
+            summary[f"aiayn {aiayn_mode} vs peers {peer_mode}"] = overall
     return summary
 
 
 def table(results: list[dict[str, Any]]) -> str:
     """The markdown table: one row per (model, mode); 'aiayn x' = this row's time / aiayn's."""
+    results = combine_rounds(results)
     aiayn = {r["mode"]: r for r in results if r["model"] == "aiayn" and "step_s_median" in r}
     rows = []
     for r in results:
@@ -330,6 +406,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--repeats", type=int, default=10, help="timed steps (the median is reported)"
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure every case this many times, in turn (round 1 of every case, then round "
+        "2, ...): a slow spell of a shared machine then slows one round of every model, not "
+        "all of one model's steps; reported: the median over rounds",
+    )
     parser.add_argument("--batches", type=int, default=4, help="distinct batches used in turn")
     parser.add_argument("--label-smoothing", type=float, default=0.1)
     parser.add_argument(
@@ -339,6 +423,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     modes = args.modes or ("eager,compile" if args.compile else "eager")
     args.modes = [m.strip() for m in modes.split(",") if m.strip()]
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     for value, allowed, what in ((args.modes, MODES, "mode"), (args.models, MODELS, "model")):
         unknown = [v for v in value if v not in allowed]
         if unknown:
@@ -398,11 +484,13 @@ def main(argv: Sequence[str] | None = None) -> Path:
             "warmup": args.warmup,
             "repeats": args.repeats,
             "batches": args.batches,
+            "rounds": args.rounds,
             "label_smoothing": args.label_smoothing,
             "loss": (
                 "label-smoothed cross-entropy over float32 log-probabilities, summed / target "
                 "tokens: peers and aiayn-unfused-loss F.cross_entropy(logits.float()) eager; "
-                "aiayn aiayn.train.label_smoothed_nll, fused=True when compiled"
+                "aiayn aiayn.train.label_smoothed_nll: eager, by blocks of rows (aiayn.loss) "
+                "on a CPU and the peers' loss on a GPU; fused=True (compiled) in compile mode"
             ),
             "optimizer": "AdamW(lr=1e-4, betas=(0.9, 0.98), eps=1e-9), fused on CUDA",
             "seed": args.seed,
@@ -413,40 +501,53 @@ def main(argv: Sequence[str] | None = None) -> Path:
         "results": [],
     }
     common.write_json(path, payload)
-    for mode in args.modes:
-        for name in args.models:
-            if name == "aiayn-unfused-loss" and mode == "eager":
-                continue  # eager, aiayn's loss is this one: the row would repeat "aiayn"
-            print(f"  {name} ({mode}) ...", flush=True)
-            try:
-                result = run_case(
-                    name,
-                    mode,
-                    cfg,
-                    batches,
-                    device=device,
-                    dtype=dtype,
-                    warmup=args.warmup,
-                    repeats=args.repeats,
-                    label_smoothing=args.label_smoothing,
-                    seed=args.seed,
-                    flops_per_step=flops["total"],
-                    matmul_flops_per_s=rate["flops_per_s"],
-                )
-            except Exception as exc:  # one peer failing (say, to compile) must not lose the rest
-                traceback.print_exc()
-                result = {"model": name, "mode": mode, "error": f"{type(exc).__name__}: {exc}"}
-            if mode == "compile":
-                torch._dynamo.reset()  # the next model compiles from a clean slate
-            common.free_memory(device)
-            payload["results"].append(result)
-            payload["summary"] = summarise(payload["results"])
-            common.write_json(path, payload)
+    cases = [
+        (round_, mode, name)
+        for round_ in range(1, args.rounds + 1)
+        for mode in args.modes
+        for name in args.models
+        # On a GPU aiayn's eager loss is the peers': the row would repeat "aiayn".
+        if not (name == "aiayn-unfused-loss" and mode == "eager" and device.type != "cpu")
+    ]
+    for round_, mode, name in cases:
+        of_rounds = f", round {round_} of {args.rounds}" if args.rounds > 1 else ""
+        print(f"  {name} ({mode}{of_rounds}) ...", flush=True)
+        try:
+            result = run_case(
+                name,
+                mode,
+                cfg,
+                batches,
+                device=device,
+                dtype=dtype,
+                warmup=args.warmup,
+                repeats=args.repeats,
+                label_smoothing=args.label_smoothing,
+                seed=args.seed,
+                flops_per_step=flops["total"],
+                matmul_flops_per_s=rate["flops_per_s"],
+            )
+        except Exception as exc:  # one peer failing (say, to compile) must not lose the rest
+            traceback.print_exc()
+            result = {"model": name, "mode": mode, "error": f"{type(exc).__name__}: {exc}"}
+        result["round"] = round_
+        if mode == "compile":
+            torch._dynamo.reset()  # the next model compiles from a clean slate
+        common.free_memory(device)
+        payload["results"].append(result)
+        payload["summary"] = summarise(payload["results"])
+        if args.rounds > 1:
+            payload["cases"] = combine_rounds(payload["results"])
+        common.write_json(path, payload)
     payload["status"] = "complete"
     common.write_json(path, payload)
     print(f"\n{common.describe_machine(machine)}\n{table(payload['results'])}")
     for pair, s in payload["summary"].items():
-        print(f"{pair}: aiayn {s['aiayn_speedup']:.2f}x the fastest ({s['fastest_peer']})")
+        rounds = ""
+        if "per_round" in s:
+            each = ", ".join("-" if x is None else f"{x:.2f}" for x in s["per_round"])
+            rounds = f"; per round: {each}"
+        print(f"{pair}: aiayn {s['aiayn_speedup']:.2f}x the fastest ({s['fastest_peer']}){rounds}")
     print(f"wrote {path}")
     return path
 

@@ -83,8 +83,8 @@ def test_train_throughput_writes_json(tmp_path: Path, one_thread) -> None:
     assert data["flops_per_step"]["total"] > 0 and data["matmul_rate"]["flops_per_s"] > 0
     results = data["results"]
     assert [(r["model"], r["mode"]) for r in results] == [
-        (name, "eager") for name in train_throughput.MODELS if name != "aiayn-unfused-loss"
-    ]  # eager, aiayn-unfused-loss would repeat aiayn: skipped
+        (name, "eager") for name in train_throughput.MODELS
+    ]
     for r in results:
         assert "error" not in r, r.get("error")
         assert TRAIN_RESULT_KEYS <= set(r), TRAIN_RESULT_KEYS - set(r)
@@ -236,3 +236,71 @@ def test_train_throughput_compiled(tmp_path: Path, one_thread) -> None:
     data = json.loads(path.read_text(encoding="utf-8"))
     assert [r["mode"] for r in data["results"]] == ["compile"] * len(train_throughput.MODELS)
     assert all("error" not in r for r in data["results"])
+
+
+def test_train_throughput_rounds_take_the_median_over_rounds(tmp_path: Path, one_thread) -> None:
+    path = train_throughput.main(
+        [*FAST, "--matmul-size", "64", "--models", "aiayn,nn.Transformer", "--rounds", "3"]
+        + ["--out", str(tmp_path)]
+    )
+    data = json.loads(path.read_text(encoding="utf-8"))
+    assert data["settings"]["rounds"] == 3
+    assert [(r["model"], r["round"]) for r in data["results"]] == [
+        (name, k) for k in (1, 2, 3) for name in ("aiayn", "nn.Transformer")
+    ]
+    for case in data["cases"]:
+        rows = [r for r in data["results"] if r["model"] == case["model"]]
+        assert case["step_s_rounds"] == [r["step_s_median"] for r in rows]
+        assert case["step_s_median"] == sorted(case["step_s_rounds"])[1]
+        assert len(case["step_s_repeats"]) == 3
+        # Rates follow the combined time.
+        assert case["tgt_tokens_per_s"] * case["step_s_median"] == pytest.approx(
+            rows[0]["tgt_tokens_per_s"] * rows[0]["step_s_median"]
+        )
+    summary = data["summary"]["aiayn eager vs peers eager"]
+    ours, peer = (
+        next(c for c in data["cases"] if c["model"] == m) for m in ("aiayn", "nn.Transformer")
+    )
+    assert summary["aiayn_speedup"] == pytest.approx(peer["step_s_median"] / ours["step_s_median"])
+    assert summary["per_round"] == pytest.approx(
+        [
+            p["step_s_median"] / o["step_s_median"]
+            for o, p in zip(data["results"][0::2], data["results"][1::2], strict=True)
+        ]
+    )
+
+
+def test_sdpa_only_row_is_the_before_of_the_cpu_half_precision_choice(monkeypatch) -> None:
+    """In CPU bf16 training aiayn writes attention out; the row aiayn-sdpa-only does not."""
+    calls: list[str] = []
+    fused_kernel = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append("sdpa")
+        return fused_kernel(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    cfg = common.SIZES["tiny"].config()
+    batches = train_throughput.make_batches(
+        cfg, batch=2, src_len=5, tgt_len=4, count=1, seed=0, device=torch.device("cpu")
+    )
+    counts = {}
+    for name in ("aiayn", "aiayn-sdpa-only"):
+        calls.clear()
+        train_throughput.run_case(
+            name,
+            "eager",
+            cfg,
+            batches,
+            device=torch.device("cpu"),
+            dtype=torch.bfloat16,
+            warmup=0,
+            repeats=1,
+            label_smoothing=0.1,
+            seed=0,
+            flops_per_step=1.0,
+            matmul_flops_per_s=1.0,
+        )
+        counts[name] = len(calls)
+    layers = cfg.n_encoder_layers + 2 * cfg.n_decoder_layers  # attention calls per forward
+    assert counts == {"aiayn": 0, "aiayn-sdpa-only": 2 * layers}  # two steps

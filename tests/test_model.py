@@ -219,6 +219,46 @@ def test_model_reference_path_equals_sdpa_path(norm):
     torch.testing.assert_close(fast(src, tgt), slow(src, tgt), rtol=1e-5, atol=1e-5)
 
 
+def test_cpu_half_precision_training_takes_the_written_out_attention(monkeypatch):
+    """attention "sdpa" calls PyTorch's fused kernel, except for a CPU bf16 call that will be
+    differentiated (its backward is slow there): that one is eq. (1) written out, so its
+    logits and gradients are those of attention "reference", bit for bit."""
+    calls = []
+    fused_kernel = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].dtype)
+        return fused_kernel(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    torch.manual_seed(3)
+    fast = Transformer(tiny(attention="sdpa"))
+    slow = Transformer(tiny(attention="reference"))
+    slow.load_state_dict(fast.state_dict())
+    src, tgt = random_batch(fast.cfg, [5, 2, 7], [6, 3, 4], seed=3)
+
+    def train_step(model):
+        torch.manual_seed(0)  # the same dropout masks
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model.train()(src, tgt)
+        logits.float().square().mean().backward()
+        return logits, [p.grad for p in model.parameters()]
+
+    logits, grads = train_step(fast)
+    assert calls == []  # bf16 with gradients: the written-out path
+    ref_logits, ref_grads = train_step(slow)
+    assert torch.equal(logits, ref_logits)
+    for a, b in zip(grads, ref_grads, strict=True):
+        assert torch.equal(a, b)
+    # Without gradients (decoding, validation) and in float32 the fused kernel runs.
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fast.eval()(src, tgt)
+    assert calls and set(calls) == {torch.bfloat16}
+    calls.clear()
+    fast.train()(src, tgt).square().mean().backward()
+    assert calls and set(calls) == {torch.float32}
+
+
 def test_fused_projections_give_the_same_model():
     """MultiHeadAttention.fused_projections (one product for Q, K, V): same outputs and
     gradients, same parameters, in training and in incremental decoding."""

@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 
+import aiayn.loss
 from aiayn import checkpoint as ckpt
 from aiayn.config import TransformerConfig
 from aiayn.data.batching import TokenBatchSampler, example_lengths
@@ -235,6 +236,58 @@ def test_checkpoints_keep_last_k_and_best(tmp_path):
     names = [p.name for p in ckpt.list_checkpoints(tmp_path)]
     assert names == ["step_00000004", "step_00000010", "step_00000012"]
     assert ckpt.read_best_pointer(tmp_path).name == "step_00000004"
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("block_elements", [None, 1, 120])  # one block; one row each; several
+def test_blockwise_loss_equals_pytorch_cross_entropy(smoothing, block_elements, monkeypatch):
+    """aiayn.loss.LabelSmoothedNLL (the eager loss) against F.cross_entropy with
+    label_smoothing, in float64: the same value and gradient, padding rows ignored."""
+    if block_elements is not None:
+        monkeypatch.setitem(aiayn.loss.BLOCK_ELEMENTS, "cpu", block_elements)
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(4, 6, 50, dtype=torch.float64)).requires_grad_()
+    target = torch.randint(1, 50, (4, 6))
+    target[0, :2] = 0
+    target[3, :] = 0  # a sentence of padding only
+    ours = label_smoothed_nll(logits, target, 0, smoothing)
+    (our_grad,) = torch.autograd.grad(3.0 * ours, logits)
+    theirs = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1),
+        target.flatten(),
+        ignore_index=0,
+        reduction="sum",
+        label_smoothing=smoothing,
+    )
+    (their_grad,) = torch.autograd.grad(3.0 * theirs, logits)
+    assert ours.dtype == torch.float64
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(our_grad, their_grad, rtol=1e-12, atol=1e-12)
+    assert our_grad[3].abs().sum() == 0 and our_grad[0, :2].abs().sum() == 0
+
+
+def test_blockwise_loss_of_bf16_logits_is_float32_with_a_bf16_gradient(monkeypatch):
+    """bf16 logits (autocast): the loss in float32 from the exact bf16 values, the gradient in
+    bf16, as PyTorch's loss on logits.float() gives them, and no (N, V) float32 tensor kept."""
+    monkeypatch.setitem(aiayn.loss.BLOCK_ELEMENTS, "cpu", 200)
+    torch.manual_seed(1)
+    logits = torch.randn(5, 7, 100).bfloat16().requires_grad_()
+    target = torch.randint(1, 100, (5, 7))
+    target[1, 3:] = 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = label_smoothed_nll(logits, target, 0, 0.1)
+    (our_grad,) = torch.autograd.grad(ours, logits)
+    theirs = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1).float(),
+        target.flatten(),
+        ignore_index=0,
+        reduction="sum",
+        label_smoothing=0.1,
+    )
+    (their_grad,) = torch.autograd.grad(theirs, logits)
+    assert ours.dtype == torch.float32 and our_grad.dtype == torch.bfloat16
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(our_grad, their_grad)  # bf16 tolerances
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile on a CPU needs a C compiler")

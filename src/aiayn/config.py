@@ -150,7 +150,9 @@ class TransformerConfig(ConfigSection):
     # "relu": FFN(x) = max(0, xW1 + b1)W2 + b2 (eq. 2); "gelu" for BERT, "silu" (swish) for Marian.
     activation: Activation = "relu"
     layer_norm_eps: float = 1e-5  # not given in the paper; PyTorch's default
-    attention: AttentionImpl = "sdpa"  # "reference": softmax(QK^T/sqrt(d_k))V written out (eq. 1)
+    # "sdpa": PyTorch's fused kernels (eq. 1 written out where they are slow: CPU half-precision
+    # training); "reference": softmax(QK^T/sqrt(d_k))V written out always (eq. 1).
+    attention: AttentionImpl = "sdpa"
     # Options for imported weights; the defaults follow the paper.
     scale_embeddings: bool = True  # §3.4: embeddings times sqrt(d_model); BERT does not scale
     embedding_norm: bool = False  # a LayerNorm on embeddings + positions, as in BERT

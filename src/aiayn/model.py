@@ -95,6 +95,17 @@ def padding_mask(ids: Tensor, pad_id: int) -> Tensor:
     return keep[:, None, None, :]
 
 
+def _slow_fused_backward(q: Tensor) -> bool:
+    """Whether F.scaled_dot_product_attention would be the slower choice for queries q.
+
+    On a CPU, PyTorch's fused (flash) attention kernel is slow to differentiate in half
+    precision: its backward in bf16 took 10 ms per call where eq. (1) written out took 3 ms
+    (32 x 4 heads x 32 positions x d_k 64; docs/performance.md). Its forward is fast, so only
+    a CPU half-precision call that will be differentiated takes the written-out path.
+    """
+    return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and q.requires_grad
+
+
 class MultiHeadAttention(nn.Module):
     """§3.2.2: h heads of scaled dot-product attention over learned projections of Q, K, V.
 
@@ -164,17 +175,18 @@ class MultiHeadAttention(nn.Module):
     ) -> Tensor:
         """Attention of projected queries (B, h, T_q, d_k) over keys/values (B, h, T_k, d_k),
         heads concatenated and projected by W^O: (B, T_q, d_model). Masks as in `forward`."""
+        fused = self.impl == "sdpa" and not _slow_fused_backward(q)
         # F.scaled_dot_product_attention's is_causal aligns the mask top-left: right only when
         # queries and keys are the same positions and there is no other mask. Otherwise (a
-        # cache, a key mask, the reference path) spell the causal mask out.
-        if is_causal and not (self.impl == "sdpa" and mask is None and q.size(2) == k.size(2)):
+        # cache, a key mask, the written-out path) spell the causal mask out.
+        if is_causal and not (fused and mask is None and q.size(2) == k.size(2)):
             causal = causal_mask(q.size(2), k.size(2), device=q.device)
             mask = causal if mask is None else mask & causal
             is_causal = False
         dropout_p = self.attention_dropout if self.training else 0.0
         if self.record_weights:
             self.weights = attention_weights(q, k, mask).detach()
-        if self.impl == "reference":
+        if not fused:
             out = scaled_dot_product_attention(q, k, v, mask, dropout_p)
         else:
             out = F.scaled_dot_product_attention(

@@ -36,6 +36,7 @@ from aiayn.config import ConfigSection
 from aiayn.data.batching import TokenBatchSampler
 from aiayn.errors import AiaynError, CheckpointError, CheckpointMismatchError, ConfigError
 from aiayn.faults import maybe_fail
+from aiayn.loss import label_smoothed_nll_blockwise
 
 logger = logging.getLogger(__name__)
 
@@ -141,17 +142,24 @@ def label_smoothed_nll(
     Args:
         logits: (B, T, V).  target: (B, T) token ids; pad_id positions are ignored.
         fused: compute it with a `torch.compile`d kernel (what `train.compile: true` uses).
-            The eager loss casts the whole (B*T, V) logits to float32 and keeps a float32
-            log-softmax for the backward pass: with V = 37,000 and 16k tokens, 2.4 GB
-            written and read several times. The compiled one reads the bf16 logits in
-            row-wise reductions (max, sum of exponentials, the target's and the smoothing
-            sums), keeps one float32 number per row, and writes the gradient in the logits'
-            dtype: the same function, a fraction of the memory traffic.
+            Both ways avoid casting the whole (B*T, V) logits to float32 and keeping a
+            float32 log-softmax for the backward pass (with V = 37,000 and 16k tokens, 2.4 GB
+            written and read several times): they read the logits in row-wise reductions
+            (max, sum of exponentials, the target's and the smoothing sums), keep one float32
+            number per row, and write the gradient in the logits' dtype. Eager, blocks of rows
+            at a time (`aiayn.loss.LabelSmoothedNLL`); compiled, in kernels that torch.compile
+            fuses from ``F.cross_entropy``. The eager blockwise loss is used on a CPU, where it
+            was measured faster (docs/performance.md); elsewhere the eager loss is PyTorch's
+            ``F.cross_entropy`` on float32 logits until the blockwise one is measured there.
     Returns:
         a scalar: the loss summed over tokens (divide by the token count for the mean).
     """
     if fused:
         return _compiled_label_smoothed_nll()(logits, target, pad_id, smoothing)
+    if logits.device.type == "cpu":
+        return label_smoothed_nll_blockwise(
+            logits.flatten(0, 1), target.flatten(), pad_id, smoothing
+        )
     return _label_smoothed_nll(logits, target, pad_id, smoothing)
 
 
@@ -166,6 +174,8 @@ def _label_smoothed_nll(logits: Tensor, target: Tensor, pad_id: int, smoothing: 
     )
 
 
+# PyTorch's loss: what the compiled loss compiles (torch.compile fuses its kernels), and the
+# eager loss off the CPU.
 @functools.cache
 def _compiled_label_smoothed_nll() -> Callable[[Tensor, Tensor, int, float], Tensor]:
     # Made on first use: compiling costs seconds, and only compiled training asks for it.
