@@ -13,10 +13,11 @@ rows at a time, in at least float32, and keeps only the lse per row between the 
 gradient is written in the logits' dtype.
 
 Why not `F.cross_entropy(logits.float(), ..., label_smoothing=eps)`: that casts all (N, V)
-logits to float32, keeps a float32 log-softmax for the backward pass, and builds the gradient
-of the smoothing term and of the reference term as two more (N, V) tensors before adding them:
-at V = 8,000 and N = 1,024 some 13 passes over 32 MB. Here every block is small enough to stay
-in the CPU's cache while it is read several times (docs/performance.md has the measurement).
+logits to float32, keeps a float32 log-softmax for the backward pass, and builds the gradients
+of the smoothing term and of the reference term as two more (N, V) float32 tensors before
+adding them (32 MB each at V = 8,000 and N = 1,024). Here every block is small enough to stay
+in a CPU core's cache while it is read several times. `aiayn.train.label_smoothed_nll` uses it
+on a CPU, where it was measured faster (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -61,14 +62,15 @@ class LabelSmoothedNLL(torch.autograd.Function):
         total = torch.zeros((), dtype=compute, device=logits.device)
         starts, rows = _blocks(n, vocab, logits.device)
         for start in starts:
-            block = logits[start : start + rows].to(compute)  # (r, V)
+            stop = start + rows
+            block = logits[start:stop].to(compute)  # (r, V)
             block_lse = torch.logsumexp(block, dim=-1)
-            lse[start : start + rows] = block_lse
-            x_t = block.gather(1, safe_target[start : start + rows, None]).squeeze(1)
+            lse[start:stop] = block_lse
+            x_t = block.gather(1, safe_target[start:stop, None]).squeeze(1)
             per_row = block_lse - (1.0 - smoothing) * x_t
             if smoothing:
                 per_row = per_row - (smoothing / vocab) * block.sum(dim=-1)
-            total += per_row.masked_fill(~keep[start : start + rows], 0.0).sum()
+            total += per_row.masked_fill(~keep[start:stop], 0.0).sum()
         ctx.save_for_backward(logits, safe_target, keep, lse)
         ctx.smoothing = smoothing
         return total
@@ -92,7 +94,12 @@ class LabelSmoothedNLL(torch.autograd.Function):
         for start in starts:
             stop = start + rows
             block = logits[start:stop].to(lse.dtype)
-            probs = torch.exp(block - lse[start:stop, None])  # softmax(x), (r, V)
+            # Computed in place in the gradient when it has the compute dtype, else cast below.
+            same_dtype = grad.dtype == lse.dtype
+            probs = torch.sub(
+                block, lse[start:stop, None], out=grad[start:stop] if same_dtype else None
+            )
+            probs.exp_()  # softmax(x), (r, V)
             if smoothing:
                 probs -= smoothing / vocab
             probs.scatter_add_(
@@ -101,7 +108,8 @@ class LabelSmoothedNLL(torch.autograd.Function):
                 torch.full_like(probs[:, :1], -(1.0 - smoothing)),
             )
             probs *= scale[start:stop, None]
-            grad[start:stop] = probs  # cast to the logits' dtype
+            if not same_dtype:
+                grad[start:stop] = probs  # cast to the logits' dtype
         return grad, None, None, None
 
 

@@ -158,7 +158,7 @@ def label_smoothed_nll(
         return _compiled_label_smoothed_nll()(logits, target, pad_id, smoothing)
     if logits.device.type == "cpu":
         return label_smoothed_nll_blockwise(
-            logits.flatten(0, 1), target.flatten(), pad_id, smoothing
+            logits.reshape(-1, logits.size(-1)), target.reshape(-1), pad_id, smoothing
         )
     return _label_smoothed_nll(logits, target, pad_id, smoothing)
 
