@@ -245,6 +245,14 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
 
+def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
+    """First quartile, median and third quartile (the median thrice for one value)."""
+    if len(values) < 2:
+        return (float(values[0]),) * 3
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return float(q1), float(q2), float(q3)
+
+
 def spread(values: Sequence[float]) -> float:
     """(max - min) / median: how far apart the repeats are; compare speed-ups against it."""
     mid = median(values)

@@ -2,7 +2,9 @@
 # The CPU suite at the small size (d_model 256, 3+3 layers, shared vocabulary of 8k), fp32
 # unless DTYPE says otherwise:
 #   1. training throughput: aiayn vs torch.nn.Transformer vs Hugging Face Marian (eager);
-#   2. decoding throughput: aiayn greedy and beam 4 vs Hugging Face generate, same weights.
+#   2. the same training steps taken in turn, one step per model (bench/interleaved.py): the
+#      ratios that this machine's drifting speed cannot skew;
+#   3. decoding throughput: aiayn greedy and beam 4 vs Hugging Face generate, same weights.
 # Run it on an idle machine: on a busy one the numbers are wrong (the JSON records the load).
 #
 #   bench/run_cpu.sh                  results in bench/results/
@@ -28,6 +30,7 @@ common=(--device cpu --size small --dtype "${DTYPE:-fp32}" --out "$OUT_DIR")
 # Several rounds: this machine's speed wanders, and a round measures every model once.
 train=(-m bench.train_throughput "${common[@]}" --rounds "${ROUNDS:-3}")
 [[ "${COMPILE:-0}" == 1 ]] && train+=(--compile)
+interleaved=(-m bench.interleaved "${common[@]}")
 decode=(-m bench.decode_throughput "${common[@]}")
 # aiayn from the checkout even where it is not installed.
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
@@ -36,9 +39,11 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 echo "CPU benchmark suite, small size; load average now: $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo unknown)"
 echo "runs, in order:"
 echo "  $PY ${train[*]}"
+echo "  $PY ${interleaved[*]}"
 echo "  $PY ${decode[*]}"
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
     exit 0
 fi
 "$PY" "${train[@]}"
+"$PY" "${interleaved[@]}"
 "$PY" "${decode[@]}"

@@ -126,9 +126,8 @@ def plain_loss(logits: Tensor, target: Tensor, pad_id: int, smoothing: float) ->
 def make_optimizer(model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
     """AdamW with the paper's betas and eps (§5.3), the same for every model.
 
-    Fused on a GPU (one kernel for all parameters, as aiayn's Trainer uses); PyTorch's
-    default (multi-tensor) implementation on a CPU. The learning rate is a constant: the
-    schedule costs nothing and does not change the work.
+    Fused (one kernel for all parameters), as aiayn's Trainer uses on a GPU and on a CPU. The
+    learning rate is a constant: the schedule costs nothing and does not change the work.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(
@@ -137,7 +136,7 @@ def make_optimizer(model: nn.Module, device: torch.device) -> torch.optim.Optimi
         betas=(0.9, 0.98),
         eps=1e-9,
         weight_decay=0.0,
-        fused=True if device.type == "cuda" else None,
+        fused=True if device.type in ("cuda", "cpu") else None,
     )
 
 
@@ -148,6 +147,14 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     return torch.autocast(device.type, dtype=dtype)
 
 
+def differs_from_aiayn(name: str, mode: str, device: torch.device) -> bool:
+    """False for a before row that would repeat the `aiayn` row here: off a CPU, aiayn's eager
+    loss is the peers' and aiayn never writes attention out where sdpa-only would not."""
+    if device.type == "cpu":
+        return True
+    return not (name == "aiayn-unfused-loss" and mode == "eager") and name != "aiayn-sdpa-only"
+
+
 def count_parameters(model: nn.Module) -> dict[str, int]:
     """Unique parameters (tied matrices once), all and trainable."""
     params = list(model.parameters())  # nn.Module.parameters() yields a shared tensor once
@@ -155,6 +162,65 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
         "params": sum(p.numel() for p in params),
         "params_trainable": sum(p.numel() for p in params if p.requires_grad),
     }
+
+
+class TrainingStep:
+    """One model's training step on the shared batches; each call runs one step.
+
+    The step: forward (under bf16 autocast for bf16), the loss, backward, AdamW, zero_grad.
+    `last_loss` holds the latest loss as a tensor (reading it would synchronise a GPU).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        mode: str,
+        cfg: TransformerConfig,
+        batches: Sequence[Batch],
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        label_smoothing: float,
+        seed: int,
+    ) -> None:
+        torch.manual_seed(seed)
+        self.name, self.mode, self.cfg, self.batches = name, mode, cfg, batches
+        self.device, self.dtype, self.label_smoothing = device, dtype, label_smoothing
+        self.model = build_model(name, cfg).to(device).train()
+        self.optimizer = make_optimizer(self.model, device)
+        self.forward = torch.compile(self.model) if mode == "compile" else self.model
+        # Target tokens (no padding): what the loss is averaged over.
+        self.n_tokens = batches[0][1].numel()
+        self.calls = 0
+        self.last_loss = torch.zeros(())
+
+    def _case(self) -> contextlib.AbstractContextManager:
+        """What the row changes in aiayn for the duration of a step."""
+        if self.name == "aiayn-sdpa-only":
+            return mock.patch.object(aiayn.model, "_slow_fused_backward", lambda q: False)
+        return contextlib.nullcontext()
+
+    def __call__(self) -> None:
+        src, tgt_in, tgt_out = self.batches[self.calls % len(self.batches)]
+        self.calls += 1
+        with self._case():
+            with autocast(self.device, self.dtype):
+                logits = self.forward(src, tgt_in)
+                if self.name in ("aiayn", "aiayn-fused-qkv", "aiayn-sdpa-only"):
+                    summed = label_smoothed_nll(
+                        logits,
+                        tgt_out,
+                        self.cfg.pad_id,
+                        self.label_smoothing,
+                        fused=self.mode == "compile",
+                    )
+                else:
+                    summed = plain_loss(logits, tgt_out, self.cfg.pad_id, self.label_smoothing)
+                loss = summed / self.n_tokens
+            loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.last_loss = loss.detach()  # read after the timing: .item() here would synchronise
 
 
 def run_case(
@@ -175,50 +241,29 @@ def run_case(
     """Build one model, train it for 1 + warmup + repeats steps, and return its measurements."""
     memory = common.PeakMemory(device)
     memory.start()  # before the model exists: its parameters and optimiser state count
-    torch.manual_seed(seed)
-    model = build_model(name, cfg).to(device).train()
-    optimizer = make_optimizer(model, device)
-    forward = torch.compile(model) if mode == "compile" else model
+    step = TrainingStep(
+        name,
+        mode,
+        cfg,
+        batches,
+        device=device,
+        dtype=dtype,
+        label_smoothing=label_smoothing,
+        seed=seed,
+    )
     batch, src_len = batches[0][0].shape
     tgt_len = batches[0][1].size(1)
-    n_tokens = batch * tgt_len  # target tokens (no padding): what the loss is averaged over
-    calls = 0
-    last_loss = torch.zeros(())
-
-    def step() -> None:
-        nonlocal calls, last_loss
-        src, tgt_in, tgt_out = batches[calls % len(batches)]
-        calls += 1
-        with autocast(device, dtype):
-            logits = forward(src, tgt_in)
-            if name in ("aiayn", "aiayn-fused-qkv", "aiayn-sdpa-only"):
-                summed = label_smoothed_nll(
-                    logits, tgt_out, cfg.pad_id, label_smoothing, fused=mode == "compile"
-                )
-            else:
-                summed = plain_loss(logits, tgt_out, cfg.pad_id, label_smoothing)
-            loss = summed / n_tokens
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        last_loss = loss.detach()  # read after the timing: .item() here would synchronise
-
-    fused_everywhere = (
-        mock.patch.object(aiayn.model, "_slow_fused_backward", lambda q: False)
-        if name == "aiayn-sdpa-only"
-        else contextlib.nullcontext()
-    )
-    with fused_everywhere:
-        # The first step alone: it allocates the optimiser state and, compiled, compiles.
-        common.synchronize(device)
-        first = common.time_fn(step, device, warmup=0, repeats=1)[0]
-        first_loss = float(last_loss)
-        times = common.time_fn(step, device, warmup=warmup, repeats=repeats)
+    n_tokens = step.n_tokens
+    # The first step alone: it allocates the optimiser state and, compiled, compiles.
+    common.synchronize(device)
+    first = common.time_fn(step, device, warmup=0, repeats=1)[0]
+    first_loss = float(step.last_loss)
+    times = common.time_fn(step, device, warmup=warmup, repeats=repeats)
     step_s = common.median(times)
     result = {
         "model": name,
         "mode": mode,
-        **count_parameters(model),
+        **count_parameters(step.model),
         "step_s_median": step_s,
         "step_s_repeats": times,
         "step_s_spread": common.spread(times),
@@ -229,7 +274,7 @@ def run_case(
         "mfu": flops_per_step / step_s / matmul_flops_per_s,
         "peak_mem_mib": memory.peak_mib(),
         "loss_first": first_loss,
-        "loss_last": float(last_loss),
+        "loss_last": float(step.last_loss),
     }
     # The model and optimiser are freed when this function returns; the caller cleans up.
     return result
@@ -492,7 +537,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
                 "aiayn aiayn.train.label_smoothed_nll: eager, by blocks of rows (aiayn.loss) "
                 "on a CPU and the peers' loss on a GPU; fused=True (compiled) in compile mode"
             ),
-            "optimizer": "AdamW(lr=1e-4, betas=(0.9, 0.98), eps=1e-9), fused on CUDA",
+            "optimizer": "AdamW(lr=1e-4, betas=(0.9, 0.98), eps=1e-9), fused on CUDA and CPU",
             "seed": args.seed,
         },
         "model_config": cfg.to_dict(),
@@ -506,8 +551,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         for round_ in range(1, args.rounds + 1)
         for mode in args.modes
         for name in args.models
-        # On a GPU aiayn's eager loss is the peers': the row would repeat "aiayn".
-        if not (name == "aiayn-unfused-loss" and mode == "eager" and device.type != "cpu")
+        if differs_from_aiayn(name, mode, device)
     ]
     for round_, mode, name in cases:
         of_rounds = f", round {round_} of {args.rounds}" if args.rounds > 1 else ""

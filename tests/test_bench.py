@@ -31,7 +31,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from aiayn.model import Transformer  # noqa: E402
-from bench import common, decode_throughput, train_throughput  # noqa: E402
+from bench import (  # noqa: E402
+    common,
+    decode_throughput,
+    interleaved,
+    optimizer_step,
+    train_throughput,
+)
 
 FAST = ["--device", "cpu", "--size", "tiny", "--warmup", "0", "--repeats", "1"]
 
@@ -289,3 +295,50 @@ def test_sdpa_only_row_is_the_before_of_the_cpu_half_precision_choice(monkeypatc
     cfg = common.SIZES["tiny"].config()
     layers = cfg.n_encoder_layers + 2 * cfg.n_decoder_layers  # attention calls per forward
     assert counts == {"aiayn": 0, "aiayn-sdpa-only": 2 * layers}  # two steps
+
+
+def test_before_rows_that_would_repeat_aiayn_are_not_run_on_a_gpu() -> None:
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert all(
+        train_throughput.differs_from_aiayn(name, mode, cpu)
+        for name in train_throughput.MODELS
+        for mode in train_throughput.MODES
+    )
+    skipped = [
+        (name, mode)
+        for name in train_throughput.MODELS
+        for mode in train_throughput.MODES
+        if not train_throughput.differs_from_aiayn(name, mode, gpu)
+    ]
+    assert skipped == [
+        ("aiayn-unfused-loss", "eager"),
+        ("aiayn-sdpa-only", "eager"),
+        ("aiayn-sdpa-only", "compile"),
+    ]
+
+
+def test_interleaved_steps_give_ratios_to_aiayn_in_the_same_turn(tmp_path: Path, one_thread):
+    path = interleaved.main(
+        [*FAST[:4], "--steps", "3", "--warmup", "0", "--models", "aiayn,nn.Transformer"]
+        + ["--out", str(tmp_path)]
+    )
+    data = json.loads(path.read_text(encoding="utf-8"))
+    assert data["benchmark"] == "interleaved" and data["status"] == "complete"
+    ours, peer = data["results"]
+    assert [ours["model"], peer["model"]] == ["aiayn", "nn.Transformer"]
+    assert len(peer["step_s_turns"]) == 3 and ours["vs_aiayn_median_ratio"] == 1.0
+    ratios = sorted(p / o for p, o in zip(peer["step_s_turns"], ours["step_s_turns"], strict=True))
+    assert peer["vs_aiayn_median_ratio"] == pytest.approx(ratios[1])
+    assert peer["step_s_q1"] <= peer["step_s_median"] <= peer["step_s_q3"]
+    with pytest.raises(SystemExit):
+        interleaved.main(["--device", "cpu", "--size", "tiny", "--models", "nn.Transformer"])
+
+
+def test_optimizer_step_times_both_adamw_kinds(tmp_path: Path, one_thread) -> None:
+    path = optimizer_step.main(
+        [*FAST[:4], "--turns", "2", "--repeats", "1", "--out", str(tmp_path)]
+    )
+    data = json.loads(path.read_text(encoding="utf-8"))
+    per_turn = data["step_s_median_per_turn"]
+    assert set(per_turn) == {"fused", "multi-tensor"}
+    assert all(len(v) == 2 and min(v) > 0 for v in per_turn.values())

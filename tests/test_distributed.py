@@ -79,6 +79,64 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, fs
     assert len(moved) > 10, "training should have changed the parameters"
 
 
+def poison_step(trainer, step: int) -> None:
+    """Make the loss of optimiser step `step` (0-based) infinite, on this process."""
+    loss_fn = trainer.loss_fn
+
+    def loss(model, batch):
+        value = loss_fn(model, batch)
+        return value * float("inf") if trainer.step == step else value
+
+    trainer.loss_fn = loss
+
+
+def nonfinite_worker(rank: int, world: int, port: int, run_dir: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    torch.set_num_threads(1)
+    trainer = make_trainer(run_dir, STEPS, copy_examples(), dropout=0.0, dtype=torch.float64,
+                           fsdp=True)  # fmt: skip
+    if rank == 0:
+        poison_step(trainer, 1)  # one process's loss only: the step must be skipped on both
+    trainer.fit(progress=False)
+    steps = {float(state["step"]) for state in trainer.optimizer.state.values()}
+    torch.save(steps, os.path.join(run_dir, f"adam-steps-{rank}.pt"))
+    if rank == 0:
+        final = ckpt.load_model_state_dict(ckpt.latest_checkpoint(trainer.checkpoint_root))
+        torch.save(final, os.path.join(run_dir, "final.pt"))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="torch.distributed is not available"
+)
+def test_a_non_finite_step_is_skipped_on_every_shard(tmp_path):
+    """FSDP with the fused AdamW (the Trainer's choice on CPUs and GPUs): a step whose loss is
+    infinite on one process only is skipped by the kernel (found_inf) on both, from the
+    sharded gradient norm, and the run ends where one process skipping that step ends."""
+    run_dir = str(tmp_path / "fsdp")
+    mp.start_processes(
+        nonfinite_worker, args=(2, free_port(), run_dir), nprocs=2, start_method="spawn"
+    )
+    for rank in (0, 1):
+        steps = torch.load(os.path.join(run_dir, f"adam-steps-{rank}.pt"), weights_only=True)
+        assert steps == {STEPS - 1.0}, f"rank {rank}: Adam steps {steps}"
+    sharded = torch.load(os.path.join(run_dir, "final.pt"), weights_only=True)
+
+    torch.set_num_threads(1)
+    single = make_trainer(
+        tmp_path / "single", STEPS, copy_examples(), dropout=0.0, dtype=torch.float64, grad_accum=2
+    )
+    assert single.optimizer.defaults["fused"]
+    poison_step(single, 1)
+    single.fit(progress=False)
+    log = (tmp_path / "single" / "train.jsonl").read_text().splitlines()
+    assert ['"skipped_non_finite": true' in line for line in log].count(True) == 1
+    for name, value in single.model.state_dict().items():
+        atol = 1e-10 if name.endswith("w_k.bias") else 1e-12  # see the test above
+        torch.testing.assert_close(sharded[name], value, rtol=1e-9, atol=atol, msg=name)
+
+
 MULTI30K = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "multi30k")
 
 

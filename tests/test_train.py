@@ -182,8 +182,17 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
         torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-6)
 
 
-def test_non_finite_steps_are_skipped_then_training_stops(tmp_path):
+@pytest.mark.parametrize("fused", [True, False])
+def test_non_finite_steps_are_skipped_then_training_stops(tmp_path, fused):
+    """Skipped by the fused AdamW itself (the default) or, where PyTorch has no fused kernel,
+    by the Trainer reading the flag."""
     trainer = make_trainer(tmp_path, 50, copy_examples(), max_bad_steps=3)
+    if not fused:
+        groups = [
+            {k: v for k, v in g.items() if k not in ("fused", "foreach")}
+            for g in trainer.optimizer.param_groups
+        ]
+        trainer.optimizer = torch.optim.AdamW(groups, foreach=True)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     trainer.loss_fn = lambda model, batch: model(batch.src, batch.tgt_in).sum() * math.inf
     with pytest.raises(
@@ -198,14 +207,11 @@ def test_non_finite_steps_are_skipped_then_training_stops(tmp_path):
 
 
 def test_a_fused_optimiser_skips_non_finite_steps_on_the_device(tmp_path):
-    """With a fused AdamW (the Trainer's choice on a GPU) the skip needs no host read: the
-    kernel itself leaves parameters, moments and step counts alone where found_inf is set."""
+    """With a fused AdamW (the Trainer's choice on a GPU and a CPU) the skip needs no host
+    read: the kernel itself leaves parameters, moments and step counts alone where found_inf
+    is set."""
     trainer = make_trainer(tmp_path, 50, copy_examples(), max_bad_steps=3)
-    groups = [
-        {k: v for k, v in g.items() if k not in ("fused", "foreach")}
-        for g in trainer.optimizer.param_groups
-    ]
-    trainer.optimizer = torch.optim.AdamW(groups, fused=True)  # fused AdamW runs on a CPU too
+    assert trainer.optimizer.defaults["fused"]
     steps = []
     step = trainer.optimizer.step
     trainer.optimizer.step = lambda: steps.append(trainer.optimizer.found_inf.item()) or step()

@@ -1,0 +1,161 @@
+"""Training steps of several models taken in turn: speed ratios a wandering machine cannot skew.
+
+    python -m bench.interleaved --device cpu --size small --dtype bf16
+    python -m bench.interleaved --device cpu --size small --models aiayn,aiayn-unfused-loss,nn.Transformer
+
+On a shared machine whose speed drifts by tens of percent within a minute (this project's CPU
+machine), measuring one model after another (`bench/train_throughput.py`, even in rounds)
+lets the drift decide differences of 10-20%. Here every model is built and warmed up first;
+then the models take one training step each, in turn, `--steps` times, so that the steps
+compared run next to each other in the same state of the machine. Reported per model: the
+median step time, and the median over the turns of its step time divided by aiayn's in the
+same turn ("x aiayn", > 1: aiayn is faster). Peak memory is not measured (every model is alive
+at once; `bench/train_throughput.py` measures it). Models, batches, loss and optimiser are
+those of `bench/train_throughput.py` (its `TrainingStep`), eager.
+
+Output: bench/results/interleaved-<device>-<date>.json and a markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench import common
+from bench.train_throughput import MODELS, TrainingStep, make_batches
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.interleaved",
+        description="Training steps of aiayn and its peers taken in turn, one step each.",
+    )
+    common.add_run_options(parser)
+    parser.add_argument(
+        "--models",
+        default=",".join(MODELS),
+        help=f"comma-separated, aiayn first (the reference), from: {', '.join(MODELS)}",
+    )
+    parser.add_argument("--steps", type=int, default=30, help="timed turns (one step each)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each model")
+    parser.add_argument("--batches", type=int, default=4, help="distinct batches used in turn")
+    parser.add_argument("--label-smoothing", type=float, default=0.1)
+    args = parser.parse_args(argv)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in args.models if m not in MODELS]
+    if unknown:
+        parser.error(f"unknown model {unknown[0]!r}; choose from {', '.join(MODELS)}")
+    if args.models[:1] != ["aiayn"]:
+        parser.error("--models must start with aiayn: the ratios are against it")
+    if args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
+    return args
+
+
+def summarise(times: dict[str, list[float]]) -> list[dict[str, Any]]:
+    """Per model: median step time, quartiles, and the median ratio to aiayn's step in the
+    same turn."""
+    ours = times["aiayn"]
+    rows = []
+    for name, values in times.items():
+        ratios = [t / ref for t, ref in zip(values, ours, strict=True)]
+        q1, _, q3 = common.quartiles(values)
+        rows.append(
+            {
+                "model": name,
+                "step_s_median": common.median(values),
+                "step_s_q1": q1,
+                "step_s_q3": q3,
+                "step_s_turns": values,
+                "vs_aiayn_median_ratio": common.median(ratios),
+            }
+        )
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    body = [
+        [
+            r["model"],
+            common.fmt(r["step_s_median"] * 1e3, 1),
+            f"{common.fmt(r['step_s_q1'] * 1e3, 0)}-{common.fmt(r['step_s_q3'] * 1e3, 0)}",
+            common.fmt(r["vs_aiayn_median_ratio"], 2),
+        ]
+        for r in rows
+    ]
+    return common.markdown_table(["model", "ms/step", "quartiles", "aiayn x"], body)
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    """Run the benchmark; returns the path of the JSON written."""
+    args = parse_args(argv)
+    device, dtype, size, cfg = common.setup(args)
+    machine = common.machine_info(device)
+    batches = make_batches(
+        cfg,
+        batch=size.train_batch,
+        src_len=size.train_src_len,
+        tgt_len=size.train_tgt_len,
+        count=args.batches,
+        seed=args.seed,
+        device=device,
+    )
+    print(
+        f"interleaved: {', '.join(args.models)} on {device.type} "
+        f"({common.describe_machine(machine)}), size {size.name}, {args.dtype}; "
+        f"{args.warmup} warm-up steps each, then {args.steps} turns of one step each",
+        flush=True,
+    )
+    steps = {}
+    for name in args.models:
+        steps[name] = TrainingStep(
+            name,
+            "eager",
+            cfg,
+            batches,
+            device=device,
+            dtype=dtype,
+            label_smoothing=args.label_smoothing,
+            seed=args.seed,
+        )
+        common.time_fn(steps[name], device, warmup=args.warmup, repeats=0)
+    times: dict[str, list[float]] = {name: [] for name in args.models}
+    for _ in range(args.steps):
+        for name, step in steps.items():
+            times[name] += common.time_fn(step, device, warmup=0, repeats=1)
+    rows = summarise(times)
+    path = common.results_path(args.out, "interleaved", device)
+    common.write_json(
+        path,
+        {
+            "benchmark": "interleaved",
+            "created": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "status": "complete",
+            "machine": machine,
+            "settings": {
+                "device": device.type,
+                "size": size.name,
+                "dtype": args.dtype,
+                "batch": size.train_batch,
+                "src_len": size.train_src_len,
+                "tgt_len": size.train_tgt_len,
+                "models": {name: MODELS[name] for name in args.models},
+                "warmup": args.warmup,
+                "steps": args.steps,
+                "batches": args.batches,
+                "label_smoothing": args.label_smoothing,
+                "seed": args.seed,
+            },
+            "model_config": cfg.to_dict(),
+            "results": rows,
+        },
+    )
+    print(f"\n{common.describe_machine(machine)}\n{table(rows)}\nwrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()
