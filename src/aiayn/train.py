@@ -142,15 +142,14 @@ def label_smoothed_nll(
     Args:
         logits: (B, T, V).  target: (B, T) token ids; pad_id positions are ignored.
         fused: compute it with a `torch.compile`d kernel (what `train.compile: true` uses).
-            Both ways avoid casting the whole (B*T, V) logits to float32 and keeping a
-            float32 log-softmax for the backward pass (with V = 37,000 and 16k tokens, 2.4 GB
-            written and read several times): they read the logits in row-wise reductions
-            (max, sum of exponentials, the target's and the smoothing sums), keep one float32
-            number per row, and write the gradient in the logits' dtype. Eager, blocks of rows
-            at a time (`aiayn.loss.LabelSmoothedNLL`); compiled, in kernels that torch.compile
-            fuses from ``F.cross_entropy``. The eager blockwise loss is used on a CPU, where it
-            was measured faster (docs/performance.md); elsewhere the eager loss is PyTorch's
-            ``F.cross_entropy`` on float32 logits until the blockwise one is measured there.
+            PyTorch's eager loss casts the whole (B*T, V) logits to float32 and keeps a
+            float32 log-softmax for the backward pass: with V = 37,000 and 16k tokens, 2.4 GB
+            written and read several times. The compiled one reads the logits in row-wise
+            reductions (max, sum of exponentials, the target's and the smoothing sums), keeps
+            one float32 number per row, and writes the gradient in the logits' dtype. Eager
+            on a CPU, `aiayn.loss.LabelSmoothedNLL` does the same by blocks of rows (measured
+            faster there: docs/performance.md); eager elsewhere, the loss stays PyTorch's
+            until the blockwise one is measured there.
     Returns:
         a scalar: the loss summed over tokens (divide by the token count for the mean).
     """
