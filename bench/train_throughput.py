@@ -18,7 +18,8 @@ in eager mode on a CPU its own loss computed by blocks of rows (`aiayn.loss.Labe
 on a GPU the peers' loss); in compile mode with ``fused=True``, the compiled loss that
 ``train.compile: true`` gives aiayn's training (both among aiayn's fast paths). The row
 ``aiayn-unfused-loss`` is aiayn with the peers' eager loss: the before of those fast paths
-(skipped in eager mode on a GPU, where it would repeat ``aiayn``). The row ``aiayn-fused-qkv`` is aiayn with its attention projections as one product
+(skipped in eager mode on a GPU, where it would repeat ``aiayn``). The row
+``aiayn-fused-qkv`` is aiayn with its attention projections as one product
 (``MultiHeadAttention.fused_projections = True``, an option; measured, not faster compiled).
 The row ``aiayn-sdpa-only`` is aiayn calling F.scaled_dot_product_attention for every call,
 also where aiayn writes eq. (1) out because the fused kernel is slow there (CPU half-precision
@@ -187,6 +188,8 @@ class TrainingStep:
         self.name, self.mode, self.cfg, self.batches = name, mode, cfg, batches
         self.device, self.dtype, self.label_smoothing = device, dtype, label_smoothing
         self.model = build_model(name, cfg).to(device).train()
+        # Every aiayn row computes aiayn's own loss, except the one whose point is not to.
+        self.own_loss = name.startswith("aiayn") and name != "aiayn-unfused-loss"
         self.optimizer = make_optimizer(self.model, device)
         self.forward = torch.compile(self.model) if mode == "compile" else self.model
         # Target tokens (no padding): what the loss is averaged over.
@@ -206,7 +209,7 @@ class TrainingStep:
         with self._case():
             with autocast(self.device, self.dtype):
                 logits = self.forward(src, tgt_in)
-                if self.name in ("aiayn", "aiayn-fused-qkv", "aiayn-sdpa-only"):
+                if self.own_loss:
                     summed = label_smoothed_nll(
                         logits,
                         tgt_out,
@@ -370,10 +373,11 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
     speed-up (`per_round`): their range says how much one round can be trusted.
     """
     rounds = sorted({r.get("round", 1) for r in results})
+    combined = combine_rounds(results)
     summary: dict[str, Any] = {}
     for aiayn_mode in MODES:
         for peer_mode in MODES:
-            overall = _speedup(combine_rounds(results), aiayn_mode, peer_mode)
+            overall = _speedup(combined, aiayn_mode, peer_mode)
             if overall is None:
                 continue
             if len(rounds) > 1:

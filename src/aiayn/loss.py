@@ -90,12 +90,12 @@ class LabelSmoothedNLL(torch.autograd.Function):
         grad = torch.empty_like(logits)
         # d loss / d x of a kept row, times the upstream gradient; zero for an ignored row.
         scale = keep.to(lse.dtype) * grad_total.to(lse.dtype)  # (N,)
+        # Computed in place in the gradient when it has the compute dtype, else cast below.
+        same_dtype = grad.dtype == lse.dtype
         starts, rows = _blocks(n, vocab, logits.device)
         for start in starts:
             stop = start + rows
             block = logits[start:stop].to(lse.dtype)
-            # Computed in place in the gradient when it has the compute dtype, else cast below.
-            same_dtype = grad.dtype == lse.dtype
             probs = torch.sub(
                 block, lse[start:stop, None], out=grad[start:stop] if same_dtype else None
             )
