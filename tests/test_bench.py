@@ -36,6 +36,7 @@ from bench import (  # noqa: E402
     decode_throughput,
     interleaved,
     optimizer_step,
+    train_kernels,
     train_throughput,
 )
 
@@ -342,3 +343,13 @@ def test_optimizer_step_times_both_adamw_kinds(tmp_path: Path, one_thread) -> No
     per_turn = data["step_s_median_per_turn"]
     assert set(per_turn) == {"fused", "multi-tensor"}
     assert all(len(v) == 2 and min(v) > 0 for v in per_turn.values())
+
+
+def test_train_kernels_times_both_sides_of_every_pair(tmp_path: Path, one_thread) -> None:
+    path = train_kernels.main(
+        [*FAST[:4], "--turns", "1", "--repeats", "1", "--matmul-size", "16", "--out", str(tmp_path)]
+    )
+    results = json.loads(path.read_text(encoding="utf-8"))["seconds_median_per_turn"]
+    assert len(results) == 7  # loss, attention fwd+bwd, attention fwd: x 2 dtypes; matmul
+    for pair in results.values():
+        assert len(pair) == 2 and all(len(v) == 1 and v[0] > 0 for v in pair.values())

@@ -27,7 +27,7 @@ from torch import Tensor
 
 # Elements of a block of logits. On a CPU, 2^18 float32 values (1 MiB) stay in a core's
 # cache while the block is read several times, the point of working by blocks there (2^16 to
-# 2^26 measured at V = 8,000: 2^18 was fastest). On a GPU a block is one kernel launch per
+# 2^26 tried at V = 8,000 with a first version of this code: 2^18 was fastest). On a GPU a block is one kernel launch per
 # operation, so blocks are larger: 2^26 elements is 128 MiB of bf16 logits.
 BLOCK_ELEMENTS = {"cpu": 1 << 18}
 DEFAULT_BLOCK_ELEMENTS = 1 << 26

@@ -99,9 +99,9 @@ def _slow_fused_backward(q: Tensor) -> bool:
     """Whether F.scaled_dot_product_attention would be the slower choice for queries q.
 
     On a CPU, PyTorch's fused (flash) attention kernel is slow to differentiate in half
-    precision: its backward in bf16 took 10 ms per call where eq. (1) written out took 3 ms
-    (32 x 4 heads x 32 positions x d_k 64; docs/performance.md). Its forward is fast, so only
-    a CPU half-precision call that will be differentiated takes the written-out path.
+    precision: forward + backward in bf16 took 6.4 ms per call where eq. (1) written out took
+    1.8 ms (32 x 4 heads x 32 positions x d_k 64; bench/train_kernels.py). Its forward is the
+    faster, so only a CPU half-precision call that will be differentiated is written out.
     """
     return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and q.requires_grad
 
