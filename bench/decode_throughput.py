@@ -7,7 +7,9 @@ One randomly initialised aiayn `Transformer` is exported with `aiayn.interop.to_
 loaded as a ``MarianMTModel``: both sides hold the same weights. aiayn decodes with
 `aiayn.decoding.greedy_search` / `beam_search` over a `TransformerDecoder` (the reference
 searches; row ``aiayn``) and with `aiayn.static_decoding.StaticDecoding` (the same searches
-with fixed shapes, each step one CUDA graph launch on a GPU; row ``aiayn-static``); Hugging
+with fixed shapes, each step one CUDA graph launch on a GPU and a step of
+`aiayn.frozen_decoder.FrozenDecoder` on a CPU; row ``aiayn-static``; on a CPU also the same
+search stepping the model's own modules, the before row ``aiayn-static-modules``); Hugging
 Face with ``model.generate``.
 
 **Equal work.** A random model ends its outputs at random steps, differently on each side once
@@ -32,6 +34,12 @@ other (a tie, broken differently); such rows are counted and reported, any other
 stops the run. Output lengths are checked after every timed case too. Beam outputs are
 compared and the agreement reported, not required (near-ties among 2K candidates are more
 frequent).
+
+**Interleaved** (``--interleave N``, what the CPU suite uses): after the cases above, every
+implementation decodes one batch in turn, N times, and each is reported as the median over
+the turns of HF ``generate``'s time divided by its own in the same turn. On a machine whose
+speed drifts by tens of percent within a minute (this project's CPU machine), one case after
+another lets the drift decide the ratio; side by side it cannot.
 
 Output: bench/results/decode_throughput-<device>-<date>.json and a markdown table on stdout.
 """
@@ -59,11 +67,24 @@ from bench import common
 from bench.peers import quiet_transformers  # also sets HF_HUB_OFFLINE before transformers loads
 
 # aiayn: the reference searches of aiayn.decoding; aiayn-static: aiayn.static_decoding (fixed
-# shapes, one CUDA graph launch per step on a GPU); hf-generate: the peer, with its default
-# dynamic cache; hf-generate-static: with its static cache (`cache_implementation="static"`,
-# which transformers also compiles on a GPU): the peer's own fast path.
+# shapes; one CUDA graph launch per step on a GPU, the frozen decoder of aiayn.frozen_decoder
+# on a CPU); hf-generate: the peer, with its default dynamic cache; hf-generate-static: with
+# its static cache (`cache_implementation="static"`, which transformers also compiles on a
+# GPU): the peer's own fast path.
 IMPLEMENTATIONS = ("aiayn", "aiayn-static", "hf-generate", "hf-generate-static")
 PEERS = ("hf-generate", "hf-generate-static")
+# On a CPU, a before row: the fixed-shape search stepping the model's own modules
+# (`StaticDecoding(frozen=False)`), what a CPU ran before the frozen decoder.
+CPU_BEFORE = "aiayn-static-modules"
+
+
+def implementations(device: torch.device) -> tuple[str, ...]:
+    """The rows measured on `device`, in order."""
+    if device.type != "cpu":
+        return IMPLEMENTATIONS
+    return IMPLEMENTATIONS[:2] + (CPU_BEFORE,) + IMPLEMENTATIONS[2:]
+
+
 SEARCHES = ("greedy", "beam")
 LENGTH_PENALTY = 0.6  # the paper's alpha; irrelevant to the ranking when all lengths are equal
 # Two logits closer than this (relative to the largest) are a tie at float32 precision.
@@ -318,10 +339,12 @@ def make_run(
     """
     if impl == "aiayn":
         return lambda: (aiayn_decode(model, src, search, steps, beam_size), None)
-    if impl == "aiayn-static":
+    if impl in ("aiayn-static", CPU_BEFORE):
         # Made here, after the cast to the timed dtype: its buffers take the model's dtype.
         # Its CUDA graphs are captured in the first (warm-up) batch.
-        static = StaticDecoding(model)
+        static = (
+            StaticDecoding(model, frozen=False) if impl == CPU_BEFORE else StaticDecoding(model)
+        )
         return lambda: (aiayn_decode(model, src, search, steps, beam_size, static), None)
 
     static = impl == "hf-generate-static"
@@ -373,6 +396,26 @@ def run_case(
         "peak_mem_mib": memory.peak_mib(),
     }
     return result, outputs
+
+
+def interleave(runs: dict[str, Run], device: torch.device, turns: int) -> dict[str, dict[str, Any]]:
+    """One batch of each run in turn, `turns` times (every run warmed up already).
+
+    Returns per implementation: the median batch time and, for each peer, the median over
+    the turns of the peer's time / this implementation's time in the same turn.
+    """
+    times: dict[str, list[float]] = {impl: [] for impl in runs}
+    for _ in range(turns):
+        for impl, run in runs.items():
+            times[impl] += common.time_fn(run, device, warmup=0, repeats=1)
+    report = {}
+    for impl, values in times.items():
+        report[impl] = {"batch_s_median": common.median(values), "batch_s_turns": values}
+        for peer in PEERS:
+            if peer in times and impl not in PEERS:
+                ratios = [p / t for p, t in zip(times[peer], values, strict=True)]
+                report[impl][f"speedup_over_{peer}_median"] = common.median(ratios)
+    return report
 
 
 def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -437,6 +480,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--repeats", type=int, default=5, help="timed batches (the median is reported)"
     )
+    parser.add_argument(
+        "--interleave",
+        type=int,
+        default=0,
+        metavar="N",
+        help="then N turns of one batch per implementation, side by side (0: not done)",
+    )
     args = parser.parse_args(argv)
     args.searches = [s.strip() for s in args.searches.split(",") if s.strip()]
     unknown = [s for s in args.searches if s not in SEARCHES]
@@ -489,6 +539,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
             "searches": args.searches,
             "warmup": args.warmup,
             "repeats": args.repeats,
+            "interleave_turns": args.interleave,
             "seed": args.seed,
             "equal_length": (
                 "greedy: eos banned, exactly `decoder_steps` tokens; beam: eos banned for "
@@ -528,10 +579,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
     common.write_json(path, payload)
     outputs: dict[tuple[str, str], list[list[int]]] = {}
+    runs: dict[str, dict[str, Run]] = {}  # per search: the runs that worked, for --interleave
     for search in args.searches:
-        for impl in IMPLEMENTATIONS:
+        for impl in implementations(device):
             model = theirs if impl in PEERS else ours
             run = make_run(impl, model, src, search, steps, args.beam_size)
+            runs.setdefault(search, {})[impl] = run
             print(f"  {impl} ({search}) ...", flush=True)
             try:
                 result, outputs[impl, search] = run_case(
@@ -547,6 +600,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
             except Exception as exc:  # report it and go on with the other cases
                 traceback.print_exc()
                 result = {"impl": impl, "search": search, "error": f"{type(exc).__name__}: {exc}"}
+                del runs[search][impl]
             payload["results"].append(result)
             payload["summary"] = summarise(payload["results"])
             common.write_json(path, payload)
@@ -556,6 +610,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
                 agreement = compare_outputs(outputs[impl, search], outputs["hf-generate", search])
                 payload.setdefault("agreement_timed_dtype", {})[f"{impl} {search}"] = agreement
                 common.write_json(path, payload)
+    for search in args.searches if args.interleave else ():
+        print(f"  interleaved ({search}): {args.interleave} turns ...", flush=True)
+        report = interleave(runs[search], device, args.interleave)
+        payload.setdefault("interleaved", {})[search] = report
+        common.write_json(path, payload)
     payload["status"] = "complete"
     common.write_json(path, payload)
     print(f"\n{common.describe_machine(machine)}\n{table(payload['results'], args.beam_size)}")
@@ -563,6 +622,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
         for name, ratio in speedups.items():
             impl, peer = name.split("_speedup_over_")
             print(f"{search}: {impl} is {ratio:.2f}x {peer}")
+    for search, report in payload.get("interleaved", {}).items():
+        for impl, row in report.items():
+            for key, ratio in row.items():
+                if key.startswith("speedup_over_"):
+                    peer = key.removeprefix("speedup_over_").removesuffix("_median")
+                    print(f"{search}, interleaved: {impl} is {ratio:.2f}x {peer}")
     print(f"wrote {path}")
     return path
 

@@ -4,7 +4,8 @@
 #   1. training throughput: aiayn vs torch.nn.Transformer vs Hugging Face Marian (eager);
 #   2. the same training steps taken in turn, one step per model (bench/interleaved.py): the
 #      ratios that this machine's drifting speed cannot skew;
-#   3. decoding throughput: aiayn greedy and beam 4 vs Hugging Face generate, same weights.
+#   3. decoding throughput: aiayn greedy and beam 4 vs Hugging Face generate, same weights,
+#      then the same batches decoded in turn (--interleave), for the ratios.
 # Run it on an idle machine: on a busy one the numbers are wrong (the JSON records the load).
 #
 #   bench/run_cpu.sh                  results in bench/results/
@@ -13,6 +14,7 @@
 #   COMPILE=1 bench/run_cpu.sh        training also torch.compile'd (needs a C++ compiler; minutes)
 #   DTYPE=bf16 bench/run_cpu.sh       bf16 autocast for every model (fast on CPUs with AMX)
 #   ROUNDS=1 bench/run_cpu.sh         training measured in 1 round instead of 3 (see --rounds)
+#   TURNS=15 bench/run_cpu.sh         decoding: 15 interleaved turns instead of 9 (--interleave)
 #   DRY_RUN=1 bench/run_cpu.sh        print what would run, run nothing
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,7 +33,7 @@ common=(--device cpu --size small --dtype "${DTYPE:-fp32}" --out "$OUT_DIR")
 train=(-m bench.train_throughput "${common[@]}" --rounds "${ROUNDS:-3}")
 [[ "${COMPILE:-0}" == 1 ]] && train+=(--compile)
 interleaved=(-m bench.interleaved "${common[@]}")
-decode=(-m bench.decode_throughput "${common[@]}")
+decode=(-m bench.decode_throughput "${common[@]}" --interleave "${TURNS:-9}")
 # aiayn from the checkout even where it is not installed.
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1

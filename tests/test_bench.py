@@ -103,7 +103,7 @@ def test_train_throughput_writes_json(tmp_path: Path, one_thread) -> None:
 
 
 def test_decode_throughput_writes_json(tmp_path: Path, one_thread) -> None:
-    path = decode_throughput.main([*FAST, "--out", str(tmp_path)])
+    path = decode_throughput.main([*FAST, "--interleave", "2", "--out", str(tmp_path)])
     assert path.parent == tmp_path and path.name.startswith("decode_throughput-cpu-")
     data = json.loads(path.read_text(encoding="utf-8"))
     _check_common_keys(data, "decode_throughput")
@@ -117,13 +117,23 @@ def test_decode_throughput_writes_json(tmp_path: Path, one_thread) -> None:
     assert [(r["impl"], r["search"]) for r in results] == [
         (impl, search)
         for search in decode_throughput.SEARCHES
-        for impl in decode_throughput.IMPLEMENTATIONS
+        for impl in decode_throughput.implementations(torch.device("cpu"))
     ]
     for r in results:
         assert "error" not in r, r.get("error")
         assert DECODE_RESULT_KEYS <= set(r), DECODE_RESULT_KEYS - set(r)
         assert r["batch_s_median"] > 0
     assert set(data["summary"]) == set(decode_throughput.SEARCHES)
+    # Interleaved: every implementation decoded 2 batches, each ours with its ratio per peer.
+    for search, report in data["interleaved"].items():
+        rows = set(decode_throughput.implementations(torch.device("cpu")))
+        assert set(report) == rows, search
+        for impl, row in report.items():
+            assert len(row["batch_s_turns"]) == 2 and row["batch_s_median"] > 0
+            ratios = {k for k in row if k.startswith("speedup_over_")}
+            peers = set() if impl in decode_throughput.PEERS else set(decode_throughput.PEERS)
+            assert ratios == {f"speedup_over_{p}_median" for p in peers}
+            assert all(row[k] > 0 for k in ratios)
 
 
 @pytest.fixture(scope="module")

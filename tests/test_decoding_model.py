@@ -332,20 +332,29 @@ def outputs_and_scores(results: list[list[Hypothesis]]) -> list[list[tuple]]:
     return [[(h.tokens, round(h.score, 9), round(h.log_prob, 9)) for h in hyps] for hyps in results]
 
 
+# frozen: the CPU's decoder step (aiayn.frozen_decoder); not frozen: the model's own modules,
+# the step a GPU captures.
+FROZEN = pytest.mark.parametrize("frozen", [True, False], ids=["frozen", "modules"])
+
+
+@FROZEN
 @pytest.mark.parametrize("options", STATIC_CASES)
-def test_static_greedy_equals_the_reference(model64: Transformer, options: dict) -> None:
+def test_static_greedy_equals_the_reference(
+    model64: Transformer, options: dict, frozen: bool
+) -> None:
     expected = greedy_search(TransformerDecoder(model64), SRC, **options)
-    assert StaticDecoding(model64).greedy(SRC, **options) == expected
+    assert StaticDecoding(model64, frozen=frozen).greedy(SRC, **options) == expected
 
 
+@FROZEN
 @pytest.mark.parametrize("options", STATIC_CASES)
 @pytest.mark.parametrize("beam_size", [2, 4])
 def test_static_beam_equals_the_reference(
-    model64: Transformer, options: dict, beam_size: int
+    model64: Transformer, options: dict, beam_size: int, frozen: bool
 ) -> None:
     search = dict(beam_size=beam_size, n_best=beam_size, length_penalty=0.6, **options)
     expected = beam_search(TransformerDecoder(model64), SRC, **search)
-    got = StaticDecoding(model64).beam(SRC, **search)
+    got = StaticDecoding(model64, frozen=frozen).beam(SRC, **search)
     assert outputs_and_scores(got) == outputs_and_scores(expected)
 
 
@@ -365,6 +374,7 @@ def test_static_plans_are_reused_and_reset_between_batches(model64: Transformer)
 
 
 def test_translate_ids_static_gives_the_same_translations(model: Transformer) -> None:
+    release_static_decoding(model)  # what earlier greedy translate_ids calls kept (CPU default)
     for beam_size in (1, 4):
         reference = translate_ids(model, SRC, beam_size=beam_size, static=False)
         assert translate_ids(model, SRC, beam_size=beam_size, static=True) == reference
@@ -419,10 +429,13 @@ def test_decode_cuda_graphs_chooses_the_search(monkeypatch, cuda_graphs: bool, s
     assert seen == [static]
 
 
+@FROZEN
 @pytest.mark.parametrize("norm", ["post", "pre"])
 @pytest.mark.parametrize("positions", ["sinusoidal", "learned"])
 @pytest.mark.parametrize("shared", [True, False])
-def test_static_search_on_every_model_layout(norm: str, positions: str, shared: bool) -> None:
+def test_static_search_on_every_model_layout(
+    norm: str, positions: str, shared: bool, frozen: bool
+) -> None:
     """Pre-LN's final norm, learned positions (looked up by a device tensor), separate
     vocabularies and an output bias: the fixed-shape step goes through each of them."""
     torch.manual_seed(0)
@@ -437,7 +450,7 @@ def test_static_search_on_every_model_layout(norm: str, positions: str, shared: 
     model = Transformer(cfg).double().eval()
     src = torch.randint(3, 30, (3, 11), generator=torch.Generator().manual_seed(1))
     src[2, 5:] = PAD
-    search = StaticDecoding(model)
+    search = StaticDecoding(model, frozen=frozen)
     assert search.greedy(src, max_len=15) == greedy_search(
         TransformerDecoder(model), src, max_len=15
     )

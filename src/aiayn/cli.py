@@ -487,8 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--no-cuda-graphs",
             action="store_true",
-            help="on a GPU, search with the reference code instead of the fixed-shape search "
-            "replayed as CUDA graphs (the same results; decode.cuda_graphs)",
+            help="search with the reference code instead of the fixed-shape search (CUDA "
+            "graphs on a GPU, a frozen copy of the decoder on a CPU; the same results; "
+            "decode.cuda_graphs)",
         )
         p.add_argument("--output", default=None, help="write output here instead of stdout")
 

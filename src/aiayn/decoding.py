@@ -722,20 +722,25 @@ def translate_ids(
         max_len_b: see above.
         min_len: eos is banned until an output has this many tokens (or its maximum length).
         no_repeat_ngram_size: n-gram blocking (0: off, the paper's decoding).
-        static: use :mod:`aiayn.static_decoding` (the same search with fixed shapes, one CUDA
-            graph launch per step); default: when the model is on CUDA, not sharded (FSDP),
-            and no n-gram blocking is asked for (it does not do that).
+        static: use :mod:`aiayn.static_decoding` (the same search with fixed shapes: one CUDA
+            graph launch per step on a GPU, the decoder's frozen copy on a CPU); default: when
+            the model is on CUDA or a CPU, not sharded (FSDP), and no n-gram blocking is asked
+            for (it does not do that).
 
     Returns:
         B lists of output token ids, without bos and eos: the best hypothesis of each source.
     """
     _check_pad_id(model, pad_id)
+    if beam_size < 1:  # before choosing a search: each one would read 0 differently
+        raise ConfigError(f"beam_size must be at least 1, got {beam_size}")
     device = model.generator.weight.device
     if static is None:
         from aiayn.sharding import is_sharded
 
         # A sharded (FSDP) model gathers its layers with collectives, which no graph captures.
-        static = device.type == "cuda" and not no_repeat_ngram_size and not is_sharded(model)
+        static = (
+            device.type in ("cuda", "cpu") and not no_repeat_ngram_size and not is_sharded(model)
+        )
     elif static and no_repeat_ngram_size:
         raise ConfigError("no_repeat_ngram_size is not available with static=True")
     src_ids = src_ids.to(device)

@@ -19,7 +19,10 @@ its own:
   finishing hypotheses, reordering the cache) is captured once and replayed with one launch.
   The host reads the done flags every ``check_every`` steps to stop early.
 
-On a CPU the same step runs eagerly (there are no graphs to replay); it is tested there
+On a CPU the same step runs eagerly (there are no graphs to replay), and its decoder part is
+:class:`aiayn.frozen_decoder.FrozenDecoder`: the decoder's weights copied once in the layout
+the CPU's matrix library is fastest with, and one step written with them (greedy search 1.5x
+the reference search on the small benchmark model; docs/performance.md). It is tested there
 against the reference searches, which stay the definition of what the search does: their
 docstrings (and the module docstring of :mod:`aiayn.decoding`) give the length penalty, the
 stopping rule and the length limits, all of which hold here unchanged. What differs: n-gram
@@ -58,6 +61,7 @@ from aiayn.decoding import (
     max_output_lengths,
 )
 from aiayn.errors import ConfigError
+from aiayn.frozen_decoder import FrozenCache, FrozenDecoder, first_argmax
 from aiayn.model import padding_mask
 
 if TYPE_CHECKING:
@@ -145,7 +149,7 @@ class StaticKVCache:
 class _Search:
     """The fixed-shape state of one search, updated in place by each step."""
 
-    cache: StaticKVCache
+    cache: StaticKVCache | FrozenCache
     last: Tensor  # (N,) the token fed at this step
     limits: Tensor  # (B,) output limit of each source
     min_lens: Tensor  # (B,) eos banned while the step is below this
@@ -161,7 +165,11 @@ class _Search:
 
 
 class _Plan:
-    """Buffers, step and (on CUDA) graph for one shape: B sources x K beams, S, L."""
+    """Buffers, step and (on CUDA) graph for one shape: B sources x K beams, S, L.
+
+    With ``frozen`` (on a CPU) the decoder step is :meth:`FrozenDecoder.logits` over a
+    :class:`FrozenCache`; otherwise the model's own decoder over a :class:`StaticKVCache`.
+    """
 
     def __init__(
         self,
@@ -173,8 +181,9 @@ class _Plan:
         positions: int,
         ids: tuple[int, int, int],
         use_graph: bool,
+        frozen: FrozenDecoder | None = None,
     ) -> None:
-        self.model, self.batch, self.beam = model, batch, beam
+        self.model, self.batch, self.beam, self.frozen = model, batch, beam, frozen
         self.bos_id, self.eos_id, self.pad_id = ids
         device = model.generator.weight.device
         rows = batch * beam
@@ -188,8 +197,16 @@ class _Plan:
         self.row_base = torch.arange(batch, device=device) * beam  # (B,) first row of each source
         self.slots = torch.arange(beam, device=device)
         long = dict(dtype=torch.long, device=device)
+        if frozen is not None:
+            cache = frozen.new_cache(rows, positions, src_len)
+            # Greedy search needs only the largest logit, so the banned ids can be -inf in the
+            # output layer's bias: no log-softmax, no separate masking.
+            self.ban_bias = frozen.output_bias_banning(self.banned)
+            self.scratch: Tensor | None = None  # beam search's (N, V) work space, made once
+        else:
+            cache = StaticKVCache(model, rows, positions, src_len)
         self.state = _Search(
-            cache=StaticKVCache(model, rows, positions, src_len),
+            cache=cache,
             last=torch.zeros(rows, **long),
             limits=torch.zeros(batch, **long),
             min_lens=torch.zeros(batch, **long),
@@ -208,7 +225,9 @@ class _Plan:
 
     # ----------------------------------------------------------------- one step, in place
     def log_probs(self) -> Tensor:
-        """The decoder on ``last`` at the cache's position: (N, V), banned ids at -inf."""
+        """The decoder on ``last`` at the cache's position: (N, V), banned ids at -inf.
+        (The model's own modules; a plan with a frozen decoder computes what it needs of this
+        in `greedy_step` and `_frozen_candidates`.)"""
         model, s = self.model, self.state
         cache = s.cache
         cache.begin_step()
@@ -228,8 +247,15 @@ class _Plan:
     def greedy_step(self) -> None:
         s = self.state
         t = s.cache.position
-        log_probs = self._ban_eos_before_min_len(self.log_probs(), (t < s.min_lens).view(-1, 1))
-        token = log_probs.argmax(dim=-1)  # (B,)
+        if self.frozen is not None:
+            # The same choice as below: the largest logit is the largest log-probability.
+            logits = self.frozen.logits(s.last, s.cache, self.ban_bias)
+            logits[:, self.eos_id].masked_fill_(t < s.min_lens, float("-inf"))
+            token = first_argmax(logits)  # (B,)
+        else:
+            log_probs = self.log_probs()
+            log_probs = self._ban_eos_before_min_len(log_probs, (t < s.min_lens).view(-1, 1))
+            token = log_probs.argmax(dim=-1)  # (B,)
         emit = ~s.done & token.ne(self.eos_id)
         # Every live row emits one token per step, so a row's next output goes to column t.
         s.history.index_copy_(1, t.view(1), torch.where(emit, token, 0).view(-1, 1))
@@ -238,22 +264,49 @@ class _Plan:
         s.last.copy_(token)
         t.add_(1)
 
+    def _frozen_candidates(self, at_limit: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """What the block below computes, in place on one (N, V) tensor (on a CPU each pass
+        over it costs about as much as the decoder layers' products): score + log p =
+        logits + (score - logsumexp(logits)), bans as columns, the at-limit ban only when a
+        source is at its limit (the host knows without waiting)."""
+        s, B, K = self.state, self.batch, self.beam
+        logits = self.frozen.logits(s.last, s.cache)  # (N, V)
+        vocab = logits.size(-1)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        if self.scratch is None:
+            self.scratch = torch.empty_like(logits)
+        # logsumexp, with the (N, V) intermediate in the scratch buffer instead of a new tensor.
+        largest = logits.amax(-1, keepdim=True)  # (N, 1)
+        exp_sum = torch.sub(logits, largest, out=self.scratch).exp_().sum(-1, keepdim=True)
+        offset = s.scores.view(-1, 1) - exp_sum.log_().add_(largest)  # score - logsumexp
+        total = logits.add_(offset).index_fill_(-1, self.banned, float("-inf"))
+        below_min = (s.cache.position < s.min_lens).repeat_interleave(K)  # (N,)
+        total[:, self.eos_id].masked_fill_(below_min, float("-inf"))
+        total = total.view(B, K, vocab)
+        if bool(at_limit.any()):
+            total[at_limit] = total[at_limit].masked_fill(self.not_eos, float("-inf"))
+        scores, index = total.view(B, K * vocab).topk(min(2 * K, K * vocab), dim=1)
+        return scores, index // vocab, index % vocab
+
     def beam_step(self) -> None:
         s, B, K = self.state, self.batch, self.beam
         t = s.cache.position
-        log_probs = self.log_probs()
-        vocab = log_probs.size(-1)
-        below_min = (t < s.min_lens).view(-1, 1).expand(B, K).reshape(-1, 1)  # (N, 1)
-        log_probs = self._ban_eos_before_min_len(log_probs, below_min).view(B, K, vocab)
         # Sources at their limit may only end: every token but eos at -inf.
         at_limit = s.limits <= t  # (B,)
-        log_probs = log_probs.masked_fill(
-            at_limit.view(-1, 1, 1) & self.not_eos.view(1, 1, -1), float("-inf")
-        )
-        # The 2K best (beam, token) extensions of each source.
-        cand_scores, cand_beams, cand_tokens = beam_step(
-            log_probs, s.scores, num_candidates=min(2 * K, K * vocab)
-        )  # each (B, 2K)
+        if self.frozen is not None:
+            cand_scores, cand_beams, cand_tokens = self._frozen_candidates(at_limit)
+        else:
+            log_probs = self.log_probs()
+            vocab = log_probs.size(-1)
+            below_min = (t < s.min_lens).view(-1, 1).expand(B, K).reshape(-1, 1)  # (N, 1)
+            log_probs = self._ban_eos_before_min_len(log_probs, below_min).view(B, K, vocab)
+            log_probs = log_probs.masked_fill(
+                at_limit.view(-1, 1, 1) & self.not_eos.view(1, 1, -1), float("-inf")
+            )
+            # The 2K best (beam, token) extensions of each source.
+            cand_scores, cand_beams, cand_tokens = beam_step(
+                log_probs, s.scores, num_candidates=min(2 * K, K * vocab)
+            )  # each (B, 2K)
         cand_is_eos = cand_tokens.eq(self.eos_id)
 
         # Finish the eos candidates among the top K, best first, while the source has room:
@@ -313,11 +366,15 @@ class _Plan:
         """
         model, s, K = self.model, self.state, self.beam
         memory = model.encode(src_ids)  # (B, S, d)
-        for i, layer in enumerate(model.decoder.layers):
-            k, v = layer.cross_attn.project_kv(memory)  # (B, h, S, d_k)
-            s.cache.cross_kv[i, 0].copy_(k.repeat_interleave(K, dim=0))
-            s.cache.cross_kv[i, 1].copy_(v.repeat_interleave(K, dim=0))
-        s.cache.memory_mask.copy_(padding_mask(src_ids, self.pad_id).repeat_interleave(K, dim=0))
+        if isinstance(s.cache, FrozenCache):
+            s.cache.load(model, memory, padding_mask(src_ids, self.pad_id), K)
+        else:
+            for i, layer in enumerate(model.decoder.layers):
+                k, v = layer.cross_attn.project_kv(memory)  # (B, h, S, d_k)
+                s.cache.cross_kv[i, 0].copy_(k.repeat_interleave(K, dim=0))
+                s.cache.cross_kv[i, 1].copy_(v.repeat_interleave(K, dim=0))
+            mask = padding_mask(src_ids, self.pad_id).repeat_interleave(K, dim=0)
+            s.cache.memory_mask.copy_(mask)
         s.cache.position.zero_()
         s.last.fill_(self.bos_id)
         host_limits = torch.tensor(limits + [0] * (self.batch - len(limits)), dtype=torch.long)
@@ -371,10 +428,18 @@ class StaticDecoding:
             as it is; dropout would make the search random).
         cuda_graphs: replay each step as a CUDA graph; default: when the model is on CUDA.
         check_every: steps between two reads of the done flags (each read waits for the GPU).
+        frozen: take each decoder step with a :class:`~aiayn.frozen_decoder.FrozenDecoder`
+            (the decoder's weights copied and laid out for a CPU's matrix library); default:
+            when the model is on a CPU. The copy is remade when the model's parameters change.
     """
 
     def __init__(
-        self, model: Transformer, *, cuda_graphs: bool | None = None, check_every: int = 8
+        self,
+        model: Transformer,
+        *,
+        cuda_graphs: bool | None = None,
+        check_every: int = 8,
+        frozen: bool | None = None,
     ) -> None:
         if model.encoder is None or model.decoder is None:
             raise ConfigError("StaticDecoding needs an encoder-decoder model")
@@ -386,9 +451,24 @@ class StaticDecoding:
         self.placement = (weight.device, weight.dtype)  # what the plans' buffers were made for
         self.cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
         self.check_every = max(1, check_every) if self.cuda_graphs else 1
+        if frozen and self.cuda_graphs:
+            raise ConfigError("frozen=True takes eager steps: it needs cuda_graphs=False")
+        self.frozen = not on_cuda if frozen is None else frozen
+        self._frozen: FrozenDecoder | None = None
         self._plans: OrderedDict[tuple, _Plan] = OrderedDict()
 
+    def _frozen_decoder(self) -> FrozenDecoder | None:
+        """The frozen copy of the decoder, remade (with every plan, which use it) when the
+        model's parameters have changed since it was made."""
+        if not self.frozen:
+            return None
+        if self._frozen is None or not self._frozen.is_current():
+            self._frozen = FrozenDecoder(self.model)
+            self._plans.clear()
+        return self._frozen
+
     def _plan(self, *, batch: int, beam: int, src_len: int, positions: int, ids: tuple) -> _Plan:
+        frozen = self._frozen_decoder()
         key = (batch, beam, src_len, positions, ids)
         plan = self._plans.pop(key, None)
         if plan is None:
@@ -402,6 +482,7 @@ class StaticDecoding:
                 positions=positions,
                 ids=ids,
                 use_graph=self.cuda_graphs,
+                frozen=frozen,
             )
         self._plans[key] = plan
         return plan
@@ -435,7 +516,12 @@ class StaticDecoding:
             max_len_b=max_len_b,
             cap=cap,
         )
-        batch, padded_len = _round_up(real), _round_up(src_len)
+        # Source positions rounded up too, but never past the model's positions (the encoder
+        # refuses a longer input; a source that fits must stay one that fits).
+        batch, padded_len = (
+            _round_up(real),
+            max(src_len, min(_round_up(src_len), model.cfg.max_len)),
+        )
         # Room for the longest limit any source of this padded length could have, so that
         # batches of one bucket share a plan; the search feeds positions 0 .. limit.
         longest = max_len if max_len is not None else max_len_a * padded_len + max_len_b
