@@ -35,6 +35,7 @@ import math
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
@@ -151,9 +152,13 @@ class _FrozenLayer:
         self.cross_out = transposed(cross.w_o)
         self.ffn_in = transposed(ffn.w_1)
         self.ffn_out = transposed(ffn.w_2)
-        self.activation = ffn.activation
-        # The LayerNorms are used as they are: their parameters are not copied.
-        self.norms = [sublayer.norm for sublayer in layer.sublayer]
+        # ReLU (the paper's) in place on the new (N, d_ff) tensor; GELU or SiLU as the module.
+        self.activation = torch.relu_ if isinstance(ffn.activation, nn.ReLU) else ffn.activation
+        # The LayerNorms' parameters, not copied: (normalized_shape, weight, bias, eps).
+        self.norms = [
+            (norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+            for norm in (sublayer.norm for sublayer in layer.sublayer)
+        ]
 
 
 def _linear(x: Tensor, weight_bias: tuple[Tensor, Tensor]) -> Tensor:
@@ -226,7 +231,7 @@ class FrozenDecoder:
         x = self.embed_norm(x)  # (N, d)
         for i, layer in enumerate(self.layers):
             # Masked self-attention over positions 0 .. t.
-            y = layer.norms[0](x) if self.pre_norm else x
+            y = F.layer_norm(x, *layer.norms[0]) if self.pre_norm else x
             qkv = _linear(y, layer.qkv)  # (N, 3d): queries already divided by sqrt(d_k)
             q = qkv[:, :d].reshape(n * h, 1, d_k)
             cache.write(i, t, qkv[:, d:].view(n, 2, d))
@@ -236,7 +241,7 @@ class FrozenDecoder:
                 x, _linear(self._attend(scores, values, n), layer.self_out), layer, 0
             )
             # Attention over the encoder output.
-            y = layer.norms[1](x) if self.pre_norm else x
+            y = F.layer_norm(x, *layer.norms[1]) if self.pre_norm else x
             q = _linear(y, layer.cross_q).view(n * h, 1, d_k)
             keys = cache.cross_k[i].view(n * h, d_k, -1)
             values = cache.cross_v[i].view(n * h, -1, d_k)
@@ -245,7 +250,7 @@ class FrozenDecoder:
                 x, _linear(self._attend(scores, values, n), layer.cross_out), layer, 1
             )
             # Position-wise feed-forward.
-            y = layer.norms[2](x) if self.pre_norm else x
+            y = F.layer_norm(x, *layer.norms[2]) if self.pre_norm else x
             y = _linear(layer.activation(_linear(y, layer.ffn_in)), layer.ffn_out)
             x = self._residual(x, y, layer, 2)
         x = self.final_norm(x)
@@ -257,11 +262,14 @@ class FrozenDecoder:
     def _attend(self, scores: Tensor, values: Tensor, n: int) -> Tensor:
         """softmax(scores) V, heads concatenated: scores (N h, 1, T), values (N h, T, d_k) ->
         (N, d). Half-precision scores take their softmax in float32, as the fused kernel does."""
-        weights = scores.softmax(-1, dtype=torch.promote_types(scores.dtype, torch.float32))
-        return torch.bmm(weights.to(values.dtype), values).view(n, self.d_model)
+        if scores.dtype in (torch.float16, torch.bfloat16):
+            weights = scores.softmax(-1, dtype=torch.float32).to(values.dtype)
+        else:
+            weights = scores.softmax(-1)
+        return torch.bmm(weights, values).view(n, self.d_model)
 
     def _residual(self, x: Tensor, y: Tensor, layer: _FrozenLayer, k: int) -> Tensor:
         """The residual connection around sub-layer k, whose output on x is y (§3.1)."""
         if self.pre_norm:
             return x + y
-        return layer.norms[k](y.add_(x))
+        return F.layer_norm(y.add_(x), *layer.norms[k])
