@@ -17,6 +17,7 @@ into an unsharded model for inference, averaging and fine-tuning, like any other
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -46,9 +47,9 @@ def shard(model: nn.Module, device: torch.device, world_size: int) -> None:
 
 
 def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
+    # Importing FSDP takes over a second; a model cannot be sharded if it was never imported.
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
 
 
 class FullState:
