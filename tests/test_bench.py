@@ -363,3 +363,33 @@ def test_train_kernels_times_both_sides_of_every_pair(tmp_path: Path, one_thread
     assert len(results) == 7  # loss, attention fwd+bwd, attention fwd: x 2 dtypes; matmul
     for pair in results.values():
         assert len(pair) == 2 and all(len(v) == 1 and v[0] > 0 for v in pair.values())
+
+
+def test_demo_decode_times_both_searches_on_a_trained_demo(tmp_path: Path, one_thread) -> None:
+    """bench/demo_decode.py on a tiny demo run: both searches, identical outputs, a JSON."""
+    from aiayn.tasks.demo import DemoConfig, run_demo
+    from bench import demo_decode
+
+    tiny = DemoConfig(
+        n_train=200, n_valid=10, n_test=30, d_model=32, n_heads=2, d_ff=64, n_layers=1,
+        max_steps=4, max_tokens=256, warmup_steps=2, eval_every=0, n_examples=2,
+    )  # fmt: skip
+    run_demo(tmp_path / "demo", tiny, progress=False)
+    path = demo_decode.main(
+        [
+            "--run",
+            str(tmp_path / "demo" / "run"),
+            "--turns",
+            "1",
+            "--batch",
+            "8",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    data = json.loads(path.read_text(encoding="utf-8"))
+    assert data["status"] == "complete" and data["settings"]["numbers"] == tiny.n_test
+    assert set(data["results"]) == {"greedy", "beam 4"}
+    for row in data["results"].values():
+        assert len(row["seconds"]["reference"]) == len(row["seconds"]["static"]) == 1
+        assert row["reference_over_static_median"] > 0 and row["output_tokens"] >= 0
