@@ -103,7 +103,6 @@ class FrozenCache:
         keep = memory_mask.repeat_interleave(repeat, dim=0)  # (N, 1, 1, S)
         keep = keep.expand(-1, self.n_heads, -1, -1).reshape(self.rows * self.n_heads, 1, -1)
         self.cross_bias.zero_().masked_fill_(~keep, float("-inf"))
-        self.position.zero_()
 
     def reorder(self, rows: Tensor) -> None:
         """Row i of the self-attention cache becomes row ``rows[i]``, in place (beam search),

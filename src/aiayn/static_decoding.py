@@ -133,6 +133,15 @@ class StaticKVCache:
             for i in range(n_layers)
         ]
 
+    def load(self, model: Transformer, memory: Tensor, memory_mask: Tensor, repeat: int) -> None:
+        """Project the encoder output (B, S, d) of every decoder layer into keys and values,
+        each source repeated for its ``repeat`` rows, and set the padding mask (B, 1, 1, S)."""
+        for i, layer in enumerate(model.decoder.layers):
+            k, v = layer.cross_attn.project_kv(memory)  # (B, h, S, d_k)
+            self.cross_kv[i, 0].copy_(k.repeat_interleave(repeat, dim=0))
+            self.cross_kv[i, 1].copy_(v.repeat_interleave(repeat, dim=0))
+        self.memory_mask.copy_(memory_mask.repeat_interleave(repeat, dim=0))
+
     def begin_step(self) -> None:
         """Set the key mask for the current position (device-side: no host read)."""
         mask = (self.key_range <= self.position).view(1, 1, 1, -1)
@@ -366,15 +375,7 @@ class _Plan:
         """
         model, s, K = self.model, self.state, self.beam
         memory = model.encode(src_ids)  # (B, S, d)
-        if isinstance(s.cache, FrozenCache):
-            s.cache.load(model, memory, padding_mask(src_ids, self.pad_id), K)
-        else:
-            for i, layer in enumerate(model.decoder.layers):
-                k, v = layer.cross_attn.project_kv(memory)  # (B, h, S, d_k)
-                s.cache.cross_kv[i, 0].copy_(k.repeat_interleave(K, dim=0))
-                s.cache.cross_kv[i, 1].copy_(v.repeat_interleave(K, dim=0))
-            mask = padding_mask(src_ids, self.pad_id).repeat_interleave(K, dim=0)
-            s.cache.memory_mask.copy_(mask)
+        s.cache.load(model, memory, padding_mask(src_ids, self.pad_id), K)
         s.cache.position.zero_()
         s.last.fill_(self.bos_id)
         host_limits = torch.tensor(limits + [0] * (self.batch - len(limits)), dtype=torch.long)
