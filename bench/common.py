@@ -442,6 +442,15 @@ def results_path(out_dir: str | Path | None, name: str, device: torch.device) ->
     return folder / f"{name}-{device.type}-{timestamp()}.json"
 
 
+def header(benchmark: str, machine: dict[str, Any], status: str | None = None) -> dict[str, Any]:
+    """The first keys of every results JSON: which benchmark, when, (how far), on what."""
+    created = dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    head: dict[str, Any] = {"benchmark": benchmark, "created": created}
+    if status is not None:
+        head["status"] = status
+    return {**head, "machine": machine}
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """Write `payload` atomically: the file is rewritten after every case, and a run killed
     by its time limit must leave the last complete version, not half a file."""

@@ -47,7 +47,6 @@ Output: bench/results/decode_throughput-<device>-<date>.json and a markdown tabl
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import tempfile
 import time
 import traceback
@@ -522,10 +521,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
     path = common.results_path(args.out, "decode_throughput", device)
     payload: dict[str, Any] = {
-        "benchmark": "decode_throughput",
-        "created": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "status": "running",
-        "machine": machine,
+        **common.header("decode_throughput", machine, status="running"),
         "settings": {
             "device": device.type,
             "size": size.name,

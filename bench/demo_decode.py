@@ -19,7 +19,6 @@ Output: bench/results/demo_decode-<device>-<date>.json and a line per search on 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import time
 from collections.abc import Sequence
@@ -114,10 +113,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     common.write_json(
         path,
         {
-            "benchmark": "demo_decode",
-            "created": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "status": "complete",
-            "machine": machine,
+            **common.header("demo_decode", machine, status="complete"),
             "settings": {
                 "checkpoint": str(folder),
                 "numbers": len(test),

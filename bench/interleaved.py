@@ -19,7 +19,6 @@ Output: bench/results/interleaved-<device>-<date>.json and a markdown table on s
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -131,10 +130,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     common.write_json(
         path,
         {
-            "benchmark": "interleaved",
-            "created": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "status": "complete",
-            "machine": machine,
+            **common.header("interleaved", machine, status="complete"),
             "settings": {
                 "device": device.type,
                 "size": size.name,

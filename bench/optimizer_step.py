@@ -11,7 +11,6 @@ whose speed drifts. Output: bench/results/optimizer_step-<device>-<date>.json an
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -46,9 +45,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     common.write_json(
         path,
         {
-            "benchmark": "optimizer_step",
-            "created": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "machine": common.machine_info(device),
+            **common.header("optimizer_step", common.machine_info(device)),
             "settings": {"size": size.name, "turns": args.turns, "repeats": args.repeats},
             "params": sum(p.numel() for p in model.parameters()),
             "step_s_median_per_turn": medians,

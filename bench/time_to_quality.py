@@ -22,7 +22,6 @@ Output: bench/results/time_to_quality-<src>_<tgt>-<device>-<date>.json and a tab
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import subprocess
 import sys
 import time
@@ -123,9 +122,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     )
     pairs = pairs[: args.max_test_examples] if args.max_test_examples else pairs
     payload: dict[str, Any] = {
-        "benchmark": "time_to_quality",
-        "created": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": common.machine_info(device),
+        **common.header("time_to_quality", common.machine_info(device)),
         "settings": {
             "config": str(args.config),
             "overrides": overrides,

@@ -8,6 +8,8 @@ At the size's training batch, forward + backward of:
   * one attention call (B, h, T, d_k) with a key mask: PyTorch's fused
     ``F.scaled_dot_product_attention`` against eq. (1) written out
     (`aiayn.model.scaled_dot_product_attention`), in fp32 and bf16; and the forward alone;
+  * dropout (P_drop 0.1) of one sub-layer output (B, T, d_model): PyTorch's ``F.dropout``
+    against `aiayn.dropout.dropout` (16 random bits per element), in fp32 and bf16;
   * an n x n x n matrix product in fp32 and bf16 (this CPU's AMX units: bf16 rate).
 Each pair alternates `--turns` times, the median of `--repeats` calls each turn, so that both
 sides of a pair see the same state of a machine whose speed drifts. Output:
@@ -17,13 +19,13 @@ bench/results/train_kernels-<device>-<date>.json and a table of milliseconds per
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from aiayn.dropout import dropout
 from aiayn.loss import label_smoothed_nll_blockwise
 from aiayn.model import scaled_dot_product_attention
 from bench import common
@@ -71,6 +73,17 @@ def attention_pair(
     }
 
 
+def dropout_pair(
+    shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device
+) -> dict[str, Callable]:
+    x = torch.randn(shape, dtype=dtype, device=device, requires_grad=True)
+    grad = torch.randn(shape, dtype=dtype, device=device)
+    return {
+        "F.dropout": lambda: F.dropout(x, 0.1, training=True).backward(grad),
+        "aiayn.dropout": lambda: dropout(x, 0.1).backward(grad),
+    }
+
+
 def matmul_pair(n: int, device: torch.device) -> dict[str, Callable]:
     pairs = {
         name: [torch.randn(n, n, dtype=t, device=device) for _ in "ab"]
@@ -100,6 +113,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
         cases[f"attention fwd {'x'.join(map(str, shape))} {name}"] = attention_pair(
             shape, dtype, device, backward=False
         )
+        activations = (size.train_batch, size.train_tgt_len, cfg.d_model)
+        cases[f"dropout fwd+bwd {'x'.join(map(str, activations))} {name}"] = dropout_pair(
+            activations, dtype, device
+        )
     cases[f"matmul {args.matmul_size}^3"] = matmul_pair(args.matmul_size, device)
     results: dict[str, dict[str, list[float]]] = {}
     rows = []
@@ -115,9 +132,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     common.write_json(
         path,
         {
-            "benchmark": "train_kernels",
-            "created": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "machine": common.machine_info(device),
+            **common.header("train_kernels", common.machine_info(device)),
             "settings": {"size": size.name, "turns": args.turns, "repeats": args.repeats},
             "seconds_median_per_turn": results,
         },

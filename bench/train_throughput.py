@@ -23,7 +23,10 @@ on a GPU the peers' loss); in compile mode with ``fused=True``, the compiled los
 (``MultiHeadAttention.fused_projections = True``, an option; measured, not faster compiled).
 The row ``aiayn-sdpa-only`` is aiayn calling F.scaled_dot_product_attention for every call,
 also where aiayn writes eq. (1) out because the fused kernel is slow there (CPU half-precision
-training, `aiayn.model._slow_fused_backward`): the before of that choice.
+training, `aiayn.model._slow_fused_backward`): the before of that choice. The row
+``aiayn-torch-dropout`` is aiayn with every dropout mask drawn by PyTorch's ``F.dropout``, as
+the peers draw theirs: the before of `aiayn.dropout`'s CPU mask (skipped off a CPU and when
+compiled, where aiayn calls ``F.dropout`` itself).
 Marian's own loss (``labels=``) would be a plain cross-entropy without smoothing, in the
 logits' dtype: different work. ``--compile`` compiles the model (as ``train.compile: true``
 does); the optimiser runs eagerly for all.
@@ -39,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import aiayn.dropout
 import aiayn.model
 from aiayn.config import TransformerConfig
 from aiayn.model import MultiHeadAttention, Transformer
@@ -60,6 +63,7 @@ from bench.peers import TorchTransformerMT, build_marian
 MODELS: dict[str, str] = {
     "aiayn": "aiayn.model.Transformer, with aiayn's loss (fused when compiled)",
     "aiayn-unfused-loss": "aiayn.model.Transformer with the peers' eager loss",
+    "aiayn-torch-dropout": "aiayn.model.Transformer with PyTorch's F.dropout for every mask",
     "aiayn-fused-qkv": "aiayn.model.Transformer with Q, K, V projected by one product",
     "aiayn-sdpa-only": "aiayn.model.Transformer with PyTorch's fused attention for every call",
     "nn.Transformer": "torch.nn.Transformer + shared embeddings + tied output layer",
@@ -150,7 +154,10 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
 
 def differs_from_aiayn(name: str, mode: str, device: torch.device) -> bool:
     """False for a before row that would repeat the `aiayn` row here: off a CPU, aiayn's eager
-    loss is the peers' and aiayn never writes attention out where sdpa-only would not."""
+    loss is the peers', aiayn never writes attention out where sdpa-only would not, and every
+    dropout is F.dropout; compiled, too."""
+    if name == "aiayn-torch-dropout":
+        return device.type == "cpu" and mode == "eager"
     if device.type == "cpu":
         return True
     return not (name == "aiayn-unfused-loss" and mode == "eager") and name != "aiayn-sdpa-only"
@@ -201,6 +208,8 @@ class TrainingStep:
         """What the row changes in aiayn for the duration of a step."""
         if self.name == "aiayn-sdpa-only":
             return mock.patch.object(aiayn.model, "_slow_fused_backward", lambda q: False)
+        if self.name == "aiayn-torch-dropout":
+            return mock.patch.object(aiayn.dropout, "_draws_own_mask", lambda x: False)
         return contextlib.nullcontext()
 
     def __call__(self) -> None:
@@ -517,10 +526,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     prewarm(args.models, device, dtype)
     path = common.results_path(args.out, "train_throughput", device)
     payload: dict[str, Any] = {
-        "benchmark": "train_throughput",
-        "created": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "status": "running",
-        "machine": machine,
+        **common.header("train_throughput", machine, status="running"),
         "settings": {
             "device": device.type,
             "size": size.name,

@@ -9,6 +9,7 @@ bench/gpu.sh, on machines that are idle.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -30,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import aiayn.dropout  # noqa: E402
 from aiayn.model import Transformer  # noqa: E402
 from bench import (  # noqa: E402
     common,
@@ -287,42 +289,81 @@ def test_train_throughput_rounds_take_the_median_over_rounds(tmp_path: Path, one
     )
 
 
-def test_sdpa_only_row_is_the_before_of_the_cpu_half_precision_choice(monkeypatch) -> None:
-    """In CPU bf16 training aiayn writes attention out; the row aiayn-sdpa-only does not."""
-    calls: list[str] = []
-    fused_kernel = torch.nn.functional.scaled_dot_product_attention
+def calls_in_two_steps(
+    monkeypatch, owner: object, attr: str, names: tuple[str, ...], cfg, dtype: torch.dtype
+) -> dict[str, int]:
+    """How many times each model row calls `owner.attr` in two training steps on the CPU."""
+    calls: list[None] = []
+    original = getattr(owner, attr)
 
     def counting(*args, **kwargs):
-        calls.append("sdpa")
-        return fused_kernel(*args, **kwargs)
+        calls.append(None)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
-    counts = {}
-    for name in ("aiayn", "aiayn-sdpa-only"):
-        calls.clear()
-        # Two training steps of the model at the tiny size.
-        train_throughput.prewarm([name], torch.device("cpu"), torch.bfloat16)
-        counts[name] = len(calls)
-    cfg = common.SIZES["tiny"].config()
-    layers = cfg.n_encoder_layers + 2 * cfg.n_decoder_layers  # attention calls per forward
-    assert counts == {"aiayn": 0, "aiayn-sdpa-only": 2 * layers}  # two steps
-
-
-def test_before_rows_that_would_repeat_aiayn_are_not_run_on_a_gpu() -> None:
-    cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert all(
-        train_throughput.differs_from_aiayn(name, mode, cpu)
-        for name in train_throughput.MODELS
-        for mode in train_throughput.MODES
+    monkeypatch.setattr(owner, attr, counting)
+    cpu = torch.device("cpu")
+    batches = train_throughput.make_batches(
+        cfg, batch=2, src_len=8, tgt_len=8, count=1, seed=0, device=cpu
     )
-    skipped = [
-        (name, mode)
-        for name in train_throughput.MODELS
-        for mode in train_throughput.MODES
-        if not train_throughput.differs_from_aiayn(name, mode, gpu)
-    ]
-    assert skipped == [
+    counts = {}
+    for name in names:
+        step = train_throughput.TrainingStep(
+            name, "eager", cfg, batches, device=cpu, dtype=dtype, label_smoothing=0.1, seed=0
+        )
+        calls.clear()
+        step()
+        step()
+        counts[name] = len(calls)
+    return counts
+
+
+def test_sdpa_only_row_is_the_before_of_the_cpu_half_precision_choice(monkeypatch) -> None:
+    """In CPU bf16 training aiayn writes attention out; the row aiayn-sdpa-only does not."""
+    cfg = common.SIZES["tiny"].config()
+    counts = calls_in_two_steps(
+        monkeypatch,
+        torch.nn.functional,
+        "scaled_dot_product_attention",
+        ("aiayn", "aiayn-sdpa-only"),
+        cfg,
+        torch.bfloat16,
+    )
+    layers = cfg.n_encoder_layers + 2 * cfg.n_decoder_layers  # attention calls per forward
+    assert counts == {"aiayn": 0, "aiayn-sdpa-only": 2 * layers}
+
+
+def test_torch_dropout_row_is_the_before_of_the_cpu_dropout_mask(monkeypatch) -> None:
+    """On a CPU aiayn draws its own dropout masks; the row aiayn-torch-dropout calls F.dropout."""
+    cfg = dataclasses.replace(common.SIZES["tiny"].config(), dropout=0.1)
+    counts = calls_in_two_steps(
+        monkeypatch,
+        aiayn.dropout.F,
+        "dropout",
+        ("aiayn", "aiayn-torch-dropout"),
+        cfg,
+        torch.float32,
+    )
+    # Embedding sums (2), and every sub-layer's output: two per encoder layer, three per
+    # decoder layer.
+    per_forward = 2 + 2 * cfg.n_encoder_layers + 3 * cfg.n_decoder_layers
+    assert counts == {"aiayn": 0, "aiayn-torch-dropout": 2 * per_forward}
+
+
+def test_before_rows_that_would_repeat_aiayn_are_not_run() -> None:
+    def skipped(device: torch.device) -> list[tuple[str, str]]:
+        return [
+            (name, mode)
+            for name in train_throughput.MODELS
+            for mode in train_throughput.MODES
+            if not train_throughput.differs_from_aiayn(name, mode, device)
+        ]
+
+    # Compiled, aiayn's dropout is F.dropout on every device.
+    assert skipped(torch.device("cpu")) == [("aiayn-torch-dropout", "compile")]
+    assert skipped(torch.device("cuda")) == [
         ("aiayn-unfused-loss", "eager"),
+        ("aiayn-torch-dropout", "eager"),
+        ("aiayn-torch-dropout", "compile"),
         ("aiayn-sdpa-only", "eager"),
         ("aiayn-sdpa-only", "compile"),
     ]
@@ -360,7 +401,7 @@ def test_train_kernels_times_both_sides_of_every_pair(tmp_path: Path, one_thread
         [*FAST[:4], "--turns", "1", "--repeats", "1", "--matmul-size", "16", "--out", str(tmp_path)]
     )
     results = json.loads(path.read_text(encoding="utf-8"))["seconds_median_per_turn"]
-    assert len(results) == 7  # loss, attention fwd+bwd, attention fwd: x 2 dtypes; matmul
+    assert len(results) == 9  # loss, attention fwd+bwd, attention fwd, dropout: x 2 dtypes; matmul
     for pair in results.values():
         assert len(pair) == 2 and all(len(v) == 1 and v[0] > 0 for v in pair.values())
 

@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from aiayn.dropout import Dropout
 from aiayn.errors import ConfigError
 from aiayn.model import Transformer
 
@@ -52,7 +53,7 @@ class SequenceClassifier(nn.Module):
         if n_classes < 2:
             raise ConfigError(f"a classifier needs at least 2 classes, got {n_classes}")
         self.body, self.pooling, self.n_classes = body, pooling, n_classes
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.head = nn.Linear(body.cfg.d_model, n_classes)
         nn.init.xavier_uniform_(self.head.weight)
         nn.init.zeros_(self.head.bias)

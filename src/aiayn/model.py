@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aiayn.config import TransformerConfig
+from aiayn.dropout import Dropout, dropout
 from aiayn.errors import DataError
 
 if TYPE_CHECKING:
@@ -70,7 +71,7 @@ def scaled_dot_product_attention(
     """
     weights = attention_weights(q, k, mask)
     if dropout_p > 0.0:
-        weights = F.dropout(weights, p=dropout_p)
+        weights = dropout(weights, dropout_p)
     return weights @ v
 
 
@@ -208,7 +209,7 @@ class PositionwiseFeedForward(nn.Module):
         self.w_1 = nn.Linear(d_model, d_ff)
         self.w_2 = nn.Linear(d_ff, d_model)
         self.activation = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}[activation]()
-        self.dropout = nn.Dropout(activation_dropout)
+        self.dropout = Dropout(activation_dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, T, d_model) -> (B, T, d_model)."""
@@ -287,7 +288,7 @@ class SublayerConnection(nn.Module):
     def __init__(self, d_model: int, dropout: float, norm: str, eps: float) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(d_model, eps=eps)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.pre_norm = norm == "pre"
 
     def forward(self, x: Tensor, sublayer) -> Tensor:
@@ -501,7 +502,7 @@ class Transformer(nn.Module):
             else nn.Identity()
         )
         # §5.4: "we apply dropout to the sums of the embeddings and the positional encodings".
-        self.embed_dropout = nn.Dropout(cfg.dropout)
+        self.embed_dropout = Dropout(cfg.dropout)
         self.encoder = Encoder(cfg) if has_encoder else None
         self.decoder = Decoder(cfg, cross_attention=has_encoder) if has_decoder else None
         # §3.4: "we share the same weight matrix between the two embedding layers and the
