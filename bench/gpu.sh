@@ -4,7 +4,9 @@
 #   1. decoding throughput: aiayn greedy and beam 4 (reference and fixed-shape searches) vs
 #      Hugging Face generate, same weights;
 #   2. training throughput at 256 x 64 source + 256 x 64 target tokens: aiayn vs
-#      torch.nn.Transformer vs Hugging Face Marian, eager and torch.compile'd, in one run.
+#      torch.nn.Transformer vs Hugging Face Marian, eager and torch.compile'd, in one run;
+#   3. the training kernels in pairs (bench/train_kernels.py): among them aiayn's blockwise
+#      loss against F.cross_entropy, never measured on a GPU yet.
 # Decoding runs first because it is short and bounded; compilation is the long, uncertain part.
 # Each step runs under what is left of a total time limit (BUDGET_S, default 470 s); the JSON
 # files are rewritten after every case, so a step stopped by the limit keeps what it measured.
@@ -23,6 +25,7 @@ BUDGET_S=${BUDGET_S:-470}
 steps=(
     "bench.decode_throughput --device cuda --size base --dtype bf16 --repeats 5 ${DECODE_ARGS:-}"
     "bench.train_throughput --device cuda --size base --dtype bf16 --compile --repeats 20 ${TRAIN_ARGS:-}"
+    "bench.train_kernels --device cuda --size base --matmul-size 8192"
 )
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
