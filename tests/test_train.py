@@ -8,13 +8,22 @@ import pytest
 import torch
 
 import aiayn.loss
+import aiayn.train
 from aiayn import checkpoint as ckpt
 from aiayn.config import TransformerConfig
 from aiayn.data.batching import TokenBatchSampler, example_lengths
 from aiayn.errors import ConfigError
 from aiayn.model import Transformer
 from aiayn.tasks.seq2seq import batch_maker, seq2seq_loss
-from aiayn.train import TrainConfig, Trainer, TrainingError, label_smoothed_nll, learning_rate
+from aiayn.train import (
+    TrainConfig,
+    Trainer,
+    TrainingError,
+    label_smoothed_nll,
+    learning_rate,
+    precision_advice,
+    resolve_precision,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -330,3 +339,13 @@ def test_max_time_stops_early_with_a_checkpoint_and_carries_over_resume(tmp_path
     assert again.resume() == trainer.step
     again.fit(progress=False)
     assert again.step == trainer.step  # no time left: no further step
+
+
+def test_auto_precision_stays_fp32_on_a_cpu_and_says_when_bf16_would_be_faster(monkeypatch):
+    cpu = torch.device("cpu")
+    for amx in (False, True):
+        monkeypatch.setattr(aiayn.train, "_cpu_has_amx", lambda amx=amx: amx)
+        assert resolve_precision("auto", cpu) == "fp32"
+        advice = precision_advice("auto", cpu)
+        assert (advice is not None and "train.precision bf16" in advice) == amx
+        assert precision_advice("fp32", cpu) is None  # asked for: no advice
