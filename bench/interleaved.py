@@ -6,8 +6,9 @@
 On a shared machine whose speed drifts by tens of percent within a minute (this project's CPU
 machine), measuring one model after another (`bench/train_throughput.py`, even in rounds)
 lets the drift decide differences of 10-20%. Here every model is built and warmed up first;
-then the models take one training step each, in turn, `--steps` times, so that the steps
-compared run next to each other in the same state of the machine. Reported per model: the
+then the models take one training step each, in turn (in a new seeded order each turn;
+`--order fixed` keeps the `--models` order), `--steps` times, so that the steps compared run
+next to each other in the same state of the machine. Reported per model: the
 median step time, and the median over the turns of its step time divided by aiayn's in the
 same turn ("x aiayn", > 1: aiayn is faster). Peak memory is not measured (every model is alive
 at once; `bench/train_throughput.py` measures it). Models, batches, loss and optimiser are
@@ -19,6 +20,7 @@ Output: bench/results/interleaved-<device>-<date>.json and a markdown table on s
 from __future__ import annotations
 
 import argparse
+import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each model")
     parser.add_argument("--batches", type=int, default=4, help="distinct batches used in turn")
     parser.add_argument("--label-smoothing", type=float, default=0.1)
+    parser.add_argument(
+        "--order",
+        choices=("shuffled", "fixed"),
+        default="shuffled",
+        help="the models' order within a turn: a new permutation each turn (seeded), so that "
+        "no model always runs right after another (default); or the --models order every turn",
+    )
     args = parser.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in args.models if m not in MODELS]
@@ -52,6 +61,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
     return args
+
+
+def turn_orders(models: Sequence[str], turns: int, *, shuffled: bool, seed: int) -> list[list[str]]:
+    """The order the models step in, turn by turn. In a fixed order a model always runs right
+    after the same other one and inherits the state it leaves (caches, allocator, clock
+    speed); shuffled, that is spread over every model, each turn a permutation drawn from a
+    generator seeded by `seed` (a run can be repeated). Even so, two rows running the same
+    code differed by 4% in one 30-turn run on this project's CPU (2026-11-27): read smaller
+    differences as noise."""
+    generator = random.Random(seed)
+    orders = []
+    for _ in range(turns):
+        order = list(models)
+        if shuffled:
+            generator.shuffle(order)
+        orders.append(order)
+    return orders
 
 
 def summarise(times: dict[str, list[float]]) -> list[dict[str, Any]]:
@@ -122,9 +148,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
         )
         common.time_fn(steps[name], device, warmup=args.warmup, repeats=0)
     times: dict[str, list[float]] = {name: [] for name in args.models}
-    for _ in range(args.steps):
-        for name, step in steps.items():
-            times[name] += common.time_fn(step, device, warmup=0, repeats=1)
+    orders = turn_orders(args.models, args.steps, shuffled=args.order == "shuffled", seed=args.seed)
+    for order in orders:
+        for name in order:
+            times[name] += common.time_fn(steps[name], device, warmup=0, repeats=1)
     rows = summarise(times)
     path = common.results_path(args.out, "interleaved", device)
     common.write_json(
@@ -144,7 +171,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
                 "batches": args.batches,
                 "label_smoothing": args.label_smoothing,
                 "seed": args.seed,
+                "order": args.order,
             },
+            "turn_orders": orders,
             "model_config": cfg.to_dict(),
             "results": rows,
         },

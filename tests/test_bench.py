@@ -384,8 +384,18 @@ def test_interleaved_steps_give_ratios_to_aiayn_in_the_same_turn(tmp_path: Path,
     ratios = sorted(p / o for p, o in zip(peer["step_s_turns"], ours["step_s_turns"], strict=True))
     assert peer["vs_aiayn_median_ratio"] == pytest.approx(ratios[1])
     assert peer["step_s_q1"] <= peer["step_s_median"] <= peer["step_s_q3"]
+    assert data["settings"]["order"] == "shuffled" and len(data["turn_orders"]) == 3
     with pytest.raises(SystemExit):
         interleaved.main(["--device", "cpu", "--size", "tiny", "--models", "nn.Transformer"])
+
+
+def test_interleaved_turns_are_shuffled_reproducibly_unless_fixed() -> None:
+    models = ["aiayn", "aiayn-torch-dropout", "nn.Transformer", "hf-marian"]
+    shuffled = interleaved.turn_orders(models, 20, shuffled=True, seed=0)
+    assert all(sorted(order) == sorted(models) for order in shuffled)
+    assert len({tuple(order) for order in shuffled}) > 1  # not one order every turn
+    assert shuffled == interleaved.turn_orders(models, 20, shuffled=True, seed=0)
+    assert interleaved.turn_orders(models, 3, shuffled=False, seed=0) == [models] * 3
 
 
 def test_optimizer_step_times_both_adamw_kinds(tmp_path: Path, one_thread) -> None:
