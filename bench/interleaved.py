@@ -8,9 +8,9 @@ machine), measuring one model after another (`bench/train_throughput.py`, even i
 lets the drift decide differences of 10-20%. Here every model is built and warmed up first;
 then the models take one training step each, in turn (in a new seeded order each turn;
 `--order fixed` keeps the `--models` order), `--steps` times, so that the steps compared run
-next to each other in the same state of the machine. Reported per model: the
-median step time, and the median over the turns of its step time divided by aiayn's in the
-same turn ("x aiayn", > 1: aiayn is faster). Peak memory is not measured (every model is alive
+next to each other in the same state of the machine. Reported per model: the median step
+time, and the median over the turns of its step time divided by aiayn's in the same turn
+("x aiayn", > 1: aiayn is faster). Peak memory is not measured (every model is alive
 at once; `bench/train_throughput.py` measures it). Models, batches, loss and optimiser are
 those of `bench/train_throughput.py` (its `TrainingStep`), eager.
 

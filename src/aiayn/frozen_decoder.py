@@ -46,13 +46,15 @@ if TYPE_CHECKING:
 __all__ = ["FrozenCache", "FrozenDecoder", "first_argmax"]
 
 _BLOCK = 64  # columns per block in `first_argmax`
-# `FrozenDecoder.is_current` compares every 61st value of each parameter (in memory order)
-# with the copy's. An optimiser step changes every value whose gradient or state is non-zero;
-# a row of a (d_out, d_in) matrix or of the embedding is sampled at about d_in / 61 places
-# (4 at d_model 256), so where d_in >= 61 changing any whole row is seen. The whole check takes about 1 ms at the
-# small size (d_model 256, 3 layers, 8,000 words; most of it per-tensor overhead), against
-# 3.7 ms to compare every value.
+# `FrozenDecoder.is_current` compares every 61st value of each copied parameter (in memory
+# order) with its value at copy time. An optimiser step changes every value whose gradient or
+# state is non-zero; a row of a (d_out, d_in) matrix or of the embedding is sampled at about
+# d_in / 61 places (4 at d_model 256), so where d_in >= 61 changing any whole row is seen. The
+# whole check takes about 1 ms at the small size (d_model 256, 3 layers, 8,000 words; most of
+# it per-tensor overhead), against 3.7 ms to compare every value.
 _SAMPLE_STRIDE = 61
+# Samples are compared as bits (an integer type of the same width), so that NaN equals itself.
+_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def first_argmax(x: Tensor) -> Tensor:
@@ -225,9 +227,8 @@ class FrozenDecoder:
     def _copied_samples(self) -> list[Tensor]:
         """Every `_SAMPLE_STRIDE`-th value of each copied parameter, as its bits (views): a NaN
         equals itself, so a model with one is not remade at every call."""
-        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}
         return [
-            t.detach().reshape(-1)[::_SAMPLE_STRIDE].view(bits[t.element_size()])
+            t.detach().reshape(-1)[::_SAMPLE_STRIDE].view(_BITS[t.element_size()])
             for t in self._copied
         ]
 
