@@ -10,7 +10,10 @@ searches; row ``aiayn``) and with `aiayn.static_decoding.StaticDecoding` (the sa
 with fixed shapes, each step one CUDA graph launch on a GPU and a step of
 `aiayn.frozen_decoder.FrozenDecoder` on a CPU; row ``aiayn-static``; on a CPU also the same
 search stepping the model's own modules, the before row ``aiayn-static-modules``); Hugging
-Face with ``model.generate``.
+Face with ``model.generate``; and, where the ``ctranslate2`` package is installed, CTranslate2
+(OpenNMT's C++ inference engine) on a copy of the same weights converted with
+`bench.ctranslate2_peer.to_ctranslate2` (row ``ctranslate2``; a peer like ``generate``, its
+forced lengths are described there).
 
 **Equal work.** A random model ends its outputs at random steps, differently on each side once
 floating-point sums differ, so both sides are made to decode exactly ``--steps`` (L) decoder
@@ -62,7 +65,7 @@ from aiayn.decoding import TransformerDecoder, beam_search, greedy_search
 from aiayn.interop import to_hf_marian
 from aiayn.model import Transformer
 from aiayn.static_decoding import StaticDecoding
-from bench import common
+from bench import common, ctranslate2_peer
 from bench.peers import quiet_transformers  # also sets HF_HUB_OFFLINE before transformers loads
 
 # aiayn: the reference searches of aiayn.decoding; aiayn-static: aiayn.static_decoding (fixed
@@ -70,8 +73,10 @@ from bench.peers import quiet_transformers  # also sets HF_HUB_OFFLINE before tr
 # on a CPU); hf-generate: the peer, with its default dynamic cache; hf-generate-static: with
 # its static cache (`cache_implementation="static"`, which transformers also compiles on a
 # GPU): the peer's own fast path.
+# ctranslate2: CTranslate2 on the same weights, where the package is installed.
 IMPLEMENTATIONS = ("aiayn", "aiayn-static", "hf-generate", "hf-generate-static")
-PEERS = ("hf-generate", "hf-generate-static")
+CT2 = "ctranslate2"
+PEERS = ("hf-generate", "hf-generate-static", CT2)
 # On a CPU, a before row: the fixed-shape search stepping the model's own modules
 # (`StaticDecoding(frozen=False)`), what a CPU ran before the frozen decoder.
 CPU_BEFORE = "aiayn-static-modules"
@@ -79,9 +84,12 @@ CPU_BEFORE = "aiayn-static-modules"
 
 def implementations(device: torch.device) -> tuple[str, ...]:
     """The rows measured on `device`, in order."""
-    if device.type != "cpu":
-        return IMPLEMENTATIONS
-    return IMPLEMENTATIONS[:2] + (CPU_BEFORE,) + IMPLEMENTATIONS[2:]
+    rows = (
+        IMPLEMENTATIONS
+        if device.type != "cpu"
+        else (IMPLEMENTATIONS[:2] + (CPU_BEFORE,) + IMPLEMENTATIONS[2:])
+    )
+    return rows + ((CT2,) if ctranslate2_peer.available() else ())
 
 
 SEARCHES = ("greedy", "beam")
@@ -287,11 +295,13 @@ def check_equal_work(
     steps: int,
     beam_size: int,
     searches: Sequence[str],
+    ct2: ctranslate2_peer.CT2Searches | None = None,
 ) -> dict[str, Any]:
     """Decode `src` with both models (float32) and check that they do the same work.
 
     Greedy outputs must be token-identical (up to float32 ties, see `compare_outputs`);
-    every output must have the forced length. Raises `EqualWorkError` otherwise.
+    every output must have the forced length. Raises `EqualWorkError` otherwise. With `ct2`
+    (CTranslate2 on the same weights, float32), its outputs are checked the same way.
     """
     report: dict[str, Any] = {}
     static = StaticDecoding(ours)
@@ -312,14 +322,51 @@ def check_equal_work(
             traceback.print_exc()
             found = {"error": f"{type(exc).__name__}: {exc}"}
         report[search]["static_vs_reference"] = found
+        if ct2 is not None:
+            theirs_ct2 = ct2.decode(src, search, steps, beam_size, LENGTH_PENALTY)
+            check_lengths(theirs_ct2, None, search, steps)
+            report[search]["ctranslate2_vs_reference"] = compare_outputs(
+                theirs_ct2, mine, ours if search == "greedy" else None, src
+            )
     for search, found in report.items():
-        for name, check in (("HF generate", found), ("aiayn-static", found["static_vs_reference"])):
+        checks = [("HF generate", found), ("aiayn-static", found["static_vs_reference"])]
+        if "ctranslate2_vs_reference" in found:
+            checks.append(("CTranslate2", found["ctranslate2_vs_reference"]))
+        for name, check in checks:
             if search == "greedy" and check.get("mismatches"):
                 raise EqualWorkError(
                     f"greedy outputs differ between aiayn and {name} beyond float32 ties: {check}",
                     report,
                 )
     return report
+
+
+def load_ctranslate2(
+    ours: Transformer, folder: str, device: torch.device, dtype: torch.dtype
+) -> tuple[ctranslate2_peer.CT2Searches, ctranslate2_peer.CT2Searches | Exception]:
+    """`ours` converted into `folder` for CTranslate2: (a float32 translator for the
+    equal-work check, the translator timed in `dtype`, or why there is none)."""
+    ctranslate2_peer.to_ctranslate2(ours, folder)
+
+    def translator(dt: torch.dtype) -> ctranslate2_peer.CT2Searches:
+        name = ctranslate2_peer.compute_type(dt, device.type)
+        if name is None:
+            raise RuntimeError(f"CTranslate2 does not compute in {dt} on {device.type}")
+        return ctranslate2_peer.CT2Searches(
+            folder,
+            vocab_size=ours.cfg.tgt_vocab_size,
+            device=device.type,
+            threads=torch.get_num_threads(),
+            compute_type=name,
+        )
+
+    check = translator(torch.float32)
+    if dtype == torch.float32:
+        return check, check
+    try:
+        return check, translator(dtype)
+    except RuntimeError as exc:
+        return check, exc
 
 
 # --------------------------------------------------------------------------- timing
@@ -329,13 +376,24 @@ Run = Callable[[], tuple[list[list[int]], Tensor | None]]
 
 
 def make_run(
-    impl: str, model: nn.Module, src: Tensor, search: str, steps: int, beam_size: int
+    impl: str,
+    model: nn.Module,
+    src: Tensor,
+    search: str,
+    steps: int,
+    beam_size: int,
+    ct2: ctranslate2_peer.CT2Searches | None = None,
 ) -> Run:
     """One batch decoded by `impl`: returns (outputs as aiayn returns them, HF's sequences or None).
 
-    Both sides end with Python lists of token ids (aiayn's search returns them; HF's tensor is
-    converted), so both pay for the final device-to-host copy.
+    Every side ends with Python lists of token ids (aiayn's search returns them; HF's tensor is
+    converted; CTranslate2 returns token strings, mapped back to ids), so all pay for the final
+    copy to the host. `ct2`: the translator the ``ctranslate2`` row decodes with.
     """
+    if impl == CT2:
+        if ct2 is None:
+            raise RuntimeError("no CTranslate2 translator (see the log above)")
+        return lambda: (ct2.decode(src, search, steps, beam_size, LENGTH_PENALTY), None)
     if impl == "aiayn":
         return lambda: (aiayn_decode(model, src, search, steps, beam_size), None)
     if impl in ("aiayn-static", CPU_BEFORE):
@@ -517,6 +575,15 @@ def main(argv: Sequence[str] | None = None) -> Path:
         flush=True,
     )
     ours, theirs = build_pair(cfg, seed=args.seed, device=device)
+    ct2_check: ctranslate2_peer.CT2Searches | None = None
+    ct2_timed: ctranslate2_peer.CT2Searches | Exception = RuntimeError("not loaded")
+    ct2_folder = tempfile.TemporaryDirectory(prefix="aiayn-ct2-")
+    if CT2 in implementations(device):
+        try:
+            ct2_check, ct2_timed = load_ctranslate2(ours, ct2_folder.name, device, dtype)
+        except Exception as exc:  # noqa: BLE001 - the peer's rows record it; the rest runs
+            traceback.print_exc()
+            ct2_timed = exc
     src = make_sources(cfg, batch=batch, src_len=src_len, seed=args.seed + 1).to(device)
 
     path = common.results_path(args.out, "decode_throughput", device)
@@ -549,7 +616,13 @@ def main(argv: Sequence[str] | None = None) -> Path:
     print("  checking that both sides decode the same tokens (float32) ...", flush=True)
     try:
         check = check_equal_work(
-            ours, theirs, src, steps=steps, beam_size=args.beam_size, searches=args.searches
+            ours,
+            theirs,
+            src,
+            steps=steps,
+            beam_size=args.beam_size,
+            searches=args.searches,
+            ct2=ct2_check,
         )
     except EqualWorkError as exc:
         # Record why nothing was timed, then stop: timing different work would mislead.
@@ -570,6 +643,13 @@ def main(argv: Sequence[str] | None = None) -> Path:
             ),
             flush=True,
         )
+        if "ctranslate2_vs_reference" in report:
+            ct2 = report["ctranslate2_vs_reference"]
+            print(
+                f"    {search}: CTranslate2 vs aiayn: {ct2['identical']}/{ct2['rows']} identical, "
+                f"{ct2['ties']} ties",
+                flush=True,
+            )
     if dtype != torch.float32:
         ours, theirs = ours.to(dtype), theirs.to(dtype)
 
@@ -579,10 +659,13 @@ def main(argv: Sequence[str] | None = None) -> Path:
     for search in args.searches:
         for impl in implementations(device):
             model = theirs if impl in PEERS else ours
-            run = make_run(impl, model, src, search, steps, args.beam_size)
-            runs.setdefault(search, {})[impl] = run
             print(f"  {impl} ({search}) ...", flush=True)
             try:
+                if impl == CT2 and isinstance(ct2_timed, Exception):
+                    raise ct2_timed
+                ct2 = ct2_timed if impl == CT2 else None
+                run = make_run(impl, model, src, search, steps, args.beam_size, ct2)
+                runs.setdefault(search, {})[impl] = run
                 result, outputs[impl, search] = run_case(
                     impl,
                     search,
@@ -596,11 +679,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
             except Exception as exc:  # report it and go on with the other cases
                 traceback.print_exc()
                 result = {"impl": impl, "search": search, "error": f"{type(exc).__name__}: {exc}"}
-                del runs[search][impl]
+                runs.setdefault(search, {}).pop(impl, None)
             payload["results"].append(result)
             payload["summary"] = summarise(payload["results"])
             common.write_json(path, payload)
-        for impl in ("aiayn", "aiayn-static", "hf-generate-static"):
+        for impl in ("aiayn", "aiayn-static", "hf-generate-static", CT2):
             if (impl, search) in outputs and ("hf-generate", search) in outputs:
                 # In the timed dtype (bf16: rounding differs, outputs may differ): for the record.
                 agreement = compare_outputs(outputs[impl, search], outputs["hf-generate", search])
@@ -613,6 +696,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         common.write_json(path, payload)
     payload["status"] = "complete"
     common.write_json(path, payload)
+    ct2_folder.cleanup()
     print(f"\n{common.describe_machine(machine)}\n{table(payload['results'], args.beam_size)}")
     for search, speedups in payload.get("summary", {}).items():
         for name, ratio in speedups.items():

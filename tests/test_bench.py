@@ -115,6 +115,9 @@ def test_decode_throughput_writes_json(tmp_path: Path, one_thread) -> None:
     for search in decode_throughput.SEARCHES:
         # The fixed-shape search gives the reference search's outputs.
         assert check[search]["static_vs_reference"]["identical"] == rows
+    if decode_throughput.CT2 in decode_throughput.implementations(torch.device("cpu")):
+        # The CTranslate2 peer decodes the same weights to the same greedy outputs.
+        assert check["greedy"]["ctranslate2_vs_reference"]["identical"] == rows
     results = data["results"]
     assert [(r["impl"], r["search"]) for r in results] == [
         (impl, search)
