@@ -12,7 +12,7 @@ import torch
 
 from aiayn.config import TransformerConfig
 from aiayn.decoding import TransformerDecoder, greedy_search
-from aiayn.frozen_decoder import FrozenCache, FrozenDecoder, first_argmax
+from aiayn.frozen_decoder import FrozenCache, FrozenDecoder, first_argmax, largest_k
 from aiayn.model import Transformer, padding_mask
 from aiayn.static_decoding import StaticDecoding
 
@@ -170,6 +170,25 @@ def test_first_argmax_is_argmax_ties_included() -> None:
     ]  # fmt: skip
     ragged = torch.randn(4, 650, generator=generator)  # not a multiple of the block: argmax
     assert first_argmax(ragged).tolist() == ragged.argmax(-1).tolist()
+
+
+def test_largest_k_is_topk() -> None:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 32 * 64, generator=generator)
+    x[1, 64:128] = 40.0 + torch.arange(64.0)  # the 8 largest all in one block
+    x[2, ::64] = 50.0 + torch.arange(32.0)  # each block's largest at its first column
+    x[3, :] = float("-inf")  # banned everywhere but three columns: -inf fills the rest
+    x[3, [5, 700, 2000]] = torch.tensor([1.0, 3.0, 2.0])
+    x[4, 1000] = float("inf")
+    for k in (1, 8, 32):
+        values, index = largest_k(x, k)
+        expected_values, expected_index = x.topk(k, dim=1)
+        assert torch.equal(values, expected_values), k
+        finite = expected_values.isfinite() | (expected_values > 0)  # -inf ties: any column
+        assert torch.equal(index[finite], expected_index[finite]), k
+        assert torch.equal(x.gather(1, index), values)  # the indices hold those values
+    ragged = torch.randn(3, 650, generator=generator)  # not a multiple of the block: topk
+    assert torch.equal(largest_k(ragged, 8)[1], ragged.topk(8, dim=1).indices)
 
 
 def test_frozen_can_be_turned_off() -> None:

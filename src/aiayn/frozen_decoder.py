@@ -43,9 +43,9 @@ from torch import Tensor, nn
 if TYPE_CHECKING:
     from aiayn.model import DecoderLayer, Transformer
 
-__all__ = ["FrozenCache", "FrozenDecoder", "first_argmax"]
+__all__ = ["FrozenCache", "FrozenDecoder", "first_argmax", "largest_k"]
 
-_BLOCK = 64  # columns per block in `first_argmax`
+_BLOCK = 64  # columns per block in `first_argmax` and `largest_k`
 # `FrozenDecoder.is_current` compares every 61st value of each copied parameter (in memory
 # order) with its value at copy time. An optimiser step changes every value whose gradient or
 # state is non-zero; a row of a (d_out, d_in) matrix or of the embedding is sampled at about
@@ -72,6 +72,27 @@ def first_argmax(x: Tensor) -> Tensor:
     block = blocks.amax(-1).argmax(-1)  # (N,) the first block holding the row's largest
     rows = torch.arange(n, device=x.device)
     return block * _BLOCK + blocks[rows, block].argmax(-1)
+
+
+def largest_k(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``x.topk(k, dim=1)`` of a (N, V) tensor: the k largest values of each row, largest
+    first, and their column indices; each (N, k).
+
+    Beam search picks its 2K candidates among K x V scores per source: on a CPU ``topk`` over
+    16 x 32,000 took 548 µs, this 171 (k = 8, this project's CPU). The k largest values lie in
+    the k blocks of 64 columns with the largest maxima (a block outside them holds nothing
+    above the k-th of those maxima), so ``topk`` runs over those k x 64 values only. The same
+    values as ``topk``; where several columns hold equal values at the k-th place, which of
+    them are returned may differ (``topk`` does not specify it either).
+    """
+    n, v = x.shape
+    if v % _BLOCK or x.device.type != "cpu" or k > v // _BLOCK:
+        return x.topk(k, dim=1)
+    blocks = x.view(n, v // _BLOCK, _BLOCK)
+    best = blocks.amax(-1).topk(k, dim=1).indices  # (N, k) blocks holding the k largest
+    within = blocks.gather(1, best.unsqueeze(-1).expand(-1, -1, _BLOCK)).view(n, k * _BLOCK)
+    values, at = within.topk(k, dim=1)
+    return values, best.gather(1, at // _BLOCK) * _BLOCK + at % _BLOCK
 
 
 class FrozenCache:

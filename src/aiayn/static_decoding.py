@@ -61,7 +61,7 @@ from aiayn.decoding import (
     max_output_lengths,
 )
 from aiayn.errors import ConfigError
-from aiayn.frozen_decoder import FrozenCache, FrozenDecoder, first_argmax
+from aiayn.frozen_decoder import FrozenCache, FrozenDecoder, first_argmax, largest_k
 from aiayn.model import padding_mask
 
 if TYPE_CHECKING:
@@ -294,7 +294,7 @@ class _Plan:
         total = total.view(B, K, vocab)
         if bool(at_limit.any()):
             total[at_limit] = total[at_limit].masked_fill(self.not_eos, float("-inf"))
-        scores, index = total.view(B, K * vocab).topk(min(2 * K, K * vocab), dim=1)
+        scores, index = largest_k(total.view(B, K * vocab), min(2 * K, K * vocab))
         return scores, index // vocab, index % vocab
 
     def beam_step(self) -> None:
