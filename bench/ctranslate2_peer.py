@@ -55,6 +55,7 @@ def token_names(vocab_size: int) -> list[str]:
 
 
 def _numpy(t: Tensor) -> Any:
+    """A float32 NumPy copy (CTranslate2 stores float32 and converts when it loads)."""
     return t.detach().float().cpu().numpy()
 
 
@@ -133,7 +134,9 @@ def to_ctranslate2(model: Transformer, out_dir: str | Path) -> Path:
     spec.register_target_vocabulary(token_names(cfg.tgt_vocab_size))
     spec.config.layer_norm_epsilon = cfg.layer_norm_eps
     spec.config.decoder_start_token = token_names(cfg.tgt_vocab_size)[common.BOS_ID]
-    spec.config.unk_token = token_names(cfg.tgt_vocab_size)[common.PAD_ID]  # none is unknown
+    # CTranslate2 needs a vocabulary entry for its unknown token; every id here has a name, so
+    # nothing is ever unknown: the pad token (banned in every search) stands in.
+    spec.config.unk_token = token_names(cfg.tgt_vocab_size)[common.PAD_ID]
     spec.validate()
     spec.optimize(quantization=None)
     out = Path(out_dir)
