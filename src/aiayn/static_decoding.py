@@ -22,13 +22,16 @@ its own:
 On a CPU the same step runs eagerly (there are no graphs to replay), and its decoder part is
 :class:`aiayn.frozen_decoder.FrozenDecoder`: the decoder's weights copied once in the layout
 the CPU's matrix library is fastest with, and one step written with them (greedy search 1.5x
-the reference search on the small benchmark model; docs/performance.md). It is tested there
-against the reference searches, which stay the definition of what the search does: their
-docstrings (and the module docstring of :mod:`aiayn.decoding`) give the length penalty, the
-stopping rule and the length limits, all of which hold here unchanged. What differs: n-gram
-blocking is not available here (use the reference searches), and outputs may differ from the
-reference's where two candidates tie to within rounding (attention sums over a padded cache
-are grouped differently).
+the reference search on the small benchmark model; docs/performance.md). A CPU also gains
+nothing from fixed shapes elsewhere: the batch is not rounded up, the encoder skips padding
+(:mod:`aiayn.packed_encoder`), and greedy search keeps its bookkeeping in Python lists.
+
+Both kinds of step are tested against the reference searches, which stay the definition of
+what the search does: their docstrings (and the module docstring of :mod:`aiayn.decoding`)
+give the length penalty, the stopping rule and the length limits, all of which hold here
+unchanged. What differs: n-gram blocking is not available here (use the reference searches),
+and outputs may differ from the reference's where two candidates tie to within rounding
+(attention sums over a padded cache are grouped differently).
 
 Graphs are kept per shape (batch rounded up to a multiple of 8 on a GPU, source length to a
 multiple of 8, output length limit), a few at a time: decoding a file in length-sorted batches
