@@ -24,7 +24,7 @@ On a CPU the same step runs eagerly (there are no graphs to replay), and its dec
 the CPU's matrix library is fastest with, and one step written with them (greedy search 1.5x
 the reference search on the small benchmark model; docs/performance.md). A CPU also gains
 nothing from fixed shapes elsewhere: the batch is not rounded up, the encoder skips padding
-(:mod:`aiayn.packed_encoder`), and greedy search keeps its bookkeeping in Python lists.
+(:mod:`aiayn.packed_encoder`), and the searches keep their bookkeeping in Python lists.
 
 Both kinds of step are tested against the reference searches, which stay the definition of
 what the search does: their docstrings (and the module docstring of :mod:`aiayn.decoding`)
@@ -193,6 +193,18 @@ class _HostGreedy:
     t: int = 0  # the position the next step decodes
 
 
+@dataclass
+class _HostBeam:
+    """Beam search's bookkeeping in Python lists, for a CPU (as `_HostGreedy`): the tensor
+    version in `_Plan.beam_step` is about 40 calls per step."""
+
+    finished: list[list[tuple[list[int], float]]]  # per source: (tokens, log-prob), in order
+    done: list[bool]
+    limits: list[int]
+    min_lens: list[int]
+    t: int = 0
+
+
 class _Plan:
     """Buffers, step and (on CUDA) graph for one shape: B sources x K beams, S, L.
 
@@ -243,7 +255,7 @@ class _Plan:
             history=torch.zeros(rows, positions, **long),
         )
         # Greedy search on a CPU keeps its bookkeeping on the host (set by `load`).
-        self.host: _HostGreedy | None = None
+        self.host: _HostGreedy | _HostBeam | None = None
         if beam == 1:
             self.state.lengths = torch.zeros(batch, **long)
         else:
@@ -276,7 +288,7 @@ class _Plan:
         return log_probs.masked_fill(early, float("-inf"))
 
     def greedy_step(self) -> None:
-        if self.host is not None:
+        if isinstance(self.host, _HostGreedy):
             return self._host_greedy_step()
         s = self.state
         t = s.cache.position
@@ -294,7 +306,7 @@ class _Plan:
     def _host_greedy_step(self) -> None:
         """`greedy_step` with the frozen decoder, its bookkeeping in `self.host`."""
         s, host = self.state, self.host
-        assert host is not None and self.frozen is not None
+        assert isinstance(host, _HostGreedy) and self.frozen is not None
         # The same choice as `greedy_step`'s: the largest logit is the largest log-probability.
         logits = self.frozen.logits(s.last, s.cache, self.ban_bias)  # (B, V)
         below_min = [row for row, m in enumerate(host.min_lens) if host.t < m]
@@ -319,11 +331,12 @@ class _Plan:
             return all(self.host.done)
         return bool(self.state.done.all())
 
-    def _frozen_candidates(self, at_limit: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """What the block below computes, in place on one (N, V) tensor (on a CPU each pass
-        over it costs about as much as the decoder layers' products): score + log p =
-        logits + (score - logsumexp(logits)), bans as columns, the at-limit ban only when a
-        source is at its limit (the host knows without waiting)."""
+    def _frozen_candidates(self, host: _HostBeam) -> tuple[list[list[float]], list[list[int]]]:
+        """What `beam_step` computes up to its candidates, in place on one (N, V) tensor (on a
+        CPU each pass over it costs about as much as the decoder layers' products): score +
+        log p = logits + (score - logsumexp(logits)), bans as columns, the eos and at-limit
+        bans only for the rows that need them. Returns the candidates' scores and their
+        indices into each source's K x V scores, as lists (B, 2K)."""
         s, B, K = self.state, self.batch, self.beam
         logits = self.frozen.logits(s.last, s.cache)  # (N, V)
         vocab = logits.size(-1)
@@ -335,33 +348,74 @@ class _Plan:
         exp_sum = torch.sub(logits, largest, out=self.scratch).exp_().sum(-1, keepdim=True)
         offset = s.scores.view(-1, 1) - exp_sum.log_().add_(largest)  # score - logsumexp
         total = logits.add_(offset).index_fill_(-1, self.banned, float("-inf"))
-        below_min = (s.cache.position < s.min_lens).repeat_interleave(K)  # (N,)
-        total[:, self.eos_id].masked_fill_(below_min, float("-inf"))
+        below_min = [b * K + j for b, m in enumerate(host.min_lens) if host.t < m for j in range(K)]
+        if below_min:
+            total[below_min, self.eos_id] = float("-inf")
         total = total.view(B, K, vocab)
-        if bool(at_limit.any()):
+        # Sources at their limit may only end: every token but eos at -inf.
+        at_limit = [b for b, limit in enumerate(host.limits) if limit <= host.t]
+        if at_limit:
             total[at_limit] = total[at_limit].masked_fill(self.not_eos, float("-inf"))
         scores, index = largest_k(total.view(B, K * vocab), min(2 * K, K * vocab))
-        return scores, index // vocab, index % vocab
+        return scores.tolist(), index.tolist()
+
+    def _host_beam_step(self) -> None:
+        """`beam_step` with the frozen decoder, its bookkeeping in `self.host`: the same
+        rules, candidate by candidate. The histories stay a tensor (reordered in one call);
+        a finished hypothesis reads its row."""
+        s, host, K, eos = self.state, self.host, self.beam, self.eos_id
+        assert isinstance(host, _HostBeam) and self.frozen is not None
+        vocab, t = self.frozen.out_weight.size(1), host.t
+        cand_scores, cand_index = self._frozen_candidates(host)
+        rows, tokens, scores = [], [], []
+        for b, (c_scores, c_index) in enumerate(zip(cand_scores, cand_index, strict=True)):
+            cands = [(score, *divmod(i, vocab)) for score, i in zip(c_scores, c_index, strict=True)]
+            finished = host.finished[b]
+            # Finish the eos candidates among the top K, best first, while the source has room.
+            if not host.done[b]:
+                for score, beam, token in cands[:K]:
+                    if token == eos and math.isfinite(score) and len(finished) < K:
+                        finished.append((s.history[b * K + beam, :t].tolist(), score))
+            # The next live beams: the K best candidates that do not end in eos, in rank order
+            # (an eos, picked only with a vocabulary of one, is dead).
+            live = [c for c in cands if c[2] != eos][:K]
+            if len(live) < K:
+                live += [c for c in cands if c[2] == eos][: K - len(live)]
+            alive = False
+            for score, beam, token in live:
+                rows.append(b * K + beam)
+                tokens.append(token)
+                scores.append(score if token != eos else float("-inf"))
+                alive = alive or (token != eos and math.isfinite(score))
+            at_limit = host.limits[b] <= t
+            host.done[b] = host.done[b] or len(finished) >= K or at_limit or not alive
+        index = torch.tensor(rows, device=s.last.device)
+        s.cache.reorder(index)
+        s.history.copy_(s.history.index_select(0, index))
+        s.last.copy_(torch.tensor(tokens))
+        s.history[:, t] = s.last
+        s.scores.copy_(torch.tensor(scores, dtype=torch.float64).view_as(s.scores))
+        host.t += 1
+        s.cache.position.add_(1)
 
     def beam_step(self) -> None:
+        if isinstance(self.host, _HostBeam):
+            return self._host_beam_step()
         s, B, K = self.state, self.batch, self.beam
         t = s.cache.position
         # Sources at their limit may only end: every token but eos at -inf.
         at_limit = s.limits <= t  # (B,)
-        if self.frozen is not None:
-            cand_scores, cand_beams, cand_tokens = self._frozen_candidates(at_limit)
-        else:
-            log_probs = self.log_probs()
-            vocab = log_probs.size(-1)
-            below_min = (t < s.min_lens).view(-1, 1).expand(B, K).reshape(-1, 1)  # (N, 1)
-            log_probs = self._ban_eos_before_min_len(log_probs, below_min).view(B, K, vocab)
-            log_probs = log_probs.masked_fill(
-                at_limit.view(-1, 1, 1) & self.not_eos.view(1, 1, -1), float("-inf")
-            )
-            # The 2K best (beam, token) extensions of each source.
-            cand_scores, cand_beams, cand_tokens = beam_step(
-                log_probs, s.scores, num_candidates=min(2 * K, K * vocab)
-            )  # each (B, 2K)
+        log_probs = self.log_probs()
+        vocab = log_probs.size(-1)
+        below_min = (t < s.min_lens).view(-1, 1).expand(B, K).reshape(-1, 1)  # (N, 1)
+        log_probs = self._ban_eos_before_min_len(log_probs, below_min).view(B, K, vocab)
+        log_probs = log_probs.masked_fill(
+            at_limit.view(-1, 1, 1) & self.not_eos.view(1, 1, -1), float("-inf")
+        )
+        # The 2K best (beam, token) extensions of each source.
+        cand_scores, cand_beams, cand_tokens = beam_step(
+            log_probs, s.scores, num_candidates=min(2 * K, K * vocab)
+        )  # each (B, 2K)
         cand_is_eos = cand_tokens.eq(self.eos_id)
 
         # Finish the eos candidates among the top K, best first, while the source has room:
@@ -451,6 +505,13 @@ class _Plan:
             s.fin_len.zero_()
             s.fin_logp.zero_()
             s.n_fin.zero_()
+            if self.frozen is not None:
+                self.host = _HostBeam(
+                    finished=[[] for _ in range(self.batch)],
+                    done=is_padding_row.tolist(),
+                    limits=host_limits.tolist(),
+                    min_lens=host_limits.clamp(max=min_len).tolist(),
+                )
 
     # ----------------------------------------------------------------- the CUDA graph
     def _capture(self) -> torch.cuda.CUDAGraph:
@@ -667,18 +728,31 @@ class StaticDecoding:
             min_len=min_len,
         )
         s, real = plan.state, src_ids.size(0)
-        n_fin = s.n_fin[:real].tolist()
-        fin_len = s.fin_len[:real].tolist()
-        fin_logp = s.fin_logp[:real].tolist()
-        fin_tokens = s.fin_tokens[:real].cpu()
+        # Each source's finished hypotheses as (tokens, log-prob), in finishing order.
+        if isinstance(plan.host, _HostBeam):
+            finished = plan.host.finished[:real]
+        else:
+            n_fin = s.n_fin[:real].tolist()
+            fin_len = s.fin_len[:real].tolist()
+            fin_logp = s.fin_logp[:real].tolist()
+            fin_tokens = s.fin_tokens[:real].cpu()
+            finished = [
+                [
+                    (fin_tokens[b, slot, : fin_len[b][slot]].tolist(), fin_logp[b][slot])
+                    for slot in range(n_fin[b])
+                ]
+                for b in range(real)
+            ]
         results = []
-        for b in range(real):
+        for hypotheses in finished:
             # In finishing order, so that the stable sort breaks ties as the reference does.
-            hyps = []
-            for slot in range(n_fin[b]):
-                tokens = fin_tokens[b, slot, : fin_len[b][slot]].tolist()
-                log_prob = fin_logp[b][slot]
-                score = log_prob / length_penalty_factor(len(tokens) + 1, length_penalty)
-                hyps.append(Hypothesis(tokens, score, log_prob))
+            hyps = [
+                Hypothesis(
+                    tokens,
+                    log_prob / length_penalty_factor(len(tokens) + 1, length_penalty),
+                    log_prob,
+                )
+                for tokens, log_prob in hypotheses
+            ]
             results.append(sorted(hyps, key=lambda h: h.score, reverse=True)[:n_best])
         return results
