@@ -254,7 +254,7 @@ class _Plan:
             done=torch.zeros(batch, dtype=torch.bool, device=device),
             history=torch.zeros(rows, positions, **long),
         )
-        # Greedy search on a CPU keeps its bookkeeping on the host (set by `load`).
+        # On a CPU both searches keep their bookkeeping on the host (set by `load`).
         self.host: _HostGreedy | _HostBeam | None = None
         if beam == 1:
             self.state.lengths = torch.zeros(batch, **long)
