@@ -358,6 +358,25 @@ def test_static_beam_equals_the_reference(
     assert outputs_and_scores(got) == outputs_and_scores(expected)
 
 
+@FROZEN
+def test_static_searches_take_empty_batches_and_empty_sources(
+    model64: Transformer, frozen: bool
+) -> None:
+    """An empty batch gives no outputs; a source made only of padding (an empty sentence) gets
+    what the reference search gives it (the CPU's encoder computes such a row whole)."""
+    search = StaticDecoding(model64, frozen=frozen)
+    empty = torch.zeros((0, 4), dtype=torch.long)
+    assert search.greedy(empty) == greedy_search(TransformerDecoder(model64), empty) == []
+    assert search.beam(empty) == []
+    src = torch.cat([SRC, torch.full((1, SRC.size(1)), PAD)])
+    assert search.greedy(src, max_len=6) == greedy_search(
+        TransformerDecoder(model64), src, max_len=6
+    )
+    expected = beam_search(TransformerDecoder(model64), src, n_best=2, max_len=6)
+    got = search.beam(src, n_best=2, max_len=6)
+    assert outputs_and_scores(got) == outputs_and_scores(expected)
+
+
 def test_static_plans_are_reused_and_reset_between_batches(model64: Transformer) -> None:
     search = StaticDecoding(model64)
     other = torch.tensor([[7, 8, 9, PAD, PAD], [4, 4, 4, 4, PAD], [9, 9, PAD, PAD, PAD]])

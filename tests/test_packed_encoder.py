@@ -41,14 +41,15 @@ def test_real_positions_equal_the_models_encoder(options: dict) -> None:
     src = torch.randint(3, 29, (4, 9), generator=torch.Generator().manual_seed(1))
     src[1, 6:] = PAD
     src[2, 1:] = PAD  # one real token
-    src[3, :] = PAD  # only padding (a row StaticDecoding adds to round the batch up)
-    real = src.ne(PAD)
+    src[3, :] = PAD  # only padding: computed whole, as `encode` does (an empty sentence)
+    read = src.ne(PAD)  # the positions a decoder attends to
+    read[3] = True
     with torch.inference_mode():
         packed = packed_encode(model, src)
         full = model.encode(src)
     assert packed.shape == full.shape
-    torch.testing.assert_close(packed[real], full[real], rtol=1e-12, atol=1e-12)
-    assert bool(packed[~real].eq(0).all())
+    torch.testing.assert_close(packed[read], full[read], rtol=1e-12, atol=1e-12)
+    assert bool(packed[~read].eq(0).all())
     # Not true of any encoder output: the real positions differ from one another.
     assert (packed[0, 0] - packed[0, 1]).abs().max() > 1e-3
 

@@ -582,16 +582,20 @@ class Transformer(nn.Module):
         )
 
     # ------------------------------------------------------------------ encoder / decoder
-    def encode(self, src_ids: Tensor) -> Tensor:
-        """Encoder output ("memory") for source ids (B, S): (B, S, d_model)."""
+    def encode(self, src_ids: Tensor, key_mask: Tensor | None = None) -> Tensor:
+        """Encoder output ("memory") for source ids (B, S): (B, S, d_model).
+
+        `key_mask` (B, 1, 1, S) replaces ``padding_mask(src_ids, pad_id)``: a search that pads
+        sources further passes the mask of the sources it was given.
+        """
         if self.encoder is None:
             raise ValueError(
                 "this model has no encoder (n_encoder_layers=0); call decode() instead"
             )
         self._check_ids(src_ids, self.cfg.src_vocab_size, "src_ids")
-        return self.encoder(
-            self._embed(self.src_embed, src_ids), padding_mask(src_ids, self.cfg.pad_id)
-        )
+        if key_mask is None:
+            key_mask = padding_mask(src_ids, self.cfg.pad_id)
+        return self.encoder(self._embed(self.src_embed, src_ids), key_mask)
 
     def decode(
         self,

@@ -35,9 +35,10 @@ and outputs may differ from the reference's where two candidates tie to within r
 
 Graphs are kept per shape (batch rounded up to a multiple of 8 on a GPU, source length to a
 multiple of 8, output length limit), a few at a time: decoding a file in length-sorted batches
-reuses them. Padding rows and positions are masked, so they change no result. Each kept shape holds
-its cache, rows x layers x 2 x L x d_model numbers (64 sentences x beam 4, 6 layers, L = 98,
-d_model 512 in bf16: 308 MB), and its graph's memory pool; `translate_ids` keeps one
+reuses them. Padding rows and positions are masked, so they change no result (a source made
+only of padding keeps the mask of its own length, as the reference search sees it). Each kept
+shape holds its cache, rows x layers x 2 x L x d_model numbers (64 sentences x beam 4, 6
+layers, L = 98, d_model 512 in bf16: 308 MB), and its graph's memory pool; `translate_ids` keeps one
 `StaticDecoding` on the model (`aiayn.decoding.static_decoding_of`), and validation during
 training drops it afterwards (`release_static_decoding`) so that training gets the memory back.
 """
@@ -50,6 +51,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from aiayn.decoding import (
@@ -467,16 +469,26 @@ class _Plan:
             self.beam_step()
 
     # ----------------------------------------------------------------- loading a batch
-    def load(self, src_ids: Tensor, limits: list[int], min_len: int, real: int) -> None:
+    def load(
+        self, src_ids: Tensor, limits: list[int], min_len: int, real: int, src_len: int
+    ) -> None:
         """Encode ``src_ids`` (B, S) and reset every state tensor for a new search.
 
-        The first ``real`` rows are the caller's sources; the rest are padding rows, done
-        from the start.
+        The first ``real`` rows are the caller's sources, their first ``src_len`` positions
+        the caller's; the rest are padding rows, done from the start, and padding positions.
         """
         model, s, K = self.model, self.state, self.beam
+        # The caller's key mask, extended with padding: a source made only of padding is left
+        # unmasked over its own length (`padding_mask`), not over the rounded-up one.
+        mask = F.pad(
+            padding_mask(src_ids[:, :src_len], self.pad_id), (0, src_ids.size(1) - src_len)
+        )
         # On a CPU (with the frozen decoder) the encoder works on real tokens only.
-        memory = packed_encode(model, src_ids) if self.frozen is not None else model.encode(src_ids)
-        s.cache.load(model, memory, padding_mask(src_ids, self.pad_id), K)
+        if self.frozen is not None:
+            memory = packed_encode(model, src_ids, mask)
+        else:
+            memory = model.encode(src_ids, mask)
+        s.cache.load(model, memory, mask, K)
         s.cache.position.zero_()
         s.last.fill_(self.bos_id)
         host_limits = torch.tensor(limits + [0] * (self.batch - len(limits)), dtype=torch.long)
@@ -654,7 +666,7 @@ class StaticDecoding:
             positions=positions,
             ids=(bos_id, eos_id, pad_id),
         )
-        plan.load(src, limits, min_len, real)
+        plan.load(src, limits, min_len, real, src_len)
         steps = max(limits, default=0) + (0 if beam == 1 else 1)
         for step in range(steps):
             plan.step()
@@ -675,6 +687,8 @@ class StaticDecoding:
         min_len: int = 0,
     ) -> list[list[int]]:
         """:func:`aiayn.decoding.greedy_search` for this model: B lists of output ids."""
+        if src_ids.dim() == 2 and src_ids.size(0) == 0:
+            return []
         plan = self._run(
             src_ids,
             beam=1,
