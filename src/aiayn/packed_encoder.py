@@ -11,9 +11,10 @@ in :meth:`Transformer.encode`).
 The same modules and the same arithmetic as :meth:`Transformer.encode`, in eval mode: at every
 real position the output equals it to rounding (tests); at padding positions it is zero
 instead of values nothing uses. A source made only of padding is computed whole, as
-`encode` computes it (its positions are the ones the decoder then attends to). With the decoding benchmark's sources (lengths S/2 .. S, 282
-real tokens of 16 x 24) an encoder pass took 10.8 ms against 12.7 on this project's CPU.
-Used by :class:`aiayn.static_decoding.StaticDecoding` on a CPU.
+`encode` computes it (its positions are the ones the decoder then attends to). With the
+decoding benchmark's sources (lengths S/2 .. S, 282 real tokens of 16 x 24) an encoder pass
+took 7.8 ms against 9.4 on this project's CPU (docs/performance.md). Used by
+:class:`aiayn.static_decoding.StaticDecoding` on a CPU.
 """
 
 from __future__ import annotations

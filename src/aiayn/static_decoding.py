@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -180,31 +180,30 @@ class _Search:
 
 
 @dataclass
-class _HostGreedy:
-    """Greedy search's bookkeeping in Python lists, for a CPU (the frozen decoder's plans).
+class _HostSearch:
+    """A search's bookkeeping in Python lists, for a CPU (the frozen decoder's plans).
 
     On a CPU each PyTorch call costs microseconds whatever its size: the tensor version of
-    this bookkeeping (in `_Plan.greedy_step`, which a CUDA graph replays) is about 20 calls on
-    (B,) tensors, 200 µs per step, and a Python loop over 16 rows does the same in about 15.
+    this bookkeeping (in `_Plan.greedy_step` and `beam_step`, which a CUDA graph replays) is
+    about 20 calls per greedy step on (B,) tensors, 200 µs, and about 40 per beam step; a
+    Python loop over 16 rows does greedy's in about 15 µs.
     """
 
-    outputs: list[list[int]]  # each source's tokens so far
-    done: list[bool]
+    done: list[bool]  # per source
     limits: list[int]  # output limit of each source
     min_lens: list[int]  # eos banned while the step is below this
     t: int = 0  # the position the next step decodes
 
 
 @dataclass
-class _HostBeam:
-    """Beam search's bookkeeping in Python lists, for a CPU (as `_HostGreedy`): the tensor
-    version in `_Plan.beam_step` is about 40 calls per step."""
+class _HostGreedy(_HostSearch):
+    outputs: list[list[int]] = field(default_factory=list)  # each source's tokens so far
 
-    finished: list[list[tuple[list[int], float]]]  # per source: (tokens, log-prob), in order
-    done: list[bool]
-    limits: list[int]
-    min_lens: list[int]
-    t: int = 0
+
+@dataclass
+class _HostBeam(_HostSearch):
+    # Per source: its finished hypotheses as (tokens, log-prob), in finishing order.
+    finished: list[list[tuple[list[int], float]]] = field(default_factory=list)
 
 
 class _Plan:
@@ -257,7 +256,7 @@ class _Plan:
             history=torch.zeros(rows, positions, **long),
         )
         # On a CPU both searches keep their bookkeeping on the host (set by `load`).
-        self.host: _HostGreedy | _HostBeam | None = None
+        self.host: _HostSearch | None = None
         if beam == 1:
             self.state.lengths = torch.zeros(batch, **long)
         else:
@@ -494,36 +493,32 @@ class _Plan:
         host_limits = torch.tensor(limits + [0] * (self.batch - len(limits)), dtype=torch.long)
         s.limits.copy_(host_limits)
         s.min_lens.copy_(host_limits.clamp(max=min_len))
-        is_padding_row = torch.arange(self.batch) >= real
+        done = torch.arange(self.batch) >= real  # padding rows
         s.history.zero_()
         if K == 1:
             # The reference search never steps a source whose limit is 0.
-            s.done.copy_(is_padding_row | (host_limits <= 0))
+            done |= host_limits <= 0
             s.lengths.zero_()
-            if self.frozen is not None:
-                done = (is_padding_row | (host_limits <= 0)).tolist()
-                self.host = _HostGreedy(
-                    outputs=[[] for _ in done],
-                    done=done,
-                    limits=host_limits.tolist(),
-                    min_lens=host_limits.clamp(max=min_len).tolist(),
-                )
         else:
             # It does step such a source once: at its limit it may only end (eos).
-            s.done.copy_(is_padding_row)
             s.scores.fill_(float("-inf"))
             s.scores[:, 0] = 0.0
             s.fin_tokens.zero_()
             s.fin_len.zero_()
             s.fin_logp.zero_()
             s.n_fin.zero_()
-            if self.frozen is not None:
-                self.host = _HostBeam(
-                    finished=[[] for _ in range(self.batch)],
-                    done=is_padding_row.tolist(),
-                    limits=host_limits.tolist(),
-                    min_lens=host_limits.clamp(max=min_len).tolist(),
-                )
+        s.done.copy_(done)
+        if self.frozen is not None:
+            lists = dict(
+                done=done.tolist(),
+                limits=host_limits.tolist(),
+                min_lens=host_limits.clamp(max=min_len).tolist(),
+            )
+            self.host = (
+                _HostGreedy(**lists, outputs=[[] for _ in range(self.batch)])
+                if K == 1
+                else _HostBeam(**lists, finished=[[] for _ in range(self.batch)])
+            )
 
     # ----------------------------------------------------------------- the CUDA graph
     def _capture(self) -> torch.cuda.CUDAGraph:
@@ -701,7 +696,7 @@ class StaticDecoding:
             min_len=min_len,
         )
         real = src_ids.size(0)
-        if plan.host is not None:
+        if isinstance(plan.host, _HostGreedy):
             return [list(tokens) for tokens in plan.host.outputs[:real]]
         history = plan.state.history[:real].cpu()
         lengths = plan.state.lengths[:real].tolist()
