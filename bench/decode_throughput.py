@@ -56,6 +56,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 from torch import Tensor, nn
@@ -64,7 +65,7 @@ from aiayn.config import TransformerConfig
 from aiayn.decoding import TransformerDecoder, beam_search, greedy_search
 from aiayn.interop import to_hf_marian
 from aiayn.model import Transformer
-from aiayn.static_decoding import StaticDecoding
+from aiayn.static_decoding import StaticDecoding, StaticKVCache
 from bench import common, ctranslate2_peer
 from bench.peers import quiet_transformers  # also sets HF_HUB_OFFLINE before transformers loads
 
@@ -80,15 +81,19 @@ PEERS = ("hf-generate", "hf-generate-static", CT2)
 # On a CPU, a before row: the fixed-shape search stepping the model's own modules
 # (`StaticDecoding(frozen=False)`), what a CPU ran before the frozen decoder.
 CPU_BEFORE = "aiayn-static-modules"
+# On a GPU, beam search only, a before row: the graphed search with its cache reordered in
+# place (a gather and a copy back) instead of double-buffered (`StaticKVCache.double_buffered`).
+GPU_BEFORE = "aiayn-static-one-buffer"
 
 
-def implementations(device: torch.device) -> tuple[str, ...]:
-    """The rows measured on `device`, in order."""
-    rows = (
-        IMPLEMENTATIONS
-        if device.type != "cpu"
-        else (IMPLEMENTATIONS[:2] + (CPU_BEFORE,) + IMPLEMENTATIONS[2:])
-    )
+def implementations(device: torch.device, search: str | None = None) -> tuple[str, ...]:
+    """The rows measured on `device`, in order (for `search`, where the rows differ)."""
+    if device.type == "cpu":
+        rows = IMPLEMENTATIONS[:2] + (CPU_BEFORE,) + IMPLEMENTATIONS[2:]
+    elif search == "greedy":  # greedy search never reorders its cache
+        rows = IMPLEMENTATIONS
+    else:
+        rows = IMPLEMENTATIONS[:2] + (GPU_BEFORE,) + IMPLEMENTATIONS[2:]
     return rows + ((CT2,) if ctranslate2_peer.available() else ())
 
 
@@ -403,6 +408,15 @@ def make_run(
             StaticDecoding(model, frozen=False) if impl == CPU_BEFORE else StaticDecoding(model)
         )
         return lambda: (aiayn_decode(model, src, search, steps, beam_size, static), None)
+    if impl == GPU_BEFORE:
+        one_buffer = StaticDecoding(model)
+
+        def run_one_buffer() -> tuple[list[list[int]], None]:
+            # Its plans (and graphs) are made inside, at the first (warm-up) batch.
+            with mock.patch.object(StaticKVCache, "double_buffered", False):
+                return aiayn_decode(model, src, search, steps, beam_size, one_buffer), None
+
+        return run_one_buffer
 
     static = impl == "hf-generate-static"
 
@@ -657,7 +671,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     outputs: dict[tuple[str, str], list[list[int]]] = {}
     runs: dict[str, dict[str, Run]] = {}  # per search: the runs that worked, for --interleave
     for search in args.searches:
-        for impl in implementations(device):
+        for impl in implementations(device, search):
             model = theirs if impl in PEERS else ours
             print(f"  {impl} ({search}) ...", flush=True)
             try:

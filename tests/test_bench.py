@@ -10,6 +10,7 @@ bench/gpu.sh, on machines that are idle.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -33,6 +34,7 @@ if str(ROOT) not in sys.path:
 
 import aiayn.dropout  # noqa: E402
 from aiayn.model import Transformer  # noqa: E402
+from aiayn.static_decoding import StaticDecoding, StaticKVCache  # noqa: E402
 from bench import (  # noqa: E402
     common,
     decode_throughput,
@@ -173,6 +175,37 @@ def test_beam_outputs_have_the_forced_length(tiny_pair, one_thread) -> None:
     assert report["beam"]["identical"] == len(src)  # tiny and float32: no near-ties either
     mine = decode_throughput.aiayn_decode(ours, src, "beam", steps, beam_size=4)
     assert {len(row) for row in mine} == {steps - 1}
+
+
+def test_gpu_before_row_is_beam_only_and_decodes_with_one_buffer(
+    tiny_pair, one_thread, monkeypatch
+) -> None:
+    """`aiayn-static-one-buffer` (GPU, beam search): listed for beam search only, and its run
+    builds its plans with the cache reordered in place, giving aiayn-static's outputs."""
+    cuda = torch.device("cuda")
+    before = decode_throughput.GPU_BEFORE
+    assert before in decode_throughput.implementations(cuda, "beam")
+    assert before not in decode_throughput.implementations(cuda, "greedy")
+    assert before not in decode_throughput.implementations(torch.device("cpu"), "beam")
+    ours, _, src = tiny_pair
+    buffers = []
+    real_init = StaticKVCache.__init__
+
+    def recording_init(self, *args, **kwargs) -> None:
+        real_init(self, *args, **kwargs)
+        buffers.append(len(self._buffers))
+
+    monkeypatch.setattr(StaticKVCache, "__init__", recording_init)
+    monkeypatch.setattr(  # the GPU's step (the model's modules), on this CPU
+        decode_throughput, "StaticDecoding", functools.partial(StaticDecoding, frozen=False)
+    )
+    runs = {
+        impl: decode_throughput.make_run(impl, ours, src, "beam", 6, 4)
+        for impl in ("aiayn-static", before)
+    }
+    outputs = {impl: run()[0] for impl, run in runs.items()}
+    assert outputs["aiayn-static"] == outputs[before]
+    assert buffers == [2, 1]  # aiayn-static's plan, then the before row's
 
 
 def test_a_different_token_is_a_mismatch_not_a_tie(tiny_pair, one_thread) -> None:

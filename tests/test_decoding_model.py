@@ -35,7 +35,7 @@ from aiayn.decoding import (
 )
 from aiayn.errors import ConfigError
 from aiayn.model import Transformer
-from aiayn.static_decoding import StaticDecoding
+from aiayn.static_decoding import StaticDecoding, StaticKVCache
 
 PAD, BOS, EOS = 0, 1, 2
 VOCAB = 16  # words are 3 .. 15
@@ -357,6 +357,38 @@ def test_static_beam_equals_the_reference(
     expected = beam_search(TransformerDecoder(model64), SRC, **search)
     got = StaticDecoding(model64, frozen=frozen).beam(SRC, **search)
     assert outputs_and_scores(got) == outputs_and_scores(expected)
+
+
+@pytest.mark.parametrize("double_buffered", [True, False], ids=["two-buffers", "one-buffer"])
+def test_beam_cache_reorders_into_its_other_buffer(
+    model64: Transformer, double_buffered: bool, monkeypatch
+) -> None:
+    """The modules' beam search (the step a GPU captures) keeps two self-attention caches and
+    gathers each step's reordered rows into the other one; one buffer reordered in place (the
+    before row of bench/decode_throughput.py) gives the same results, and so does a second
+    batch that starts on whichever buffer the first one left current."""
+    monkeypatch.setattr(StaticKVCache, "double_buffered", double_buffered)
+    search = StaticDecoding(model64, frozen=False)
+    options = dict(beam_size=3, n_best=3, length_penalty=0.6, max_len_b=MAX_LEN_B)
+    parities = []
+    for src in (SRC, SRC[[2, 0, 1]], SRC):
+        expected = beam_search(TransformerDecoder(model64), src, **options)
+        got = search.beam(src, **options)
+        assert outputs_and_scores(got) == outputs_and_scores(expected)
+        (plan,) = search._plans.values()
+        parities.append(plan.state.cache.parity)
+    cache = plan.state.cache
+    assert len(cache._buffers) == (2 if double_buffered else 1)
+    assert cache.self_kv is cache._buffers[cache.parity]
+    assert cache.layers[0].self_k.data_ptr() == cache.self_kv.data_ptr()
+    # Greedy search never reorders: one buffer whatever the setting.
+    search.greedy(SRC, max_len=5)
+    greedy_plan = next(p for p in search._plans.values() if p.beam == 1)
+    assert len(greedy_plan.state.cache._buffers) == 1
+    if double_buffered:  # each step flips the parity: some batch ended on the second buffer
+        assert 1 in parities
+    else:
+        assert parities == [0, 0, 0]
 
 
 @FROZEN

@@ -11,7 +11,9 @@ its own:
 * **A preallocated key/value cache** (:class:`StaticKVCache`): room for every position from
   the start; step t writes position t in place (``index_copy_`` with t held in a device
   tensor) and attends over all positions under a key mask (key j visible iff j <= t), so the
-  shapes never change. Cross-attention keys and values are projected once per batch.
+  shapes never change. Cross-attention keys and values are projected once per batch. Beam
+  search's cache is double-buffered: each step gathers the surviving beams' rows into the
+  other buffer (one pass, not a gather and a copy back), and a graph is captured per buffer.
 * **The search's bookkeeping on the device**: scores, token histories, finished hypotheses and
   a done flag per source are tensors updated in place; a source that is done stays in the
   batch, frozen, instead of being dropped.
@@ -38,7 +40,8 @@ multiple of 8, output length limit), a few at a time: decoding a file in length-
 reuses them. Padding rows and positions are masked, so they change no result (a source made
 only of padding keeps the mask of its own length, as the reference search sees it). Each kept
 shape holds its cache, rows x layers x 2 x L x d_model numbers (64 sentences x beam 4, 6
-layers, L = 98, d_model 512 in bf16: 308 MB), and its graph's memory pool; `translate_ids` keeps one
+layers, L = 98, d_model 512 in bf16: 308 MB; beam search two of them, where reordering one
+in place took a temporary of the same size), and its graphs' memory pool; `translate_ids` keeps one
 `StaticDecoding` on the model (`aiayn.decoding.static_decoding_of`), and validation during
 training drops it afterwards (`release_static_decoding`) so that training gets the memory back.
 """
@@ -116,9 +119,20 @@ class StaticKVCache:
         rows: N, the batch rows (sources x beams).
         positions: L, the most target positions (bos included) the search will feed.
         src_len: S, the source positions of the encoder output.
+        reorders: whether the search reorders rows (beam search). Its self-attention cache is
+            then double-buffered: each reorder gathers the rows from the current buffer into
+            the other, which becomes current (``parity``), one pass over the cache instead of
+            gathering into a temporary and copying back (on an H200, 75 against 150 µs per
+            step at 256 rows, 6 layers, 48 positions; bench/decode_kernels.py).
     """
 
-    def __init__(self, model: Transformer, rows: int, positions: int, src_len: int) -> None:
+    # Beam search's cache double-buffered (see above). False keeps one buffer, reordered by a
+    # gather and a copy back: the "before" row of bench/decode_throughput.py on a GPU.
+    double_buffered = True
+
+    def __init__(
+        self, model: Transformer, rows: int, positions: int, src_len: int, reorders: bool = False
+    ) -> None:
         cfg = model.cfg
         param = model.generator.weight
         h, d_k = cfg.n_heads, cfg.d_model // cfg.n_heads
@@ -127,17 +141,31 @@ class StaticKVCache:
         # Zeros, not empty: masked positions still enter the attention product (times 0).
         # Rows first: reordering the beams then copies whole contiguous rows (on an H200 half
         # the time of selecting rows along an inner dimension; bench/decode_kernels.py).
-        self.self_kv = torch.zeros(rows, n_layers, 2, h, positions, d_k, **kw)
+        shape = (rows, n_layers, 2, h, positions, d_k)
+        buffers = 2 if reorders and self.double_buffered else 1
+        self._buffers = [torch.zeros(shape, **kw) for _ in range(buffers)]
+        self.parity = 0  # which buffer is current; a CUDA graph is captured for each
         self.cross_kv = torch.zeros(n_layers, 2, rows, h, src_len, d_k, **kw)
         self.memory_mask = torch.ones(rows, 1, 1, src_len, dtype=torch.bool, device=param.device)
         self.position = torch.zeros((), dtype=torch.long, device=param.device)
         self.key_range = torch.arange(positions, device=param.device)
-        self.layers = [
-            StaticLayerCache(
-                self.self_kv[:, i, 0], self.self_kv[:, i, 1], self.cross_kv[i], self.position
-            )
-            for i in range(n_layers)
+        self._layers = [
+            [
+                StaticLayerCache(kv[:, i, 0], kv[:, i, 1], self.cross_kv[i], self.position)
+                for i in range(n_layers)
+            ]
+            for kv in self._buffers
         ]
+
+    @property
+    def self_kv(self) -> Tensor:
+        """(N, n_layers, 2, h, L, d_k): the current self-attention keys and values."""
+        return self._buffers[self.parity]
+
+    @property
+    def layers(self) -> list[StaticLayerCache]:
+        """Each decoder layer's view of the current buffer (what ``Decoder.forward`` reads)."""
+        return self._layers[self.parity]
 
     def load(self, model: Transformer, memory: Tensor, memory_mask: Tensor, repeat: int) -> None:
         """Project the encoder output (B, S, d) of every decoder layer into keys and values,
@@ -155,9 +183,15 @@ class StaticKVCache:
             layer.key_mask = mask
 
     def reorder(self, rows: Tensor) -> None:
-        """Row i of the self-attention cache becomes row ``rows[i]``, in place. Cross-attention
-        keys and values are not touched: the search only reorders beams within a source."""
-        self.self_kv.copy_(self.self_kv.index_select(0, rows))
+        """Row i of the self-attention cache becomes row ``rows[i]``. Double-buffered, the
+        rows are gathered into the other buffer, which becomes current (the parity flips);
+        otherwise in place. Cross-attention keys and values are not touched: the search only
+        reorders beams within a source."""
+        if len(self._buffers) == 1:
+            self.self_kv.copy_(self.self_kv.index_select(0, rows))
+            return
+        torch.index_select(self.self_kv, 0, rows, out=self._buffers[1 - self.parity])
+        self.parity = 1 - self.parity
 
 
 @dataclass
@@ -246,7 +280,7 @@ class _Plan:
             self.ban_bias = frozen.output_bias_banning(self.banned)
             self.scratch: Tensor | None = None  # beam search's (N, V) work space, made once
         else:
-            cache = StaticKVCache(model, rows, positions, src_len)
+            cache = StaticKVCache(model, rows, positions, src_len, reorders=beam > 1)
         self.state = _Search(
             cache=cache,
             last=torch.zeros(rows, **long),
@@ -265,7 +299,8 @@ class _Plan:
             self.state.fin_len = torch.zeros(batch, beam, **long)
             self.state.fin_logp = torch.zeros(batch, beam, dtype=score_dtype, device=device)
             self.state.n_fin = torch.zeros(batch, **long)
-        self.graph = self._capture() if use_graph else None
+        # One graph, or for a double-buffered cache one per buffer (see `step`).
+        self.graphs = self._capture() if use_graph else []
 
     # ----------------------------------------------------------------- one step, in place
     def log_probs(self) -> Tensor:
@@ -460,8 +495,11 @@ class _Plan:
         t.add_(1)
 
     def step(self) -> None:
-        if self.graph is not None:
-            self.graph.replay()
+        if self.graphs:
+            cache = self.state.cache
+            self.graphs[cache.parity].replay()
+            if len(self.graphs) == 2:  # the replayed step reordered into the other buffer
+                cache.parity = 1 - cache.parity
         elif self.beam == 1:
             self.greedy_step()
         else:
@@ -521,11 +559,14 @@ class _Plan:
             )
 
     # ----------------------------------------------------------------- the CUDA graph
-    def _capture(self) -> torch.cuda.CUDAGraph:
-        """Capture one step. The warm-up steps run on harmless state (no source loaded)."""
+    def _capture(self) -> list[torch.cuda.CUDAGraph]:
+        """Capture one step, or with a double-buffered cache two: graph p reads buffer p and
+        leaves the reordered cache in the other (`step` replays the current parity's). The
+        warm-up steps run on harmless state (no source loaded)."""
         step = self.greedy_step if self.beam == 1 else self.beam_step
         s = self.state
-        s.cache.position.zero_()
+        cache = s.cache
+        cache.position.zero_()
         if s.scores is not None:
             s.scores.fill_(float("-inf"))
             s.scores[:, 0] = 0.0
@@ -533,14 +574,21 @@ class _Plan:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):  # lazy initialisations (cuBLAS workspaces) outside the capture
-                s.cache.position.zero_()  # each from position 0: the cache may hold just one
+                cache.position.zero_()  # each from position 0: the cache may hold just one
                 step()
         torch.cuda.current_stream().wait_stream(side)
-        s.cache.position.zero_()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-        return graph
+        graphs: list[torch.cuda.CUDAGraph] = []
+        for parity in range(len(cache._buffers)):
+            cache.parity = parity
+            cache.position.zero_()
+            graph = torch.cuda.CUDAGraph()
+            # One memory pool for both: they never run at once, and no tensor made inside a
+            # step outlives it.
+            with torch.cuda.graph(graph, pool=graphs[0].pool() if graphs else None):
+                step()
+            graphs.append(graph)
+        cache.parity = 0
+        return graphs
 
 
 class StaticDecoding:
