@@ -48,8 +48,10 @@ def test_neighbouring_elements_are_dropped_independently():
         assert abs(both - q) < 6 * math.sqrt(q * (1 - q) / n), lag
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_output_and_gradient_are_the_mask_times_input_and_upstream_gradient(dtype):
+    """Bit for bit: x times the 0/1 mask times 1 / (1 - p), the scale applied in x's precision
+    (float32 for bfloat16), also where the scale is folded into the mask (float32, float64)."""
     x = torch.randn(32, 16, 64).to(dtype).requires_grad_()
     torch.manual_seed(3)
     out = dropout(x, 0.1)
@@ -57,13 +59,14 @@ def test_output_and_gradient_are_the_mask_times_input_and_upstream_gradient(dtyp
     mask = keep_mask(x.shape, 0.1, dtype)
     scale = 1.0 / (1.0 - rounded_p(0.1))
     assert out.dtype == dtype and out.shape == x.shape
-    # The scale is applied in float32 and rounded once, also in bfloat16.
-    expected = (x.detach().float() * mask.float() * scale).to(dtype)
+    # The scale is applied in at least float32 and rounded once, also in bfloat16.
+    compute = torch.promote_types(dtype, torch.float32)
+    expected = (x.detach().to(compute) * mask.to(compute) * scale).to(dtype)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     upstream = torch.randn_like(out)
     out.backward(upstream)
     torch.testing.assert_close(
-        x.grad, (upstream.float() * mask.float() * scale).to(dtype), rtol=0, atol=0
+        x.grad, (upstream.to(compute) * mask.to(compute) * scale).to(dtype), rtol=0, atol=0
     )
     assert set(mask.unique().tolist()) == {0.0, 1.0}
 

@@ -10,9 +10,11 @@ Here each element's draw is 16 random bits instead: one 64-bit draw from the sam
 (`torch.manual_seed` and the Trainer's saved RNG state still decide every mask) gives four
 elements, and an element is dropped when its 16 bits, read as a signed integer, fall below a
 threshold: about 0.9 ms for the same forward and backward pass, and the whole training step
-1.10x faster in fp32, 1.13x in bf16 (docs/performance.md). The price is that P_drop is rounded
-to a multiple of 2^-16 (0.1 -> 6,554 / 65,536 = 0.100006); the kept activations are scaled by
-1 / (1 - rounded P_drop), so the expectation is unchanged, as in `F.dropout`.
+1.10x faster in fp32, 1.13x in bf16 (docs/performance.md). In float32 the mask also holds the
+scale, so that the forward and the backward pass are one product each (0.5 ms). The price is
+that P_drop is rounded to a multiple of 2^-16 (0.1 -> 6,554 / 65,536 = 0.100006); the kept
+activations are scaled by 1 / (1 - rounded P_drop), so the expectation is unchanged, as in
+`F.dropout`.
 
 On a GPU `F.dropout` is one fused kernel with a counter-based generator and stays; so it does
 under `torch.compile`, which fuses its own.
@@ -27,6 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 RESOLUTION = 1 << 16  # the draw's levels: P_drop is rounded to a multiple of 1 / RESOLUTION
+# Dtypes whose mask can hold the scale exactly as a product with a Python float applies it.
+_EXACT_SCALE = (torch.float32, torch.float64)
 
 
 def rounded_p(p: float) -> float:
@@ -68,10 +72,17 @@ def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
         return F.dropout(x, p, training=True)
     if levels == 0:  # p < 2^-17: nothing to drop at this resolution
         return x
-    # The product saves the 0/1 mask (not x) for the backward pass. The scale is applied as a
-    # Python float, which PyTorch multiplies in float32 also for bfloat16 x: a bfloat16 mask
+    # The product saves the mask (not x) for the backward pass.
+    scale = 1.0 / (1.0 - rounded_p(p))
+    keep = keep_mask(x.shape, p, x.dtype)
+    if x.dtype in _EXACT_SCALE:
+        # The scale folded into the mask (0 or 1 / (1 - p)): one product forward and one
+        # backward instead of two. The same bits: PyTorch multiplies by a Python float in x's
+        # own precision for these dtypes, so x * s = (x * 1) * s.
+        return x * keep.mul_(scale)
+    # Half precision: PyTorch multiplies by the Python float in float32, while a bfloat16 mask
     # holding 1 / (1 - p) would round it (1.111 -> 1.109) and shrink every kept activation.
-    return x * keep_mask(x.shape, p, x.dtype) * (1.0 / (1.0 - rounded_p(p)))
+    return x * keep * scale
 
 
 class Dropout(nn.Dropout):
