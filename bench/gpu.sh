@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU suite at the paper's base size, bf16, on one GPU, in about 8 minutes (H100):
 #   0. the tests that need a GPU (tests/test_gpu.py: CUDA-graph decoding = the reference search);
-#   1. decoding throughput: aiayn greedy and beam 4 (reference and fixed-shape searches) vs
-#      Hugging Face generate, same weights;
+#   1. decoding throughput: aiayn greedy and beam 4 (reference and fixed-shape searches; for
+#      beam also the fixed-shape search before its double-buffered cache) vs Hugging Face
+#      generate, same weights; then 5 turns of every row in turn (--interleave);
 #   2. training throughput at 256 x 64 source + 256 x 64 target tokens: aiayn vs
 #      torch.nn.Transformer vs Hugging Face Marian, eager and torch.compile'd, in one run;
 #   3. the training kernels in pairs (bench/train_kernels.py): among them aiayn's blockwise
@@ -23,7 +24,7 @@ PY=${PYTHON:-python3}
 OUT_DIR=${OUT:-bench/results}
 BUDGET_S=${BUDGET_S:-470}
 steps=(
-    "bench.decode_throughput --device cuda --size base --dtype bf16 --repeats 5 ${DECODE_ARGS:-}"
+    "bench.decode_throughput --device cuda --size base --dtype bf16 --repeats 5 --interleave 5 ${DECODE_ARGS:-}"
     "bench.train_throughput --device cuda --size base --dtype bf16 --compile --repeats 20 ${TRAIN_ARGS:-}"
     "bench.train_kernels --device cuda --size base --matmul-size 8192"
 )
