@@ -61,6 +61,7 @@ from unittest import mock
 import torch
 from torch import Tensor, nn
 
+from aiayn import static_decoding
 from aiayn.config import TransformerConfig
 from aiayn.decoding import TransformerDecoder, beam_search, greedy_search
 from aiayn.interop import to_hf_marian
@@ -81,9 +82,15 @@ PEERS = ("hf-generate", "hf-generate-static", CT2)
 # On a CPU, a before row: the fixed-shape search stepping the model's own modules
 # (`StaticDecoding(frozen=False)`), what a CPU ran before the frozen decoder.
 CPU_BEFORE = "aiayn-static-modules"
-# On a GPU, beam search only, a before row: the graphed search with its cache reordered in
-# place (a gather and a copy back) instead of double-buffered (`StaticKVCache.double_buffered`).
-GPU_BEFORE = "aiayn-static-one-buffer"
+# On a GPU, before rows of the graphed search (session 8's changes, one at a time): every step
+# over the whole cache instead of the smallest window of positions that holds the step's
+# (`static_decoding._FIRST_WINDOW` out of reach), and, beam search only, the cache reordered
+# in place (a gather and a copy back) instead of double-buffered.
+ONE_WINDOW, ONE_BUFFER = "aiayn-static-one-window", "aiayn-static-one-buffer"
+GPU_BEFORE = {
+    ONE_WINDOW: (static_decoding, "_FIRST_WINDOW", 1 << 30),
+    ONE_BUFFER: (StaticKVCache, "double_buffered", False),
+}
 
 
 def implementations(device: torch.device, search: str | None = None) -> tuple[str, ...]:
@@ -91,9 +98,9 @@ def implementations(device: torch.device, search: str | None = None) -> tuple[st
     if device.type == "cpu":
         rows = IMPLEMENTATIONS[:2] + (CPU_BEFORE,) + IMPLEMENTATIONS[2:]
     elif search == "greedy":  # greedy search never reorders its cache
-        rows = IMPLEMENTATIONS
+        rows = IMPLEMENTATIONS[:2] + (ONE_WINDOW,) + IMPLEMENTATIONS[2:]
     else:
-        rows = IMPLEMENTATIONS[:2] + (GPU_BEFORE,) + IMPLEMENTATIONS[2:]
+        rows = IMPLEMENTATIONS[:2] + (ONE_WINDOW, ONE_BUFFER) + IMPLEMENTATIONS[2:]
     return rows + ((CT2,) if ctranslate2_peer.available() else ())
 
 
@@ -408,15 +415,16 @@ def make_run(
             StaticDecoding(model, frozen=False) if impl == CPU_BEFORE else StaticDecoding(model)
         )
         return lambda: (aiayn_decode(model, src, search, steps, beam_size, static), None)
-    if impl == GPU_BEFORE:
-        one_buffer = StaticDecoding(model)
+    if impl in GPU_BEFORE:
+        before = StaticDecoding(model)
+        owner, name, value = GPU_BEFORE[impl]
 
-        def run_one_buffer() -> tuple[list[list[int]], None]:
+        def run_before() -> tuple[list[list[int]], None]:
             # Its plans (and graphs) are made inside, at the first (warm-up) batch.
-            with mock.patch.object(StaticKVCache, "double_buffered", False):
-                return aiayn_decode(model, src, search, steps, beam_size, one_buffer), None
+            with mock.patch.object(owner, name, value):
+                return aiayn_decode(model, src, search, steps, beam_size, before), None
 
-        return run_one_buffer
+        return run_before
 
     static = impl == "hf-generate-static"
 

@@ -33,8 +33,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import aiayn.dropout  # noqa: E402
+from aiayn import static_decoding  # noqa: E402
 from aiayn.model import Transformer  # noqa: E402
-from aiayn.static_decoding import StaticDecoding, StaticKVCache  # noqa: E402
+from aiayn.static_decoding import StaticDecoding  # noqa: E402
 from bench import (  # noqa: E402
     common,
     decode_throughput,
@@ -177,35 +178,38 @@ def test_beam_outputs_have_the_forced_length(tiny_pair, one_thread) -> None:
     assert {len(row) for row in mine} == {steps - 1}
 
 
-def test_gpu_before_row_is_beam_only_and_decodes_with_one_buffer(
+def test_gpu_before_rows_decode_with_one_window_and_one_buffer(
     tiny_pair, one_thread, monkeypatch
 ) -> None:
-    """`aiayn-static-one-buffer` (GPU, beam search): listed for beam search only, and its run
-    builds its plans with the cache reordered in place, giving aiayn-static's outputs."""
-    cuda = torch.device("cuda")
-    before = decode_throughput.GPU_BEFORE
-    assert before in decode_throughput.implementations(cuda, "beam")
-    assert before not in decode_throughput.implementations(cuda, "greedy")
-    assert before not in decode_throughput.implementations(torch.device("cpu"), "beam")
+    """The GPU's before rows: `aiayn-static-one-window` (both searches) builds its plans with
+    one window of positions, the whole cache; `aiayn-static-one-buffer` (beam search only)
+    with the cache reordered in place; both give aiayn-static's outputs."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    one_window, one_buffer = decode_throughput.ONE_WINDOW, decode_throughput.ONE_BUFFER
+    assert {one_window, one_buffer} <= set(decode_throughput.implementations(cuda, "beam"))
+    greedy_rows = decode_throughput.implementations(cuda, "greedy")
+    assert one_window in greedy_rows and one_buffer not in greedy_rows
+    assert not {one_window, one_buffer} & set(decode_throughput.implementations(cpu, "beam"))
     ours, _, src = tiny_pair
-    buffers = []
-    real_init = StaticKVCache.__init__
+    plans = []
+    real_init = static_decoding._Plan.__init__
 
     def recording_init(self, *args, **kwargs) -> None:
         real_init(self, *args, **kwargs)
-        buffers.append(len(self._buffers))
+        plans.append((len(self.windows), len(self.state.cache._buffers)))
 
-    monkeypatch.setattr(StaticKVCache, "__init__", recording_init)
+    monkeypatch.setattr(static_decoding._Plan, "__init__", recording_init)
+    monkeypatch.setattr(static_decoding, "_FIRST_WINDOW", 2)  # several windows for 6 steps
     monkeypatch.setattr(  # the GPU's step (the model's modules), on this CPU
         decode_throughput, "StaticDecoding", functools.partial(StaticDecoding, frozen=False)
     )
-    runs = {
-        impl: decode_throughput.make_run(impl, ours, src, "beam", 6, 4)
-        for impl in ("aiayn-static", before)
-    }
-    outputs = {impl: run()[0] for impl, run in runs.items()}
-    assert outputs["aiayn-static"] == outputs[before]
-    assert buffers == [2, 1]  # aiayn-static's plan, then the before row's
+    for search, rows in (("greedy", greedy_rows), ("beam", (one_window, one_buffer))):
+        rows = ("aiayn-static", *(r for r in rows if r in decode_throughput.GPU_BEFORE))
+        outputs = [decode_throughput.make_run(impl, ours, src, search, 6, 4)()[0] for impl in rows]
+        assert all(o == outputs[0] for o in outputs[1:]), search
+    # (windows, buffers) of each plan, in order: greedy, greedy one-window; beam, beam
+    # one-window, beam one-buffer.
+    assert plans == [(3, 1), (1, 1), (3, 2), (1, 2), (3, 1)]
 
 
 def test_a_different_token_is_a_mismatch_not_a_tie(tiny_pair, one_thread) -> None:

@@ -21,6 +21,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from aiayn import static_decoding
 from aiayn.config import TransformerConfig
 from aiayn.decoding import (
     Hypothesis,
@@ -389,6 +390,41 @@ def test_beam_cache_reorders_into_its_other_buffer(
         assert 1 in parities
     else:
         assert parities == [0, 0, 0]
+
+
+@pytest.mark.parametrize("double_buffered", [True, False], ids=["two-buffers", "one-buffer"])
+def test_steps_attend_over_growing_windows_of_the_cache(
+    model64: Transformer, double_buffered: bool, monkeypatch
+) -> None:
+    """Step t attends over (and beam search reorders) the smallest window of positions that
+    holds 0 .. t: here windows of 2, 4, 8, ... positions (16, 32, ... by default), the
+    results still those of the reference searches."""
+    monkeypatch.setattr(static_decoding, "_FIRST_WINDOW", 2)
+    monkeypatch.setattr(StaticKVCache, "double_buffered", double_buffered)
+    assert static_decoding._windows(13) == [2, 4, 8, 13]
+    assert static_decoding._windows(2) == [2] and static_decoding._windows(1) == [1]
+    seen = []
+    extend = static_decoding.StaticLayerCache.extend
+
+    def recording_extend(self, k, v):
+        keys, values, mask = extend(self, k, v)
+        seen.append((int(self.position), keys.size(2), values.size(2), mask.size(-1)))
+        return keys, values, mask
+
+    monkeypatch.setattr(static_decoding.StaticLayerCache, "extend", recording_extend)
+    search = StaticDecoding(model64, frozen=False)
+    for src in (SRC, SRC[[1, 2, 0]]):
+        for options in (dict(max_len_b=MAX_LEN_B), dict(max_len=7, min_len=4)):
+            assert search.greedy(src, **options) == greedy_search(
+                TransformerDecoder(model64), src, **options
+            )
+            beam = dict(beam_size=3, n_best=3, length_penalty=0.6, **options)
+            expected = beam_search(TransformerDecoder(model64), src, **beam)
+            assert outputs_and_scores(search.beam(src, **beam)) == outputs_and_scores(expected)
+    windows = {w for _, w, _, _ in seen}
+    assert {2, 4, 8} <= windows  # small windows used, and ...
+    for t, keys, values, mask in seen:  # ... each the smallest that holds positions 0 .. t
+        assert keys == values == mask and t < keys and (keys == 2 or t >= keys // 2)
 
 
 @FROZEN

@@ -84,3 +84,23 @@ def test_bfloat16_graphs_decode_the_forced_length() -> None:
     assert [len(o) for o in search.greedy(src, max_len=9, min_len=9)] == [9] * src.size(0)
     for hyps in search.beam(src, max_len=9, min_len=9, n_best=4):
         assert [len(h.tokens) for h in hyps] == [9] * 4
+
+
+def test_graphs_of_every_window_and_buffer_equal_the_reference(
+    model: Transformer, monkeypatch
+) -> None:
+    """Windows of 2, 4, 8, ... positions (16, 32, ... by default): a graph per window and, for
+    beam search, per buffer, each replayed at its steps, batch after batch."""
+    from aiayn import static_decoding
+
+    monkeypatch.setattr(static_decoding, "_FIRST_WINDOW", 2)
+    search = StaticDecoding(model)
+    for src in batches():
+        options = dict(max_len_b=8)
+        assert search.greedy(src, **options) == greedy_search(
+            TransformerDecoder(model), src, **options
+        )
+        reference = beam_search(TransformerDecoder(model), src, n_best=4, **options)
+        assert summary(search.beam(src, n_best=4, **options)) == summary(reference)
+    beam_plans = [p for p in search._plans.values() if p.beam > 1]
+    assert beam_plans and all(len(p.graphs) == 2 * len(p.windows) > 2 for p in beam_plans)

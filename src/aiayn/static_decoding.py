@@ -10,16 +10,19 @@ its own:
 
 * **A preallocated key/value cache** (:class:`StaticKVCache`): room for every position from
   the start; step t writes position t in place (``index_copy_`` with t held in a device
-  tensor) and attends over all positions under a key mask (key j visible iff j <= t), so the
-  shapes never change. Cross-attention keys and values are projected once per batch. Beam
-  search's cache is double-buffered: each step gathers the surviving beams' rows into the
-  other buffer (one pass, not a gather and a copy back), and a graph is captured per buffer.
+  tensor) and attends under a key mask (key j visible iff j <= t) over a window of the cache:
+  the first 16, 32, 64, ... positions, the smallest that holds 0 .. t, so that a short
+  output does not pay for the room a long one would need, while the shapes stay a few fixed
+  ones. Cross-attention keys and values are projected once per batch. Beam search's cache is
+  double-buffered: each step gathers the surviving beams' rows (of its window) into the
+  other buffer, one pass instead of a gather and a copy back.
 * **The search's bookkeeping on the device**: scores, token histories, finished hypotheses and
   a done flag per source are tensors updated in place; a source that is done stays in the
   batch, frozen, instead of being dropped.
-* **One CUDA graph per shape**: the whole step (decoder, log-softmax, banned tokens, top-k,
-  finishing hypotheses, reordering the cache) is captured once and replayed with one launch.
-  The host reads the done flags every ``check_every`` steps to stop early.
+* **CUDA graphs**: the whole step (decoder, log-softmax, banned tokens, top-k, finishing
+  hypotheses, reordering the cache) is captured once per shape, window and buffer, and each
+  step replays the one for its window with one launch. The host reads the done flags every
+  ``check_every`` steps to stop early.
 
 On a CPU the same step runs eagerly (there are no graphs to replay), and its decoder part is
 :class:`aiayn.frozen_decoder.FrozenDecoder`: the decoder's weights copied once in the layout
@@ -79,11 +82,25 @@ if TYPE_CHECKING:
 __all__ = ["StaticDecoding", "StaticKVCache", "StaticLayerCache"]
 
 _ROUND = 8  # batch rows and source positions are rounded up to a multiple of this
-_MAX_PLANS = 4  # captured shapes kept per model (each holds its cache and graph)
+_MAX_PLANS = 4  # captured shapes kept per model (each holds its cache and graphs)
+_FIRST_WINDOW = 16  # the smallest window of positions a step attends over (see `_windows`)
 
 
 def _round_up(n: int, multiple: int = _ROUND) -> int:
     return multiple * math.ceil(n / multiple)
+
+
+def _windows(positions: int) -> list[int]:
+    """The windows of self-attention positions the steps of a search over ``positions``
+    positions use: 16, 32, 64, ... below ``positions``, then ``positions`` itself. Step t
+    attends over (and beam search reorders) the smallest window that holds positions 0 .. t,
+    not the whole cache: with the default limits (a 25-token output in room for 98) most steps
+    touch a quarter of it. Each window is one more CUDA graph."""
+    windows, window = [], _FIRST_WINDOW
+    while window < positions:
+        windows.append(window)
+        window *= 2
+    return windows + [positions]
 
 
 class StaticLayerCache:
@@ -93,7 +110,8 @@ class StaticLayerCache:
         self_k, self_v: (N, h, L, d_k) self-attention keys/values of positions 0 .. L-1.
         cross_k, cross_v: (N, h, S, d_k) cross-attention keys/values of the encoder output.
         position: a 0-d long tensor shared by all layers: the position being decoded.
-        key_mask: (1, 1, 1, L) boolean, True for positions 0 .. position (set each step).
+        key_mask: (1, 1, 1, W) boolean, True for positions 0 .. position of the step's window
+            of W <= L positions (both set each step).
     """
 
     def __init__(self, self_k: Tensor, self_v: Tensor, cross_kv: Tensor, position: Tensor) -> None:
@@ -104,11 +122,12 @@ class StaticLayerCache:
 
     def extend(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """Write the new position's keys/values (N, h, 1, d_k) at ``position``; return the
-        whole cache and the mask of the positions written so far."""
+        cache's window (N, h, W, d_k) and the mask of the positions written so far in it."""
         index = self.position.view(1)
         self.self_k.index_copy_(2, index, k)
         self.self_v.index_copy_(2, index, v)
-        return self.self_k, self.self_v, self.key_mask
+        window = self.key_mask.size(-1) if self.key_mask is not None else self.self_k.size(2)
+        return self.self_k[:, :, :window], self.self_v[:, :, :window], self.key_mask
 
 
 class StaticKVCache:
@@ -145,6 +164,7 @@ class StaticKVCache:
         buffers = 2 if reorders and self.double_buffered else 1
         self._buffers = [torch.zeros(shape, **kw) for _ in range(buffers)]
         self.parity = 0  # which buffer is current; a CUDA graph is captured for each
+        self.window = positions  # the positions the next step uses (set per step, `_windows`)
         self.cross_kv = torch.zeros(n_layers, 2, rows, h, src_len, d_k, **kw)
         self.memory_mask = torch.ones(rows, 1, 1, src_len, dtype=torch.bool, device=param.device)
         self.position = torch.zeros((), dtype=torch.long, device=param.device)
@@ -177,20 +197,24 @@ class StaticKVCache:
         self.memory_mask.copy_(memory_mask.repeat_interleave(repeat, dim=0))
 
     def begin_step(self) -> None:
-        """Set the key mask for the current position (device-side: no host read)."""
-        mask = (self.key_range <= self.position).view(1, 1, 1, -1)
+        """Set the key mask of the step's window for the current position (device-side: no
+        host read); its length is the window the layers attend over."""
+        mask = (self.key_range[: self.window] <= self.position).view(1, 1, 1, -1)
         for layer in self.layers:
             layer.key_mask = mask
 
     def reorder(self, rows: Tensor) -> None:
-        """Row i of the self-attention cache becomes row ``rows[i]``. Double-buffered, the
+        """Row i of the self-attention cache becomes row ``rows[i]``, for the positions of the
+        step's window (the later ones are written before they are read). Double-buffered, the
         rows are gathered into the other buffer, which becomes current (the parity flips);
         otherwise in place. Cross-attention keys and values are not touched: the search only
         reorders beams within a source."""
+        written = self.self_kv[..., : self.window, :]
         if len(self._buffers) == 1:
-            self.self_kv.copy_(self.self_kv.index_select(0, rows))
+            written.copy_(written.index_select(0, rows))
             return
-        torch.index_select(self.self_kv, 0, rows, out=self._buffers[1 - self.parity])
+        other = self._buffers[1 - self.parity][..., : self.window, :]
+        torch.index_select(written, 0, rows, out=other)
         self.parity = 1 - self.parity
 
 
@@ -281,6 +305,8 @@ class _Plan:
             self.scratch: Tensor | None = None  # beam search's (N, V) work space, made once
         else:
             cache = StaticKVCache(model, rows, positions, src_len, reorders=beam > 1)
+        # The windows of positions the steps use (the frozen decoder slices its cache exactly).
+        self.windows = _windows(positions) if frozen is None else [positions]
         self.state = _Search(
             cache=cache,
             last=torch.zeros(rows, **long),
@@ -299,8 +325,8 @@ class _Plan:
             self.state.fin_len = torch.zeros(batch, beam, **long)
             self.state.fin_logp = torch.zeros(batch, beam, dtype=score_dtype, device=device)
             self.state.n_fin = torch.zeros(batch, **long)
-        # One graph, or for a double-buffered cache one per buffer (see `step`).
-        self.graphs = self._capture() if use_graph else []
+        # One graph per window and buffer (see `step`), keyed by (window, parity).
+        self.graphs = self._capture() if use_graph else {}
 
     # ----------------------------------------------------------------- one step, in place
     def log_probs(self) -> Tensor:
@@ -494,11 +520,15 @@ class _Plan:
         s.scores.copy_(live_scores)
         t.add_(1)
 
-    def step(self) -> None:
+    def step(self, t: int) -> None:
+        """Step t of the search (the host counts the steps; the device holds t too)."""
+        cache = self.state.cache
+        if isinstance(cache, StaticKVCache):
+            # The smallest window that holds positions 0 .. t.
+            cache.window = next(w for w in self.windows if w > t)
         if self.graphs:
-            cache = self.state.cache
-            self.graphs[cache.parity].replay()
-            if len(self.graphs) == 2:  # the replayed step reordered into the other buffer
+            self.graphs[cache.window, cache.parity].replay()
+            if len(cache._buffers) == 2:  # the replayed step reordered into the other buffer
                 cache.parity = 1 - cache.parity
         elif self.beam == 1:
             self.greedy_step()
@@ -559,10 +589,11 @@ class _Plan:
             )
 
     # ----------------------------------------------------------------- the CUDA graph
-    def _capture(self) -> list[torch.cuda.CUDAGraph]:
-        """Capture one step, or with a double-buffered cache two: graph p reads buffer p and
-        leaves the reordered cache in the other (`step` replays the current parity's). The
-        warm-up steps run on harmless state (no source loaded)."""
+    def _capture(self) -> dict[tuple[int, int], torch.cuda.CUDAGraph]:
+        """Capture a step for every window of positions and, with a double-buffered cache,
+        for each buffer: graph (w, p) attends over the first w positions of buffer p and
+        leaves the reordered cache in the other (`step` replays the one for step t's window
+        and the current buffer). The warm-up steps run on harmless state (no source loaded)."""
         step = self.greedy_step if self.beam == 1 else self.beam_step
         s = self.state
         cache = s.cache
@@ -573,21 +604,26 @@ class _Plan:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(2):  # lazy initialisations (cuBLAS workspaces) outside the capture
-                cache.position.zero_()  # each from position 0: the cache may hold just one
-                step()
+            for window in self.windows:  # lazy initialisations (cuBLAS workspaces, kernels)
+                for _ in range(2):  # each from position 0: the cache may hold just one
+                    cache.window = window
+                    cache.position.zero_()
+                    step()
         torch.cuda.current_stream().wait_stream(side)
-        graphs: list[torch.cuda.CUDAGraph] = []
-        for parity in range(len(cache._buffers)):
-            cache.parity = parity
-            cache.position.zero_()
-            graph = torch.cuda.CUDAGraph()
-            # One memory pool for both: they never run at once, and no tensor made inside a
-            # step outlives it.
-            with torch.cuda.graph(graph, pool=graphs[0].pool() if graphs else None):
-                step()
-            graphs.append(graph)
-        cache.parity = 0
+        graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        pool = None
+        for window in self.windows:
+            for parity in range(len(cache._buffers)):
+                cache.window, cache.parity = window, parity
+                cache.position.zero_()
+                graph = torch.cuda.CUDAGraph()
+                # One memory pool for all: they never run at once, and no tensor made inside
+                # a step outlives it.
+                with torch.cuda.graph(graph, pool=pool):
+                    step()
+                pool = graph.pool()
+                graphs[window, parity] = graph
+        cache.parity, cache.window = 0, self.windows[-1]
         return graphs
 
 
@@ -712,7 +748,7 @@ class StaticDecoding:
         plan.load(src, limits, min_len, real, src_len)
         steps = max(limits, default=0) + (0 if beam == 1 else 1)
         for step in range(steps):
-            plan.step()
+            plan.step(step)
             if (step + 1) % self.check_every == 0 and plan.finished():
                 break
         return plan
