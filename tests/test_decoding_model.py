@@ -427,6 +427,71 @@ def test_steps_attend_over_growing_windows_of_the_cache(
         assert keys == values == mask and t < keys and (keys == 2 or t >= keys // 2)
 
 
+class RecordedStep:
+    """A stand-in for a CUDA graph on a CPU: what `_Plan.step` does with graphs, checked on
+    the host. Capturing records which window and buffer the step was captured for and runs
+    nothing (as a capture runs nothing); replaying checks that it is replayed for those, runs
+    the step, and undoes the step's host-side effect (the parity flip, which a real replay
+    does not make: `_Plan.step` makes it)."""
+
+    def __init__(self, step) -> None:
+        self.step, self.cache = step, step.__self__.state.cache
+        self.key = (self.cache.window, self.cache.parity)
+        self.replays = 0
+
+    def replay(self) -> None:
+        assert (self.cache.window, self.cache.parity) == self.key
+        self.step()
+        self.cache.parity = self.key[1]
+        self.replays += 1
+
+    def pool(self) -> str:
+        return "pool"
+
+
+def test_graphs_are_captured_at_first_use_and_replayed_after(
+    model64: Transformer, monkeypatch
+) -> None:
+    """With graphs (a stand-in here), the first step of each (window, buffer) runs eagerly and
+    is captured, the later ones replay it: the same results as the reference searches, one
+    graph per window and buffer reached, none captured again for a batch of a known shape."""
+    monkeypatch.setattr(static_decoding, "_FIRST_WINDOW", 2)
+    pools = []
+
+    def record(step, pool):
+        pools.append(pool)
+        return RecordedStep(step)
+
+    monkeypatch.setattr(static_decoding, "_cuda_graph", record)
+    search = StaticDecoding(model64, frozen=False)
+    monkeypatch.setattr(search, "cuda_graphs", True)  # rows rounded up to 8, as on a GPU
+    options = dict(max_len_b=MAX_LEN_B)
+    beam = dict(beam_size=3, n_best=3, length_penalty=0.6, **options)
+    for src in (SRC, SRC[[2, 0, 1]], SRC[:2]):
+        assert search.greedy(src, **options) == greedy_search(
+            TransformerDecoder(model64), src, **options
+        )
+        expected = beam_search(TransformerDecoder(model64), src, **beam)
+        assert outputs_and_scores(search.beam(src, **beam)) == outputs_and_scores(expected)
+    greedy_plan, beam_plan = sorted(search._plans.values(), key=lambda p: p.beam)
+    assert len(search._plans) == 2  # every batch rounded up to 8 rows: one shape per search
+    # Greedy: one buffer; beam: both buffers of every window it reached.
+    assert {parity for _, parity in greedy_plan.graphs} == {0}
+    for plan in (greedy_plan, beam_plan):
+        reached = {w for w, _ in plan.graphs}
+        assert len(reached) >= 3 and reached <= set(plan.windows)
+    assert {p for _, p in beam_plan.graphs} == {0, 1} and len(beam_plan.graphs) >= 6
+    # Every graph but those of the longest window reached (perhaps at one step only) replayed.
+    longest = max(w for w, _ in beam_plan.graphs)
+    assert all(g.replays > 0 for (w, _), g in beam_plan.graphs.items() if w < longest)
+    # One pool per plan: its first capture makes it, every later one shares it.
+    assert pools[0] is None and pools.count(None) == 2 and set(pools) == {None, "pool"}
+    captured = len(pools)
+    search.beam(SRC, **beam)
+    search.greedy(SRC, **options)
+    assert len(pools) == captured
+
+
 @FROZEN
 def test_static_searches_take_empty_batches_and_empty_sources(
     model64: Transformer, frozen: bool

@@ -20,9 +20,9 @@ its own:
   a done flag per source are tensors updated in place; a source that is done stays in the
   batch, frozen, instead of being dropped.
 * **CUDA graphs**: the whole step (decoder, log-softmax, banned tokens, top-k, finishing
-  hypotheses, reordering the cache) is captured once per shape, window and buffer, and each
-  step replays the one for its window with one launch. The host reads the done flags every
-  ``check_every`` steps to stop early.
+  hypotheses, reordering the cache) is captured once per shape, window and buffer, the first
+  time a search reaches them (that step runs eagerly), and every later step is one launch.
+  The host reads the done flags every ``check_every`` steps to stop early.
 
 On a CPU the same step runs eagerly (there are no graphs to replay), and its decoder part is
 :class:`aiayn.frozen_decoder.FrozenDecoder`: the decoder's weights copied once in the layout
@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -88,6 +89,15 @@ _FIRST_WINDOW = 16  # the smallest window of positions a step attends over (see 
 
 def _round_up(n: int, multiple: int = _ROUND) -> int:
     return multiple * math.ceil(n / multiple)
+
+
+def _cuda_graph(step: Callable[[], None], pool: tuple | None) -> torch.cuda.CUDAGraph:
+    """``step`` captured as a CUDA graph, recorded and not run, in the memory pool ``pool``
+    (None: a new one, ``graph.pool()``)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        step()
+    return graph
 
 
 def _windows(positions: int) -> list[int]:
@@ -265,7 +275,7 @@ class _HostBeam(_HostSearch):
 
 
 class _Plan:
-    """Buffers, step and (on CUDA) graph for one shape: B sources x K beams, S, L.
+    """Buffers, step and (on CUDA) graphs for one shape: B sources x K beams, S, L.
 
     With ``frozen`` (on a CPU) the decoder step is :meth:`FrozenDecoder.logits` over a
     :class:`FrozenCache`; otherwise the model's own decoder over a :class:`StaticKVCache`.
@@ -325,8 +335,10 @@ class _Plan:
             self.state.fin_len = torch.zeros(batch, beam, **long)
             self.state.fin_logp = torch.zeros(batch, beam, dtype=score_dtype, device=device)
             self.state.n_fin = torch.zeros(batch, **long)
-        # One graph per window and buffer (see `step`), keyed by (window, parity).
-        self.graphs = self._capture() if use_graph else {}
+        # CUDA graphs keyed by (window, parity), each captured at its first use (see `step`).
+        self.use_graph = use_graph
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self._pool = None  # the graphs' one memory pool, made with the first
 
     # ----------------------------------------------------------------- one step, in place
     def log_probs(self) -> Tensor:
@@ -521,16 +533,32 @@ class _Plan:
         t.add_(1)
 
     def step(self, t: int) -> None:
-        """Step t of the search (the host counts the steps; the device holds t too)."""
+        """Step t of the search (the host counts the steps; the device holds t too).
+
+        With CUDA graphs: a replay of the graph of step t's window and the current buffer,
+        or, the first time that pair comes up, the step run eagerly and then captured for the
+        later ones. So a plan captures only the windows its searches reach (most outputs are
+        short), and each graph's kernels have run once, on this state, before their capture
+        (what a warm-up is for: lazy initialisation, such as an attention kernel's plan for a
+        new key length).
+        """
         cache = self.state.cache
         if isinstance(cache, StaticKVCache):
             # The smallest window that holds positions 0 .. t.
             cache.window = next(w for w in self.windows if w > t)
-        if self.graphs:
-            self.graphs[cache.window, cache.parity].replay()
+        graph = self.graphs.get((cache.window, cache.parity)) if self.use_graph else None
+        if graph is not None:
+            graph.replay()
             if len(cache._buffers) == 2:  # the replayed step reordered into the other buffer
                 cache.parity = 1 - cache.parity
-        elif self.beam == 1:
+            return
+        parity = cache.parity if isinstance(cache, StaticKVCache) else 0
+        self._eager_step()
+        if self.use_graph:
+            self._capture(cache.window, parity)
+
+    def _eager_step(self) -> None:
+        if self.beam == 1:
             self.greedy_step()
         else:
             self.beam_step()
@@ -589,42 +617,17 @@ class _Plan:
             )
 
     # ----------------------------------------------------------------- the CUDA graph
-    def _capture(self) -> dict[tuple[int, int], torch.cuda.CUDAGraph]:
-        """Capture a step for every window of positions and, with a double-buffered cache,
-        for each buffer: graph (w, p) attends over the first w positions of buffer p and
-        leaves the reordered cache in the other (`step` replays the one for step t's window
-        and the current buffer). The warm-up steps run on harmless state (no source loaded)."""
-        step = self.greedy_step if self.beam == 1 else self.beam_step
-        s = self.state
-        cache = s.cache
-        cache.position.zero_()
-        if s.scores is not None:
-            s.scores.fill_(float("-inf"))
-            s.scores[:, 0] = 0.0
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for window in self.windows:  # lazy initialisations (cuBLAS workspaces, kernels)
-                for _ in range(2):  # each from position 0: the cache may hold just one
-                    cache.window = window
-                    cache.position.zero_()
-                    step()
-        torch.cuda.current_stream().wait_stream(side)
-        graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        pool = None
-        for window in self.windows:
-            for parity in range(len(cache._buffers)):
-                cache.window, cache.parity = window, parity
-                cache.position.zero_()
-                graph = torch.cuda.CUDAGraph()
-                # One memory pool for all: they never run at once, and no tensor made inside
-                # a step outlives it.
-                with torch.cuda.graph(graph, pool=pool):
-                    step()
-                pool = graph.pool()
-                graphs[window, parity] = graph
-        cache.parity, cache.window = 0, self.windows[-1]
-        return graphs
+    def _capture(self, window: int, parity: int) -> None:
+        """Capture the step over ``window`` positions of buffer ``parity`` (recorded, not run:
+        the search's state is left as it is). All graphs of the plan share one memory pool:
+        they never run at once, and no tensor made inside a step outlives it."""
+        cache = self.state.cache
+        after = cache.parity  # the buffer the eager step left current
+        cache.window, cache.parity = window, parity
+        graph = _cuda_graph(self._eager_step, self._pool)
+        self._pool = graph.pool()
+        self.graphs[window, parity] = graph
+        cache.parity = after
 
 
 class StaticDecoding:
