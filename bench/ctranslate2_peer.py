@@ -11,6 +11,14 @@ embedding instead, which is Marian's convention, not ours).
 CTranslate2 speaks in token strings: :data:`token_names` names every id, and
 :class:`CT2Searches` converts ids to names and back around ``Translator.translate_batch``.
 
+The benchmark runs it in a process of its own (:class:`CT2Process`). CTranslate2's wheel
+brings its own copy of the GNU OpenMP runtime, so a process that also runs PyTorch holds two
+thread pools; on this project's 2-core CPU, once CTranslate2 had run with 2 threads next to
+PyTorch's pool, both slowed down for the rest of the process (measured 2026-11-27, greedy,
+16 sentences: CTranslate2 222 ms a batch with 2 threads against 77 with 1, and aiayn's
+fixed-shape search 177 ms after it against 58 before it). Apart, neither sees the other's
+pool, as for a user who runs one of them.
+
 Equal work (see `bench.decode_throughput`): every search is forced to its length with
 ``min_decoding_length = max_decoding_length``. Greedy search decodes exactly L tokens, as aiayn
 and Hugging Face do. Their beam search decodes L - 1 tokens and then a forced eos: L decoder
@@ -23,6 +31,7 @@ ranks differently: any token there, against eos alone).
 from __future__ import annotations
 
 import importlib.util
+import multiprocessing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -189,3 +198,76 @@ class CT2Searches:
         ids = self.ids
         keep = steps if search == "greedy" else steps - 1
         return [[ids[token] for token in result.hypotheses[0][:keep]] for result in results]
+
+
+def _serve(conn: Any, folder: str, options: dict[str, Any]) -> None:
+    """The loop of a :class:`CT2Process`: build the searches, then decode what comes in (the
+    arguments of :meth:`CT2Searches.decode`, the source as lists) until None comes."""
+    try:
+        searches = CT2Searches(Path(folder), **options)
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
+        conn.send(f"{type(exc).__name__}: {exc}")
+        return
+    conn.send("ready")
+    while (request := conn.recv()) is not None:
+        src, *rest = request
+        try:
+            conn.send(searches.decode(torch.tensor(src, dtype=torch.long), *rest))
+        except Exception as exc:  # noqa: BLE001
+            conn.send(f"{type(exc).__name__}: {exc}")
+
+
+class CT2Process:
+    """:class:`CT2Searches` (same arguments, same :meth:`decode`) in a process of its own:
+    PyTorch's OpenMP threads and CTranslate2's never share one (see the module docstring).
+    A call sends the source ids and gets the outputs back through a pipe: lists of a few
+    hundred integers, a fraction of a millisecond against a batch's tens.
+    """
+
+    def __init__(
+        self, folder: Path, *, vocab_size: int, device: str, threads: int, compute_type: str
+    ) -> None:
+        options = dict(
+            vocab_size=vocab_size, device=device, threads=threads, compute_type=compute_type
+        )
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no shared pools
+        self._conn, child = context.Pipe()
+        self._process = context.Process(
+            target=_serve, args=(child, str(folder), options), daemon=True
+        )
+        self._process.start()
+        child.close()
+        reply = self._receive()
+        if reply != "ready":
+            self.close()
+            raise RuntimeError(f"CTranslate2 could not load {folder}: {reply}")
+
+    def _receive(self) -> Any:
+        try:
+            return self._conn.recv()
+        except EOFError:
+            raise RuntimeError(
+                f"the CTranslate2 process ended (exit code {self._process.exitcode})"
+            ) from None
+
+    def decode(
+        self, src: Tensor, search: str, steps: int, beam_size: int, length_penalty: float
+    ) -> list[list[int]]:
+        """:meth:`CT2Searches.decode`, in the other process."""
+        self._conn.send((src.tolist(), search, steps, beam_size, length_penalty))
+        reply = self._receive()
+        if isinstance(reply, str):
+            raise RuntimeError(f"CTranslate2: {reply}")
+        return reply
+
+    def close(self) -> None:
+        """End the process (it also ends with this one: it is a daemon)."""
+        if self._process.is_alive():
+            try:
+                self._conn.send(None)
+            except OSError:
+                pass
+            self._process.join(timeout=10)
+        if self._process.is_alive():
+            self._process.terminate()
+        self._conn.close()

@@ -307,7 +307,7 @@ def check_equal_work(
     steps: int,
     beam_size: int,
     searches: Sequence[str],
-    ct2: ctranslate2_peer.CT2Searches | None = None,
+    ct2: ctranslate2_peer.CT2Process | None = None,
 ) -> dict[str, Any]:
     """Decode `src` with both models (float32) and check that they do the same work.
 
@@ -354,21 +354,27 @@ def check_equal_work(
 
 
 def load_ctranslate2(
-    ours: Transformer, folder: str, device: torch.device, dtype: torch.dtype
-) -> tuple[ctranslate2_peer.CT2Searches, ctranslate2_peer.CT2Searches | Exception]:
+    ours: Transformer,
+    folder: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    threads: int | None = None,
+) -> tuple[ctranslate2_peer.CT2Process, ctranslate2_peer.CT2Process | Exception]:
     """`ours` converted into `folder` for CTranslate2: (a float32 translator for the
-    equal-work check, the translator timed in `dtype`, or why there is none)."""
+    equal-work check, the translator timed in `dtype`, or why there is none), each in a
+    process of its own (see `ctranslate2_peer.CT2Process`: not in PyTorch's), with `threads`
+    intra-op threads on a CPU (default: PyTorch's)."""
     ctranslate2_peer.to_ctranslate2(ours, folder)
 
-    def translator(dt: torch.dtype) -> ctranslate2_peer.CT2Searches:
+    def translator(dt: torch.dtype) -> ctranslate2_peer.CT2Process:
         name = ctranslate2_peer.compute_type(dt, device.type)
         if name is None:
             raise RuntimeError(f"CTranslate2 does not compute in {dt} on {device.type}")
-        return ctranslate2_peer.CT2Searches(
+        return ctranslate2_peer.CT2Process(
             folder,
             vocab_size=ours.cfg.tgt_vocab_size,
             device=device.type,
-            threads=torch.get_num_threads(),
+            threads=threads or torch.get_num_threads(),
             compute_type=name,
         )
 
@@ -394,7 +400,7 @@ def make_run(
     search: str,
     steps: int,
     beam_size: int,
-    ct2: ctranslate2_peer.CT2Searches | None = None,
+    ct2: ctranslate2_peer.CT2Process | None = None,
 ) -> Run:
     """One batch decoded by `impl`: returns (outputs as aiayn returns them, HF's sequences or None).
 
@@ -566,6 +572,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="N",
         help="then N turns of one batch per implementation, side by side (0: not done)",
     )
+    parser.add_argument(
+        "--ct2-threads",
+        type=int,
+        metavar="N",
+        help="CTranslate2's threads on a CPU (default: PyTorch's, what the other rows use)",
+    )
     args = parser.parse_args(argv)
     args.searches = [s.strip() for s in args.searches.split(",") if s.strip()]
     unknown = [s for s in args.searches if s not in SEARCHES]
@@ -597,12 +609,14 @@ def main(argv: Sequence[str] | None = None) -> Path:
         flush=True,
     )
     ours, theirs = build_pair(cfg, seed=args.seed, device=device)
-    ct2_check: ctranslate2_peer.CT2Searches | None = None
-    ct2_timed: ctranslate2_peer.CT2Searches | Exception = RuntimeError("not loaded")
+    ct2_check: ctranslate2_peer.CT2Process | None = None
+    ct2_timed: ctranslate2_peer.CT2Process | Exception = RuntimeError("not loaded")
     ct2_folder = tempfile.TemporaryDirectory(prefix="aiayn-ct2-")
     if CT2 in implementations(device):
         try:
-            ct2_check, ct2_timed = load_ctranslate2(ours, ct2_folder.name, device, dtype)
+            ct2_check, ct2_timed = load_ctranslate2(
+                ours, ct2_folder.name, device, dtype, args.ct2_threads
+            )
         except Exception as exc:  # noqa: BLE001 - the peer's rows record it; the rest runs
             traceback.print_exc()
             ct2_timed = exc
@@ -625,6 +639,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
             "warmup": args.warmup,
             "repeats": args.repeats,
             "interleave_turns": args.interleave,
+            "ct2_threads": args.ct2_threads or torch.get_num_threads(),
             "seed": args.seed,
             "equal_length": (
                 "greedy: eos banned, exactly `decoder_steps` tokens; beam: eos banned for "
@@ -718,6 +733,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
         common.write_json(path, payload)
     payload["status"] = "complete"
     common.write_json(path, payload)
+    for peer in {id(p): p for p in (ct2_check, ct2_timed) if p is not None}.values():
+        if not isinstance(peer, Exception):
+            peer.close()
     ct2_folder.cleanup()
     print(f"\n{common.describe_machine(machine)}\n{table(payload['results'], args.beam_size)}")
     for search, speedups in payload.get("summary", {}).items():

@@ -102,3 +102,26 @@ def test_what_ctranslate2_cannot_hold_is_refused(tmp_path: Path) -> None:
     model = Transformer(dataclasses.replace(TINY, embedding_norm=True))
     with pytest.raises(ValueError, match="embedding LayerNorm"):
         ctranslate2_peer.to_ctranslate2(model, tmp_path)
+
+
+def test_the_peer_in_its_own_process_decodes_the_same(tmp_path: Path) -> None:
+    """`CT2Process` (what the benchmark times: CTranslate2's OpenMP threads apart from
+    PyTorch's) gives the in-process searches' outputs, reports a model it cannot load, and
+    ends its process when closed."""
+    model = _model()
+    here = _searches(model, tmp_path)
+    options = dict(vocab_size=model.cfg.tgt_vocab_size, device="cpu", compute_type="float32")
+    apart = ctranslate2_peer.CT2Process(tmp_path, threads=1, **options)
+    try:
+        src = make_sources(model.cfg, batch=4, src_len=8, seed=3)
+        for search in ("greedy", "beam"):
+            assert apart.decode(src, search, 6, 4, LENGTH_PENALTY) == here.decode(
+                src, search, 6, 4, LENGTH_PENALTY
+            )
+        with pytest.raises(RuntimeError, match="CTranslate2: "):
+            apart.decode(src, "beam", 6, 0, LENGTH_PENALTY)  # beam_size 0 is refused there
+    finally:
+        apart.close()
+    assert not apart._process.is_alive()
+    with pytest.raises(RuntimeError, match="could not load"):
+        ctranslate2_peer.CT2Process(tmp_path / "missing", threads=1, **options)
