@@ -114,3 +114,22 @@ def test_default_demo_learns_the_task(tmp_path: Path) -> None:
     result = run_demo(tmp_path, progress=False)
     assert result.n_test == DemoConfig().n_test
     assert result.exact_match >= 95.0, format_result(result)
+
+
+def test_the_demos_checkpoint_is_named_when_a_command_cannot_load_it(
+    tmp_path: Path, capsys
+) -> None:
+    """`aiayn translate` or `classify` on the demo's run (a user's natural next step after
+    `make demo`) says what the checkpoint is, in one line, instead of "a None model"."""
+    from aiayn.cli import main
+
+    run_demo(tmp_path, TINY.replace(max_steps=2, eval_every=0, n_test=5, n_examples=1),
+             progress=False)  # fmt: skip
+    for command, expected in (
+        ("translate", "not a translation model"),
+        ("classify", "not a classifier"),
+    ):
+        assert main([command, "--checkpoint", str(tmp_path / "run")]) != 0
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        assert "the model of `aiayn demo`" in err and expected in err and "None" not in err

@@ -51,7 +51,7 @@ from aiayn.finetune import FinetuneConfig, encoder_config, load_source, prepare
 from aiayn.heads import POOLINGS, SequenceClassifier
 from aiayn.metrics import classification_scores
 from aiayn.model import Transformer
-from aiayn.tasks.translation import resolve_checkpoint
+from aiayn.tasks.translation import resolve_checkpoint, task_model
 from aiayn.train import Distributed, Trainer, resolve_device, resolve_precision
 
 logger = logging.getLogger(__name__)
@@ -571,7 +571,7 @@ class Classifier(ProbabilityClassifier):
         run = ckpt.load_checkpoint(path).config
         if run.get("task") != "classification":
             raise CheckpointError(
-                f"{path} holds a {run.get('task')!r} model, not a classifier; pass the "
+                f"{path} holds {task_model(run)}, not a classifier; pass the "
                 "checkpoint of a classification run"
             )
         data, head = run.get("data", {}), HeadConfig.from_dict(run.get("head", {}))

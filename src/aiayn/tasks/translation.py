@@ -174,7 +174,8 @@ class Translator:
         run = ckpt.load_checkpoint(path).config
         if run.get("task") != cls.TASK:
             raise CheckpointError(
-                f"{path} holds a {run.get('task')!r} model, not a {cls.TASK} model"
+                f"{path} holds {task_model(run)}, not a {cls.TASK} model; pass a checkpoint "
+                f"of an `aiayn train` run of task {cls.TASK}"
             )
         model = Transformer(TransformerConfig.from_dict(run["model"]))
         ckpt.load_checkpoint(path, model=model)
@@ -297,6 +298,17 @@ def resolve_checkpoint(path: str | Path) -> Path:
             "checkpoint folder (with model.safetensors) or the run_dir of a training run"
         )
     return found
+
+
+def task_model(run: dict[str, Any]) -> str:
+    """What a checkpoint holds, as an error message names it, from its run config: "a
+    'translation' model", or the demo's model (whose config `aiayn demo` writes without a
+    task: it decodes within the demo, not through `aiayn translate`)."""
+    if "task" in run:
+        return f"a {run['task']!r} model"
+    if "demo" in run:
+        return "the model of `aiayn demo` (it translates within the demo only)"
+    return "a model of no known task"
 
 
 def bleu_of(
