@@ -358,12 +358,12 @@ def load_ctranslate2(
     folder: str,
     device: torch.device,
     dtype: torch.dtype,
-    threads: int | None = None,
+    threads: int,
 ) -> tuple[ctranslate2_peer.CT2Process, ctranslate2_peer.CT2Process | Exception]:
     """`ours` converted into `folder` for CTranslate2: (a float32 translator for the
     equal-work check, the translator timed in `dtype`, or why there is none), each in a
     process of its own (see `ctranslate2_peer.CT2Process`: not in PyTorch's), with `threads`
-    intra-op threads on a CPU (default: PyTorch's)."""
+    intra-op threads on a CPU."""
     ctranslate2_peer.to_ctranslate2(ours, folder)
 
     def translator(dt: torch.dtype) -> ctranslate2_peer.CT2Process:
@@ -374,7 +374,7 @@ def load_ctranslate2(
             folder,
             vocab_size=ours.cfg.tgt_vocab_size,
             device=device.type,
-            threads=threads or torch.get_num_threads(),
+            threads=threads,
             compute_type=name,
         )
 
@@ -612,10 +612,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
     ct2_check: ctranslate2_peer.CT2Process | None = None
     ct2_timed: ctranslate2_peer.CT2Process | Exception = RuntimeError("not loaded")
     ct2_folder = tempfile.TemporaryDirectory(prefix="aiayn-ct2-")
+    ct2_threads = args.ct2_threads or torch.get_num_threads()
     if CT2 in implementations(device):
         try:
             ct2_check, ct2_timed = load_ctranslate2(
-                ours, ct2_folder.name, device, dtype, args.ct2_threads
+                ours, ct2_folder.name, device, dtype, ct2_threads
             )
         except Exception as exc:  # noqa: BLE001 - the peer's rows record it; the rest runs
             traceback.print_exc()
@@ -639,7 +640,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
             "warmup": args.warmup,
             "repeats": args.repeats,
             "interleave_turns": args.interleave,
-            "ct2_threads": args.ct2_threads or torch.get_num_threads(),
+            "ct2_threads": ct2_threads,
             "seed": args.seed,
             "equal_length": (
                 "greedy: eos banned, exactly `decoder_steps` tokens; beam: eos banned for "
@@ -733,8 +734,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
         common.write_json(path, payload)
     payload["status"] = "complete"
     common.write_json(path, payload)
-    for peer in {id(p): p for p in (ct2_check, ct2_timed) if p is not None}.values():
-        if not isinstance(peer, Exception):
+    for peer in (ct2_check, ct2_timed):  # the same process twice in float32: close is idempotent
+        if isinstance(peer, ctranslate2_peer.CT2Process):
             peer.close()
     ct2_folder.cleanup()
     print(f"\n{common.describe_machine(machine)}\n{table(payload['results'], args.beam_size)}")

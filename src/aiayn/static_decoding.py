@@ -546,16 +546,18 @@ class _Plan:
         if isinstance(cache, StaticKVCache):
             # The smallest window that holds positions 0 .. t.
             cache.window = next(w for w in self.windows if w > t)
-        graph = self.graphs.get((cache.window, cache.parity)) if self.use_graph else None
-        if graph is not None:
-            graph.replay()
-            if len(cache._buffers) == 2:  # the replayed step reordered into the other buffer
-                cache.parity = 1 - cache.parity
+        if not self.use_graph:
+            self._eager_step()
             return
-        parity = cache.parity if isinstance(cache, StaticKVCache) else 0
-        self._eager_step()
-        if self.use_graph:
-            self._capture(cache.window, parity)
+        key = (cache.window, cache.parity)  # read before the step flips the parity
+        graph = self.graphs.get(key)
+        if graph is None:
+            self._eager_step()
+            self._capture(*key)
+            return
+        graph.replay()
+        if len(cache._buffers) == 2:  # the replayed step reordered into the other buffer
+            cache.parity = 1 - cache.parity
 
     def _eager_step(self) -> None:
         if self.beam == 1:
