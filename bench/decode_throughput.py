@@ -63,7 +63,7 @@ from torch import Tensor, nn
 
 from aiayn import static_decoding
 from aiayn.config import TransformerConfig
-from aiayn.decoding import TransformerDecoder, beam_search, greedy_search
+from aiayn.decoding import TransformerDecoder, beam_search, beam_step, greedy_search
 from aiayn.interop import to_hf_marian
 from aiayn.model import Transformer
 from aiayn.static_decoding import StaticDecoding, StaticKVCache
@@ -85,23 +85,44 @@ CPU_BEFORE = "aiayn-static-modules"
 # On a GPU, before rows of the graphed search (session 8's changes, one at a time): every step
 # over the whole cache instead of the smallest window of positions that holds the step's
 # (`static_decoding._FIRST_WINDOW` out of reach), and, beam search only, the cache reordered
-# in place (a gather and a copy back) instead of double-buffered.
+# in place (a gather and a copy back) instead of double-buffered; and (session 9), beam search
+# only, each source's candidates taken by one top-k over its K x V scores, after a pass that
+# bans every token but eos at the length limit, instead of `_Plan._candidates`' two top-k's.
 ONE_WINDOW, ONE_BUFFER = "aiayn-static-one-window", "aiayn-static-one-buffer"
+ONE_TOPK = "aiayn-static-one-topk"
+
+
+def one_topk_candidates(
+    plan: static_decoding._Plan, log_probs: Tensor, at_limit: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`_Plan._candidates` as it was before session 9: (N, V) -> each (B, 2K)."""
+    batch, beam, vocab = plan.batch, plan.beam, log_probs.size(-1)
+    log_probs = log_probs.view(batch, beam, vocab).masked_fill(
+        at_limit.view(-1, 1, 1) & plan.not_eos.view(1, 1, -1), float("-inf")
+    )
+    return beam_step(log_probs, plan.state.scores, num_candidates=min(2 * beam, beam * vocab))
+
+
 GPU_BEFORE = {
     ONE_WINDOW: (static_decoding, "_FIRST_WINDOW", 1 << 30),
     ONE_BUFFER: (StaticKVCache, "double_buffered", False),
+    ONE_TOPK: (static_decoding._Plan, "_candidates", one_topk_candidates),
 }
 
 
-def implementations(device: torch.device, search: str | None = None) -> tuple[str, ...]:
-    """The rows measured on `device`, in order (for `search`, where the rows differ)."""
+def implementations(
+    device: torch.device, search: str | None = None, impls: set[str] | None = None
+) -> tuple[str, ...]:
+    """The rows measured on `device`, in order (for `search`, where the rows differ; of
+    `impls` only, if given)."""
     if device.type == "cpu":
         rows = IMPLEMENTATIONS[:2] + (CPU_BEFORE,) + IMPLEMENTATIONS[2:]
     elif search == "greedy":  # greedy search never reorders its cache
         rows = IMPLEMENTATIONS[:2] + (ONE_WINDOW,) + IMPLEMENTATIONS[2:]
     else:
-        rows = IMPLEMENTATIONS[:2] + (ONE_WINDOW, ONE_BUFFER) + IMPLEMENTATIONS[2:]
-    return rows + ((CT2,) if ctranslate2_peer.available() else ())
+        rows = IMPLEMENTATIONS[:2] + (ONE_WINDOW, ONE_BUFFER, ONE_TOPK) + IMPLEMENTATIONS[2:]
+    rows += (CT2,) if ctranslate2_peer.available() else ()
+    return tuple(row for row in rows if impls is None or row in impls)
 
 
 SEARCHES = ("greedy", "beam")
@@ -556,6 +577,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     common.add_run_options(parser)
     parser.add_argument("--searches", default="greedy,beam", help="comma-separated: greedy, beam")
     parser.add_argument("--beam-size", type=int, default=4)
+    parser.add_argument(
+        "--impls",
+        help="comma-separated rows to run, in their usual order (default: every row for the "
+        "device; hf-generate is always kept, the peer the ratios are read against)",
+    )
     parser.add_argument("--batch", type=int, help="sentences per batch (default: the size's)")
     parser.add_argument("--src-len", type=int, help="longest source (default: the size's)")
     parser.add_argument(
@@ -585,6 +611,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"unknown search {unknown[0]!r}; choose from {', '.join(SEARCHES)}")
     if args.beam_size < 2:
         parser.error("--beam-size must be at least 2 (greedy is its own search)")
+    if args.impls is not None:
+        args.impls = {i.strip() for i in args.impls.split(",") if i.strip()} | {"hf-generate"}
+        known = set(IMPLEMENTATIONS) | {CPU_BEFORE, *GPU_BEFORE, CT2}
+        unknown = sorted(args.impls - known)
+        if unknown:
+            parser.error(
+                f"unknown implementation {unknown[0]!r}; choose from {', '.join(sorted(known))}"
+            )
     return args
 
 
@@ -613,7 +647,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     ct2_timed: ctranslate2_peer.CT2Process | Exception = RuntimeError("not loaded")
     ct2_folder = tempfile.TemporaryDirectory(prefix="aiayn-ct2-")
     ct2_threads = args.ct2_threads or torch.get_num_threads()
-    if CT2 in implementations(device):
+    if CT2 in implementations(device, impls=args.impls):
         try:
             ct2_check, ct2_timed = load_ctranslate2(
                 ours, ct2_folder.name, device, dtype, ct2_threads
@@ -695,7 +729,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     outputs: dict[tuple[str, str], list[list[int]]] = {}
     runs: dict[str, dict[str, Run]] = {}  # per search: the runs that worked, for --interleave
     for search in args.searches:
-        for impl in implementations(device, search):
+        for impl in implementations(device, search, args.impls):
             model = theirs if impl in PEERS else ours
             print(f"  {impl} ({search}) ...", flush=True)
             try:

@@ -2,6 +2,8 @@
 
     python -m bench.interleaved --device cpu --size small --dtype bf16
     python -m bench.interleaved --device cpu --size small --models aiayn,aiayn-unfused-loss,nn.Transformer
+    python -m bench.interleaved --device cuda --size base --dtype bf16 --mode compile \
+        --models aiayn,nn.Transformer,hf-marian
 
 On a shared machine whose speed drifts by tens of percent within a minute (this project's CPU
 machine), measuring one model after another (`bench/train_throughput.py`, even in rounds)
@@ -12,7 +14,9 @@ next to each other in the same state of the machine. Reported per model: the med
 time, and the median over the turns of its step time divided by aiayn's in the same turn
 ("x aiayn", > 1: aiayn is faster). Peak memory is not measured (every model is alive
 at once; `bench/train_throughput.py` measures it). Models, batches, loss and optimiser are
-those of `bench/train_throughput.py` (its `TrainingStep`), eager.
+those of `bench/train_throughput.py` (its `TrainingStep`), eager or (`--mode compile`) every
+model `torch.compile`d: a GPU's step times wandered by 10-25% within one run of
+`bench/train_throughput.py` (H200, 2026-11-26), too much to read a 1.5x target from.
 
 Output: bench/results/interleaved-<device>-<date>.json and a markdown table on stdout.
 """
@@ -44,6 +48,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each model")
     parser.add_argument("--batches", type=int, default=4, help="distinct batches used in turn")
     parser.add_argument("--label-smoothing", type=float, default=0.1)
+    parser.add_argument(
+        "--mode",
+        choices=("eager", "compile"),
+        default="eager",
+        help="every model eager, or every model torch.compile'd (compiled during its warm-up)",
+    )
     parser.add_argument(
         "--order",
         choices=("shuffled", "fixed"),
@@ -130,15 +140,16 @@ def main(argv: Sequence[str] | None = None) -> Path:
     )
     print(
         f"interleaved: {', '.join(args.models)} on {device.type} "
-        f"({common.describe_machine(machine)}), size {size.name}, {args.dtype}; "
+        f"({common.describe_machine(machine)}), size {size.name}, {args.dtype}, {args.mode}; "
         f"{args.warmup} warm-up steps each, then {args.steps} turns of one step each",
         flush=True,
     )
     steps = {}
     for name in args.models:
+        print(f"  {name}: building and warming up ({args.mode}) ...", flush=True)
         steps[name] = TrainingStep(
             name,
-            "eager",
+            args.mode,
             cfg,
             batches,
             device=device,
@@ -162,6 +173,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
                 "device": device.type,
                 "size": size.name,
                 "dtype": args.dtype,
+                "mode": args.mode,
                 "batch": size.train_batch,
                 "src_len": size.train_src_len,
                 "tgt_len": size.train_tgt_len,

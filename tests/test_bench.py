@@ -152,6 +152,17 @@ def tiny_pair():
     return ours, theirs, src
 
 
+def test_decode_throughput_runs_only_the_rows_asked_for(tmp_path: Path, one_thread) -> None:
+    """--impls: the rows named, in their usual order, and always hf-generate, the peer."""
+    path = decode_throughput.main(
+        [*FAST, "--searches", "greedy", "--impls", "aiayn-static", "--out", str(tmp_path)]
+    )
+    data = json.loads(path.read_text(encoding="utf-8"))
+    assert [r["impl"] for r in data["results"]] == ["aiayn-static", "hf-generate"]
+    with pytest.raises(SystemExit):
+        decode_throughput.parse_args(["--impls", "aiayn-static,nonesuch"])
+
+
 def test_greedy_outputs_identical_to_hf_generate(tiny_pair, one_thread) -> None:
     """The equal-work check: the same weights, the same tokens, the same forced length."""
     ours, theirs, src = tiny_pair
@@ -178,18 +189,21 @@ def test_beam_outputs_have_the_forced_length(tiny_pair, one_thread) -> None:
     assert {len(row) for row in mine} == {steps - 1}
 
 
-def test_gpu_before_rows_decode_with_one_window_and_one_buffer(
+def test_gpu_before_rows_decode_with_one_window_one_buffer_and_one_topk(
     tiny_pair, one_thread, monkeypatch
 ) -> None:
     """The GPU's before rows: `aiayn-static-one-window` (both searches) builds its plans with
     one window of positions, the whole cache; `aiayn-static-one-buffer` (beam search only)
-    with the cache reordered in place; both give aiayn-static's outputs."""
+    with the cache reordered in place; `aiayn-static-one-topk` (beam only) takes the
+    candidates by one top-k; all give aiayn-static's outputs."""
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     one_window, one_buffer = decode_throughput.ONE_WINDOW, decode_throughput.ONE_BUFFER
-    assert {one_window, one_buffer} <= set(decode_throughput.implementations(cuda, "beam"))
+    one_topk = decode_throughput.ONE_TOPK
+    beam_rows = {one_window, one_buffer, one_topk}
+    assert beam_rows <= set(decode_throughput.implementations(cuda, "beam"))
     greedy_rows = decode_throughput.implementations(cuda, "greedy")
-    assert one_window in greedy_rows and one_buffer not in greedy_rows
-    assert not {one_window, one_buffer} & set(decode_throughput.implementations(cpu, "beam"))
+    assert one_window in greedy_rows and not {one_buffer, one_topk} & set(greedy_rows)
+    assert not beam_rows & set(decode_throughput.implementations(cpu, "beam"))
     ours, _, src = tiny_pair
     plans = []
     real_init = static_decoding._Plan.__init__
@@ -203,13 +217,26 @@ def test_gpu_before_rows_decode_with_one_window_and_one_buffer(
     monkeypatch.setattr(  # the GPU's step (the model's modules), on this CPU
         decode_throughput, "StaticDecoding", functools.partial(StaticDecoding, frozen=False)
     )
-    for search, rows in (("greedy", greedy_rows), ("beam", (one_window, one_buffer))):
+    one_topk_calls = []
+    real_one_topk = decode_throughput.one_topk_candidates
+
+    def recording_one_topk(*args):
+        one_topk_calls.append(len(plans))
+        return real_one_topk(*args)
+
+    monkeypatch.setitem(
+        decode_throughput.GPU_BEFORE,
+        one_topk,
+        (static_decoding._Plan, "_candidates", recording_one_topk),
+    )
+    for search, rows in (("greedy", greedy_rows), ("beam", (one_window, one_buffer, one_topk))):
         rows = ("aiayn-static", *(r for r in rows if r in decode_throughput.GPU_BEFORE))
         outputs = [decode_throughput.make_run(impl, ours, src, search, 6, 4)()[0] for impl in rows]
         assert all(o == outputs[0] for o in outputs[1:]), search
     # (windows, buffers) of each plan, in order: greedy, greedy one-window; beam, beam
-    # one-window, beam one-buffer.
-    assert plans == [(3, 1), (1, 1), (3, 2), (1, 2), (3, 1)]
+    # one-window, beam one-buffer, beam one-topk.
+    assert plans == [(3, 1), (1, 1), (3, 2), (1, 2), (3, 1), (3, 2)]
+    assert set(one_topk_calls) == {6}  # the one-topk row's steps (6 plans), and only those
 
 
 def test_a_different_token_is_a_mismatch_not_a_tie(tiny_pair, one_thread) -> None:
@@ -427,6 +454,45 @@ def test_interleaved_steps_give_ratios_to_aiayn_in_the_same_turn(tmp_path: Path,
     assert data["settings"]["order"] == "shuffled" and len(data["turn_orders"]) == 3
     with pytest.raises(SystemExit):
         interleaved.main(["--device", "cpu", "--size", "tiny", "--models", "nn.Transformer"])
+    assert data["settings"]["mode"] == "eager"
+
+
+def test_profile_train_splits_the_device_time_of_the_kernels_alone(capsys) -> None:
+    """profile_train on a CPU prints each model's table and its split; the split's classes
+    come from the kernel (or operator) names, and on a GPU only the device's own events
+    count: the operators that launch kernels repeat their times."""
+    from bench import profile_train
+
+    profile_train.main([*FAST[:4], "--models", "aiayn", "--mode", "eager", "--steps", "1"])
+    out = capsys.readouterr().out
+    assert "=== aiayn (eager" in out and "aiayn: wall" in out and "matrix products" in out
+    names = {
+        "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT": "matrix products",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16": "attention",
+        "triton_per_fused__to_copy_add_native_dropout_native_layer_norm_0": "compiled (triton)",
+        "void at::native::vectorized_elementwise_kernel<4>": "other",
+    }
+    assert {name: profile_train.kernel_class(name) for name in names} == names
+
+    class Event:
+        def __init__(self, key, device_type, us, annotation=False):
+            self.key, self.device_type, self.is_user_annotation = key, device_type, annotation
+            self.self_device_time_total, self.self_cpu_time_total = us, 0.0
+
+    class Prof:
+        def key_averages(self):
+            cuda, cpu = profile_train.DeviceType.CUDA, profile_train.DeviceType.CPU
+            return [
+                Event("aten::mm", cpu, 300.0),  # the operator: its kernel's time again
+                Event("nvjet_sm90_gemm", cuda, 300.0),
+                Event("triton_poi_fused_relu_0", cuda, 100.0),
+                Event("triton_poi_fused_relu_0", cuda, 100.0, annotation=True),
+            ]
+
+    assert profile_train.split(Prof(), 2, on_gpu=True) == {
+        "matrix products": 150.0,
+        "compiled (triton)": 50.0,
+    }
 
 
 def test_interleaved_turns_are_shuffled_reproducibly_unless_fixed() -> None:

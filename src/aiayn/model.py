@@ -177,6 +177,11 @@ class MultiHeadAttention(nn.Module):
         """Attention of projected queries (B, h, T_q, d_k) over keys/values (B, h, T_k, d_k),
         heads concatenated and projected by W^O: (B, T_q, d_model). Masks as in `forward`."""
         fused = self.impl == "sdpa" and not _slow_fused_backward(q)
+        if is_causal and q.size(2) == 1:
+            # One query is the newest position (queries are the last T_q of the T_k): it sees
+            # every key, so there is nothing to mask. Incremental decoding's every step; the
+            # mask would cost three small kernels per layer and step (bench/results/h200-2026-11-27).
+            is_causal = False
         # F.scaled_dot_product_attention's is_causal aligns the mask top-left: right only when
         # queries and keys are the same positions and there is no other mask. Otherwise (a
         # cache, a key mask, the written-out path) spell the causal mask out.
