@@ -87,9 +87,10 @@ CPU_BEFORE = "aiayn-static-modules"
 # (`static_decoding._FIRST_WINDOW` out of reach), and, beam search only, the cache reordered
 # in place (a gather and a copy back) instead of double-buffered; and (session 9), beam search
 # only, each source's candidates taken by one top-k over its K x V scores, after a pass that
-# bans every token but eos at the length limit, instead of `_Plan._candidates`' two top-k's.
+# bans every token but eos at the length limit, instead of `_Plan._candidates`' two top-k's;
+# and the memory's keys/values copied for every beam instead of shared by a source's beams.
 ONE_WINDOW, ONE_BUFFER = "aiayn-static-one-window", "aiayn-static-one-buffer"
-ONE_TOPK = "aiayn-static-one-topk"
+ONE_TOPK, REPEATED_MEMORY = "aiayn-static-one-topk", "aiayn-static-repeated-memory"
 
 
 def one_topk_candidates(
@@ -107,6 +108,7 @@ GPU_BEFORE = {
     ONE_WINDOW: (static_decoding, "_FIRST_WINDOW", 1 << 30),
     ONE_BUFFER: (StaticKVCache, "double_buffered", False),
     ONE_TOPK: (static_decoding._Plan, "_candidates", one_topk_candidates),
+    REPEATED_MEMORY: (StaticKVCache, "shares_memory", False),
 }
 
 
@@ -120,7 +122,8 @@ def implementations(
     elif search == "greedy":  # greedy search never reorders its cache
         rows = IMPLEMENTATIONS[:2] + (ONE_WINDOW,) + IMPLEMENTATIONS[2:]
     else:
-        rows = IMPLEMENTATIONS[:2] + (ONE_WINDOW, ONE_BUFFER, ONE_TOPK) + IMPLEMENTATIONS[2:]
+        before = (ONE_WINDOW, ONE_BUFFER, ONE_TOPK, REPEATED_MEMORY)
+        rows = IMPLEMENTATIONS[:2] + before + IMPLEMENTATIONS[2:]
     rows += (CT2,) if ctranslate2_peer.available() else ()
     return tuple(row for row in rows if impls is None or row in impls)
 

@@ -26,7 +26,10 @@ also where aiayn writes eq. (1) out because the fused kernel is slow there (CPU 
 training, `aiayn.model._slow_fused_backward`): the before of that choice. The row
 ``aiayn-torch-dropout`` is aiayn with every dropout mask drawn by PyTorch's ``F.dropout``, as
 the peers draw theirs: the before of `aiayn.dropout`'s CPU mask (skipped off a CPU and when
-compiled, where aiayn calls ``F.dropout`` itself).
+compiled, where aiayn calls ``F.dropout`` itself). The row ``aiayn-cuda-graphs`` (GPU, compiled
+only) is aiayn compiled with ``mode="reduce-overhead"``: its forward and backward replayed as
+CUDA graphs, one launch each instead of a launch per kernel from the host, a candidate for the
+2.5-4.7 ms a step in which the GPU waited for the host (H200, session 9; not measured yet).
 Marian's own loss (``labels=``) would be a plain cross-entropy without smoothing, in the
 logits' dtype: different work. ``--compile`` compiles the model (as ``train.compile: true``
 does); the optimiser runs eagerly for all.
@@ -66,6 +69,7 @@ MODELS: dict[str, str] = {
     "aiayn-torch-dropout": "aiayn.model.Transformer with PyTorch's F.dropout for every mask",
     "aiayn-fused-qkv": "aiayn.model.Transformer with Q, K, V projected by one product",
     "aiayn-sdpa-only": "aiayn.model.Transformer with PyTorch's fused attention for every call",
+    "aiayn-cuda-graphs": "aiayn.model.Transformer compiled with mode='reduce-overhead' (GPU)",
     "nn.Transformer": "torch.nn.Transformer + shared embeddings + tied output layer",
     "hf-marian": "transformers.MarianMTModel, random init, same shape",
 }
@@ -158,6 +162,8 @@ def differs_from_aiayn(name: str, mode: str, device: torch.device) -> bool:
     dropout is F.dropout; compiled, too."""
     if name == "aiayn-torch-dropout":
         return device.type == "cpu" and mode == "eager"
+    if name == "aiayn-cuda-graphs":  # no graphs but CUDA's: elsewhere, aiayn compiled again
+        return device.type == "cuda" and mode == "compile"
     if device.type == "cpu":
         return True
     return not (name == "aiayn-unfused-loss" and mode == "eager") and name != "aiayn-sdpa-only"
@@ -198,7 +204,8 @@ class TrainingStep:
         # Every aiayn row computes aiayn's own loss, except the one whose point is not to.
         self.own_loss = name.startswith("aiayn") and name != "aiayn-unfused-loss"
         self.optimizer = make_optimizer(self.model, device)
-        self.forward = torch.compile(self.model) if mode == "compile" else self.model
+        graphs = "reduce-overhead" if name == "aiayn-cuda-graphs" else None
+        self.forward = torch.compile(self.model, mode=graphs) if mode == "compile" else self.model
         # Target tokens (no padding): what the loss is averaged over.
         self.n_tokens = batches[0][1].numel()
         self.calls = 0

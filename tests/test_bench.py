@@ -94,8 +94,9 @@ def test_train_throughput_writes_json(tmp_path: Path, one_thread) -> None:
     _check_common_keys(data, "train_throughput")
     assert data["flops_per_step"]["total"] > 0 and data["matmul_rate"]["flops_per_s"] > 0
     results = data["results"]
+    # Every model, eager, but the GPU's compiled-only row.
     assert [(r["model"], r["mode"]) for r in results] == [
-        (name, "eager") for name in train_throughput.MODELS
+        (name, "eager") for name in train_throughput.MODELS if name != "aiayn-cuda-graphs"
     ]
     for r in results:
         assert "error" not in r, r.get("error")
@@ -189,20 +190,21 @@ def test_beam_outputs_have_the_forced_length(tiny_pair, one_thread) -> None:
     assert {len(row) for row in mine} == {steps - 1}
 
 
-def test_gpu_before_rows_decode_with_one_window_one_buffer_and_one_topk(
+def test_gpu_before_rows_decode_as_before_with_the_same_outputs(
     tiny_pair, one_thread, monkeypatch
 ) -> None:
     """The GPU's before rows: `aiayn-static-one-window` (both searches) builds its plans with
     one window of positions, the whole cache; `aiayn-static-one-buffer` (beam search only)
     with the cache reordered in place; `aiayn-static-one-topk` (beam only) takes the
-    candidates by one top-k; all give aiayn-static's outputs."""
+    candidates by one top-k; `aiayn-static-repeated-memory` (beam only) keeps the memory's
+    keys/values for every beam; all give aiayn-static's outputs."""
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     one_window, one_buffer = decode_throughput.ONE_WINDOW, decode_throughput.ONE_BUFFER
-    one_topk = decode_throughput.ONE_TOPK
-    beam_rows = {one_window, one_buffer, one_topk}
+    one_topk, repeated = decode_throughput.ONE_TOPK, decode_throughput.REPEATED_MEMORY
+    beam_rows = {one_window, one_buffer, one_topk, repeated}
     assert beam_rows <= set(decode_throughput.implementations(cuda, "beam"))
     greedy_rows = decode_throughput.implementations(cuda, "greedy")
-    assert one_window in greedy_rows and not {one_buffer, one_topk} & set(greedy_rows)
+    assert one_window in greedy_rows and not {one_buffer, one_topk, repeated} & set(greedy_rows)
     assert not beam_rows & set(decode_throughput.implementations(cpu, "beam"))
     ours, _, src = tiny_pair
     plans = []
@@ -210,7 +212,8 @@ def test_gpu_before_rows_decode_with_one_window_one_buffer_and_one_topk(
 
     def recording_init(self, *args, **kwargs) -> None:
         real_init(self, *args, **kwargs)
-        plans.append((len(self.windows), len(self.state.cache._buffers)))
+        cache = self.state.cache
+        plans.append((len(self.windows), len(cache._buffers), cache.beams))
 
     monkeypatch.setattr(static_decoding._Plan, "__init__", recording_init)
     monkeypatch.setattr(static_decoding, "_FIRST_WINDOW", 2)  # several windows for 6 steps
@@ -229,14 +232,23 @@ def test_gpu_before_rows_decode_with_one_window_one_buffer_and_one_topk(
         one_topk,
         (static_decoding._Plan, "_candidates", recording_one_topk),
     )
-    for search, rows in (("greedy", greedy_rows), ("beam", (one_window, one_buffer, one_topk))):
+    for search, rows in (("greedy", greedy_rows), ("beam", sorted(beam_rows))):
         rows = ("aiayn-static", *(r for r in rows if r in decode_throughput.GPU_BEFORE))
         outputs = [decode_throughput.make_run(impl, ours, src, search, 6, 4)()[0] for impl in rows]
         assert all(o == outputs[0] for o in outputs[1:]), search
-    # (windows, buffers) of each plan, in order: greedy, greedy one-window; beam, beam
-    # one-window, beam one-buffer, beam one-topk.
-    assert plans == [(3, 1), (1, 1), (3, 2), (1, 2), (3, 1), (3, 2)]
-    assert set(one_topk_calls) == {6}  # the one-topk row's steps (6 plans), and only those
+    # (windows, buffers, rows sharing the memory) of each plan, in order: greedy, greedy
+    # one-window; beam, then the before rows by name: one-buffer, one-topk, one-window,
+    # repeated-memory.
+    assert plans == [
+        (3, 1, 1),
+        (1, 1, 1),
+        (3, 2, 4),
+        (3, 1, 4),
+        (3, 2, 4),
+        (1, 2, 4),
+        (3, 2, 1),
+    ]
+    assert set(one_topk_calls) == {5}  # the one-topk row's steps (its plan: the 5th), only
 
 
 def test_a_different_token_is_a_mismatch_not_a_tie(tiny_pair, one_thread) -> None:
@@ -320,8 +332,11 @@ def test_train_throughput_compiled(tmp_path: Path, one_thread) -> None:
         [*FAST, "--modes", "compile", "--matmul-size", "64", "--out", str(tmp_path)]
     )
     data = json.loads(path.read_text(encoding="utf-8"))
-    # Every model but the before row that compiled is aiayn itself (its dropout is F.dropout).
-    models = [m for m in train_throughput.MODELS if m != "aiayn-torch-dropout"]
+    # Every model but the rows that compiled on a CPU are aiayn itself (its dropout is
+    # F.dropout; CUDA graphs need a GPU).
+    models = [
+        m for m in train_throughput.MODELS if m not in ("aiayn-torch-dropout", "aiayn-cuda-graphs")
+    ]
     assert [(r["model"], r["mode"]) for r in data["results"]] == [(m, "compile") for m in models]
     assert all("error" not in r for r in data["results"])
 
@@ -427,15 +442,40 @@ def test_before_rows_that_would_repeat_aiayn_are_not_run() -> None:
             if not train_throughput.differs_from_aiayn(name, mode, device)
         ]
 
-    # Compiled, aiayn's dropout is F.dropout on every device.
-    assert skipped(torch.device("cpu")) == [("aiayn-torch-dropout", "compile")]
+    # Compiled, aiayn's dropout is F.dropout on every device; CUDA graphs are a GPU's and
+    # need a compiled model.
+    assert skipped(torch.device("cpu")) == [
+        ("aiayn-torch-dropout", "compile"),
+        ("aiayn-cuda-graphs", "eager"),
+        ("aiayn-cuda-graphs", "compile"),
+    ]
     assert skipped(torch.device("cuda")) == [
         ("aiayn-unfused-loss", "eager"),
         ("aiayn-torch-dropout", "eager"),
         ("aiayn-torch-dropout", "compile"),
         ("aiayn-sdpa-only", "eager"),
         ("aiayn-sdpa-only", "compile"),
+        ("aiayn-cuda-graphs", "eager"),
     ]
+
+
+def test_cuda_graphs_row_compiles_with_reduce_overhead(monkeypatch) -> None:
+    """aiayn-cuda-graphs is aiayn compiled with mode="reduce-overhead"; the other compiled rows
+    with the default mode; interleaved leaves it out where it would repeat aiayn."""
+    modes = {}
+    monkeypatch.setattr(
+        train_throughput.torch, "compile", lambda model, mode=None: modes.setdefault(mode, model)
+    )
+    cfg = common.SIZES["tiny"].config()
+    batches = train_throughput.make_batches(
+        cfg, batch=2, src_len=4, tgt_len=4, count=1, seed=0, device=torch.device("cpu")
+    )
+    for name in ("aiayn", "aiayn-cuda-graphs"):
+        train_throughput.TrainingStep(
+            name, "compile", cfg, batches, device=torch.device("cpu"), dtype=torch.float32,
+            label_smoothing=0.1, seed=0,
+        )  # fmt: skip
+    assert set(modes) == {None, "reduce-overhead"}
 
 
 def test_interleaved_steps_give_ratios_to_aiayn_in_the_same_turn(tmp_path: Path, one_thread):
@@ -455,6 +495,13 @@ def test_interleaved_steps_give_ratios_to_aiayn_in_the_same_turn(tmp_path: Path,
     with pytest.raises(SystemExit):
         interleaved.main(["--device", "cpu", "--size", "tiny", "--models", "nn.Transformer"])
     assert data["settings"]["mode"] == "eager"
+    # A row that would repeat aiayn on this machine is left out.
+    path = interleaved.main(
+        [*FAST[:4], "--steps", "1", "--warmup", "0", "--models", "aiayn,aiayn-cuda-graphs"]
+        + ["--out", str(tmp_path / "again")]
+    )
+    data = json.loads(path.read_text(encoding="utf-8"))
+    assert [r["model"] for r in data["results"]] == ["aiayn"]
 
 
 def test_profile_train_splits_the_device_time_of_the_kernels_alone(capsys) -> None:

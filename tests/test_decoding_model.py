@@ -392,6 +392,29 @@ def test_beam_cache_reorders_into_its_other_buffer(
         assert parities == [0, 0, 0]
 
 
+@pytest.mark.parametrize("shares_memory", [True, False], ids=["shared", "repeated"])
+def test_beams_share_their_sources_cross_attention_keys_and_values(
+    model64: Transformer, shares_memory: bool, monkeypatch
+) -> None:
+    """The modules' beam search keeps the memory's keys and values once per source, read by
+    its K rows together (a copy per row: the before row of bench/decode_throughput.py); the
+    same results either way, on a padded batch, and greedy search has one row per source."""
+    monkeypatch.setattr(StaticKVCache, "shares_memory", shares_memory)
+    search = StaticDecoding(model64, frozen=False)
+    options = dict(beam_size=3, n_best=3, length_penalty=0.6, max_len_b=MAX_LEN_B)
+    expected = beam_search(TransformerDecoder(model64), SRC, **options)
+    assert outputs_and_scores(search.beam(SRC, **options)) == outputs_and_scores(expected)
+    (plan,) = search._plans.values()
+    cache, rows = plan.state.cache, plan.batch * plan.beam
+    sources = plan.batch if shares_memory else rows
+    assert cache.beams == (3 if shares_memory else 1)
+    assert cache.cross_kv.size(2) == sources and cache.memory_mask.size(0) == sources
+    assert cache.layers[0].cross_k.size(0) == sources
+    # Each source's padding mask: one row, or one per beam (SRC's lengths: 6, 3 and 4).
+    lengths = cache.memory_mask.view(sources, -1).sum(-1)
+    assert lengths[:: 1 if shares_memory else 3][:3].tolist() == [6, 3, 4]
+
+
 @pytest.mark.parametrize("double_buffered", [True, False], ids=["two-buffers", "one-buffer"])
 def test_steps_attend_over_growing_windows_of_the_cache(
     model64: Transformer, double_buffered: bool, monkeypatch

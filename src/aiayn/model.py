@@ -334,6 +334,9 @@ class LayerCache:
     self_v: Tensor | None = None
     cross_k: Tensor | None = None  # computed once per source, from the encoder output
     cross_v: Tensor | None = None
+    # Rows per row of cross_k/cross_v. 1 here; aiayn.static_decoding's beam search keeps the
+    # keys/values of each source once for its `beams` consecutive rows (see DecoderLayer).
+    beams = 1
 
     def extend(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """Append the new positions' keys/values (B, h, T_new, d_k); return all keys and values
@@ -418,6 +421,14 @@ class DecoderLayer(nn.Module):
                 kv = self.cross_attn.project_kv(memory)
                 if cache is not None:
                     cache.cross_k, cache.cross_v = kv
+            if cache is not None and cache.beams > 1:
+                # The cache holds each source's keys/values once for its `beams` consecutive
+                # rows (a beam search's hypotheses): those rows' positions attend as positions
+                # of one sequence. The same numbers, since queries attend independently, and
+                # the memory is read once per source instead of once per beam.
+                n, t, d = y.shape
+                shared = y.reshape(n // cache.beams, cache.beams * t, d)
+                return self.cross_attn(shared, kv, memory_mask).view(n, t, d)
             return self.cross_attn(y, kv, memory_mask)
 
         x = self.sublayer[0](x, self_attention)

@@ -117,16 +117,19 @@ class StaticLayerCache:
 
     Attributes:
         self_k, self_v: (N, h, L, d_k) self-attention keys/values of positions 0 .. L-1.
-        cross_k, cross_v: (N, h, S, d_k) cross-attention keys/values of the encoder output.
+        cross_k, cross_v: (N / beams, h, S, d_k) cross-attention keys/values of the encoder
+            output, one row per source, shared by its ``beams`` consecutive rows.
         position: a 0-d long tensor shared by all layers: the position being decoded.
         key_mask: (1, 1, 1, W) boolean, True for positions 0 .. position of the step's window
             of W <= L positions (both set each step).
     """
 
-    def __init__(self, self_k: Tensor, self_v: Tensor, cross_kv: Tensor, position: Tensor) -> None:
+    def __init__(
+        self, self_k: Tensor, self_v: Tensor, cross_kv: Tensor, position: Tensor, beams: int
+    ) -> None:
         self.self_k, self.self_v = self_k, self_v
         self.cross_k, self.cross_v = cross_kv[0], cross_kv[1]
-        self.position = position
+        self.position, self.beams = position, beams
         self.key_mask: Tensor | None = None
 
     def extend(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -152,14 +155,29 @@ class StaticKVCache:
             the other, which becomes current (``parity``), one pass over the cache instead of
             gathering into a temporary and copying back (on an H200, 75 against 150 µs per
             step at 256 rows, 6 layers, 48 positions; bench/decode_kernels.py).
+        beams: rows per source (beam search's K; a divisor of ``rows``). The cross-attention
+            keys and values are kept once per source and shared by its rows, which attend
+            together (`DecoderLayer.forward`): K times less memory to keep and to read per
+            step. On an H200 a cross-attention call of beam search over K copies took 29 µs,
+            greedy search's, as many (source, head) pairs as a shared call, 10 µs
+            (bench/results/h200-2026-11-27, run 2's profiles); not measured end to end yet.
     """
 
     # Beam search's cache double-buffered (see above). False keeps one buffer, reordered by a
     # gather and a copy back: the "before" row of bench/decode_throughput.py on a GPU.
     double_buffered = True
+    # The memory's keys/values shared by a source's beams (see above). False keeps a copy per
+    # row: the "before" row `aiayn-static-repeated-memory` of bench/decode_throughput.py.
+    shares_memory = True
 
     def __init__(
-        self, model: Transformer, rows: int, positions: int, src_len: int, reorders: bool = False
+        self,
+        model: Transformer,
+        rows: int,
+        positions: int,
+        src_len: int,
+        reorders: bool = False,
+        beams: int = 1,
     ) -> None:
         cfg = model.cfg
         param = model.generator.weight
@@ -174,13 +192,17 @@ class StaticKVCache:
         self._buffers = [torch.zeros(shape, **kw) for _ in range(buffers)]
         self.parity = 0  # which buffer is current; a CUDA graph is captured for each
         self.window = positions  # the positions the next step uses (set per step, `_windows`)
-        self.cross_kv = torch.zeros(n_layers, 2, rows, h, src_len, d_k, **kw)
-        self.memory_mask = torch.ones(rows, 1, 1, src_len, dtype=torch.bool, device=param.device)
+        self.beams = beams if self.shares_memory else 1
+        sources = rows // self.beams
+        self.cross_kv = torch.zeros(n_layers, 2, sources, h, src_len, d_k, **kw)
+        self.memory_mask = torch.ones(sources, 1, 1, src_len, dtype=torch.bool, device=param.device)
         self.position = torch.zeros((), dtype=torch.long, device=param.device)
         self.key_range = torch.arange(positions, device=param.device)
         self._layers = [
             [
-                StaticLayerCache(kv[:, i, 0], kv[:, i, 1], self.cross_kv[i], self.position)
+                StaticLayerCache(
+                    kv[:, i, 0], kv[:, i, 1], self.cross_kv[i], self.position, self.beams
+                )
                 for i in range(n_layers)
             ]
             for kv in self._buffers
@@ -197,13 +219,15 @@ class StaticKVCache:
         return self._layers[self.parity]
 
     def load(self, model: Transformer, memory: Tensor, memory_mask: Tensor, repeat: int) -> None:
-        """Project the encoder output (B, S, d) of every decoder layer into keys and values,
-        each source repeated for its ``repeat`` rows, and set the padding mask (B, 1, 1, S)."""
+        """Project the encoder output (B, S, d) of every decoder layer into keys and values
+        and set the padding mask (B, 1, 1, S), for sources of ``repeat`` rows each (kept
+        once per source where the rows share them, else repeated for every row)."""
+        copies = repeat // self.beams
         for i, layer in enumerate(model.decoder.layers):
             k, v = layer.cross_attn.project_kv(memory)  # (B, h, S, d_k)
-            self.cross_kv[i, 0].copy_(k.repeat_interleave(repeat, dim=0))
-            self.cross_kv[i, 1].copy_(v.repeat_interleave(repeat, dim=0))
-        self.memory_mask.copy_(memory_mask.repeat_interleave(repeat, dim=0))
+            self.cross_kv[i, 0].copy_(k.repeat_interleave(copies, dim=0))
+            self.cross_kv[i, 1].copy_(v.repeat_interleave(copies, dim=0))
+        self.memory_mask.copy_(memory_mask.repeat_interleave(copies, dim=0))
 
     def begin_step(self) -> None:
         """Set the key mask of the step's window for the current position (device-side: no
@@ -314,7 +338,7 @@ class _Plan:
             self.ban_bias = frozen.output_bias_banning(self.banned)
             self.scratch: Tensor | None = None  # beam search's (N, V) work space, made once
         else:
-            cache = StaticKVCache(model, rows, positions, src_len, reorders=beam > 1)
+            cache = StaticKVCache(model, rows, positions, src_len, reorders=beam > 1, beams=beam)
         # The windows of positions the steps use (the frozen decoder slices its cache exactly).
         self.windows = _windows(positions) if frozen is None else [positions]
         self.state = _Search(
