@@ -3,12 +3,14 @@
     python -m bench.decode_kernels      (CUDA; base size, beam 4 x 64 sentences, 48 positions, bf16)
 
 Two things dominate a graphed beam step at the base size (`bench.profile_static`): attention of
-one query over the cache, and reordering the cache rows. This times the ways to do each, with
+one query over the cache, and reordering the cache rows. This times the ways to do each (also
+a window of the cache, and cross-attention with the memory shared by a source's beams), with
 CUDA events, median of 50 calls after 10 warm-up calls.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import statistics
 
@@ -32,7 +34,10 @@ def timed(fn, repeats: int = 50) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.decode_kernels")
+    parser.add_argument("--out", help="ignored: the timings are printed (bench/gpu.sh logs them)")
+    parser.parse_args(argv)
     dev, dt = "cuda", torch.bfloat16
     n, h, length, d_k, layers = 256, 8, 48, 64, 6
     q = torch.randn(n, h, 1, d_k, device=dev, dtype=dt)
@@ -86,6 +91,40 @@ def main() -> None:
     )
     print(
         f"  per layer index_select(0) x12 + copy_    {timed(lambda: [c.copy_(c.index_select(0, rows)) for c in cache.view(layers * 2, n, h, length, d_k)]):8.1f}"
+    )
+    # A window of the first W positions (session 8): whole rows of the window are C pieces of
+    # memory each (the gather was element by element in a profile), or one row per piece
+    # (session 9, StaticKVCache._window_rows), each contiguous.
+    pieces = torch.arange(layers * 2 * h, device=dev)
+    for window in (16, 32):
+        source, target = first[..., :window, :], spare_first[..., :window, :]
+
+        def whole(source: torch.Tensor = source, target: torch.Tensor = target) -> None:
+            torch.index_select(source, 0, rows, out=target)
+
+        print(f"  rows first, window {window}: rows whole      {timed(whole):8.1f}")
+
+        def by_pieces(window: int = window) -> None:
+            index = (rows.view(-1, 1) * pieces.numel() + pieces).view(-1)
+            src = first.view(-1, length * d_k)[:, : window * d_k]
+            torch.index_select(
+                src, 0, index, out=spare_first.view(-1, length * d_k)[:, : window * d_k]
+            )
+
+        print(f"  rows first, window {window}: one row per piece {timed(by_pieces):8.1f}")
+
+    print("cross-attention over 48 source positions (us per call):")
+    beams = 4
+    memory_k = torch.randn(n // beams, h, length, d_k, device=dev, dtype=dt)
+    memory_v = torch.randn_like(memory_k)
+    repeated_k = memory_k.repeat_interleave(beams, dim=0)
+    repeated_v = memory_v.repeat_interleave(beams, dim=0)
+    shared_q = q.view(n // beams, beams, h, d_k).transpose(1, 2)  # (B, h, K, d_k)
+    print(
+        f"  a copy per beam (N, h, 1, d_k)   {timed(lambda: F.scaled_dot_product_attention(q, repeated_k, repeated_v)):8.1f}"
+    )
+    print(
+        f"  shared by beams (B, h, K, d_k)   {timed(lambda: F.scaled_dot_product_attention(shared_q, memory_k, memory_v)):8.1f}"
     )
 
 

@@ -4,7 +4,8 @@
 #   1. decoding throughput: aiayn greedy and beam 4 (reference and fixed-shape searches, and the
 #      fixed-shape search before each of its changes since session 8: window, double buffer,
 #      two-stage top-k, memory shared by beams) vs Hugging Face generate, same weights; then 5
-#      turns of every row in turn (--interleave);
+#      turns of every row in turn (--interleave); then the candidate kernels of a decoding
+#      step timed alone (bench/decode_kernels.py: attention, reordering the cache), printed;
 #   2. compiled training steps of aiayn (also with CUDA graphs, mode="reduce-overhead"),
 #      torch.nn.Transformer and Hugging Face Marian taken in turn (bench/interleaved.py --mode
 #      compile), 30 turns: the ratio the 1.5x target is read from, which a GPU's wandering
@@ -34,6 +35,7 @@ BUDGET_S=${BUDGET_S:-530}
 common="--device cuda --size base --dtype bf16"
 steps=(
     "bench.decode_throughput $common --repeats 5 --interleave 5 --impls aiayn,aiayn-static,aiayn-static-one-window,aiayn-static-one-buffer,aiayn-static-one-topk,aiayn-static-repeated-memory ${DECODE_ARGS:-}"
+    "bench.decode_kernels"
     "bench.interleaved $common --mode compile --models aiayn,aiayn-cuda-graphs,nn.Transformer,hf-marian --steps 30"
     "bench.train_throughput $common --compile --repeats 20 --models aiayn,aiayn-cuda-graphs,aiayn-unfused-loss,aiayn-fused-qkv,nn.Transformer,hf-marian ${TRAIN_ARGS:-}"
     "bench.decode_throughput $common --repeats 5 --interleave 5 --impls aiayn-static,hf-generate-static"

@@ -191,6 +191,8 @@ class StaticKVCache:
         buffers = 2 if reorders and self.double_buffered else 1
         self._buffers = [torch.zeros(shape, **kw) for _ in range(buffers)]
         self.parity = 0  # which buffer is current; a CUDA graph is captured for each
+        # (C,): the pieces of a row, one per (layer, key or value, head), for `reorder`.
+        self._pieces = torch.arange(n_layers * 2 * h, device=param.device)
         self.window = positions  # the positions the next step uses (set per step, `_windows`)
         self.beams = beams if self.shares_memory else 1
         sources = rows // self.beams
@@ -242,13 +244,35 @@ class StaticKVCache:
         rows are gathered into the other buffer, which becomes current (the parity flips);
         otherwise in place. Cross-attention keys and values are not touched: the search only
         reorders beams within a source."""
-        written = self.self_kv[..., : self.window, :]
+        source = self._window_rows(self.self_kv)
+        index = self._window_index(rows)
         if len(self._buffers) == 1:
-            written.copy_(written.index_select(0, rows))
+            source.copy_(source.index_select(0, index))
             return
-        other = self._buffers[1 - self.parity][..., : self.window, :]
-        torch.index_select(written, 0, rows, out=other)
+        torch.index_select(source, 0, index, out=self._window_rows(self._buffers[1 - self.parity]))
         self.parity = 1 - self.parity
+
+    def _window_rows(self, kv: Tensor) -> Tensor:
+        """The step's window of a (N, n_layers, 2, h, L, d_k) buffer as rows to gather, each
+        a contiguous piece of memory: (N, everything) for the whole cache; for a window, one
+        row per (row, layer, key or value, head), (N * C, W * d_k). A gather of contiguous
+        rows runs PyTorch's vectorised kernel on a GPU; a window's rows taken whole are not
+        contiguous (C pieces each), and PyTorch's CUDA gather then falls back to an
+        element-by-element kernel: a beam batch's profile on an H200 had 32 calls of it at
+        120 µs, one per step in the windows of 16 and 32 of 49 positions, where gathering the
+        whole cache takes about 75 (bench/results/h200-2026-11-27/run2/profile_static_beam.txt,
+        bench/results/h200-2026-11-26/decode_kernels.txt)."""
+        rows, positions, d_k = kv.size(0), kv.size(-2), kv.size(-1)
+        if self.window == positions:
+            return kv.view(rows, -1)
+        return kv.view(-1, positions * d_k)[:, : self.window * d_k]
+
+    def _window_index(self, rows: Tensor) -> Tensor:
+        """`rows` (N,) as the index of `_window_rows`' rows: (N,), or (N * C,) for a window."""
+        if self.window == self.self_kv.size(-2):
+            return rows
+        pieces = self._pieces
+        return (rows.view(-1, 1) * pieces.numel() + pieces).view(-1)
 
 
 @dataclass
