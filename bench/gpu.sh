@@ -14,10 +14,10 @@
 #      MFU): aiayn (and its before rows) vs torch.nn.Transformer vs Hugging Face Marian, eager
 #      and torch.compile'd, in one run (the compiled graphs of step 2 come from its cache);
 #   4. decoding against Hugging Face's static cache, which transformers compiles on a GPU
-#      (hf-generate-static): the fairer peer of aiayn-static, last because its compilation
-#      time is unknown;
-#   5. the training kernels in pairs (bench/train_kernels.py): among them aiayn's blockwise
-#      loss against F.cross_entropy, never measured on a GPU yet.
+#      (hf-generate-static): the fairer peer of aiayn-static, apart because transformers
+#      compiles it (the whole step took 49 s on an H200, session 9);
+#   5. the training kernels in pairs (bench/train_kernels.py);
+#   6. where a graphed beam batch's time goes (bench/profile_static.py, printed: the log keeps it).
 # Each step runs under what is left of a total time limit (BUDGET_S, default 530 s); the JSON
 # files are rewritten after every case, so a step stopped by the limit keeps what it measured.
 #
@@ -40,6 +40,7 @@ steps=(
     "bench.train_throughput $common --compile --repeats 20 --models aiayn,aiayn-cuda-graphs,aiayn-unfused-loss,aiayn-fused-qkv,nn.Transformer,hf-marian ${TRAIN_ARGS:-}"
     "bench.decode_throughput $common --repeats 5 --interleave 5 --impls aiayn-static,hf-generate-static"
     "bench.train_kernels $common --matmul-size 8192"
+    "bench.profile_static $common --search beam --rows 30"
 )
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
