@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -116,20 +119,57 @@ def test_default_demo_learns_the_task(tmp_path: Path) -> None:
     assert result.exact_match >= 95.0, format_result(result)
 
 
-def test_the_demos_checkpoint_is_named_when_a_command_cannot_load_it(
-    tmp_path: Path, capsys
-) -> None:
-    """`aiayn translate` or `classify` on the demo's run (a user's natural next step after
-    `make demo`) says what the checkpoint is, in one line, instead of "a None model"."""
+def test_aiayn_translate_loads_the_demos_checkpoint(tmp_path: Path, capsys) -> None:
+    """`aiayn translate --checkpoint <demo>/run` (a user's natural next step after `make
+    demo`) translates as the demo does: the same weights, tokens and greedy search give the
+    demo's own translations, German written as one word; English typed with capitals and
+    hyphens reads as the demo's tokens. `aiayn classify` names what the checkpoint holds, in
+    one line; so does a command given the run of a demo from before its checkpoints named
+    their task."""
     from aiayn.cli import main
+    from aiayn.tasks.demo import translate_numbers
+    from aiayn.tasks.translation import Translator, task_model
 
-    run_demo(tmp_path, TINY.replace(max_steps=2, eval_every=0, n_test=5, n_examples=1),
+    run_demo(tmp_path, TINY.replace(max_steps=4, eval_every=2, n_test=5, n_examples=1),
              progress=False)  # fmt: skip
-    for command, expected in (
-        ("translate", "not a translation model"),
-        ("classify", "not a classifier"),
-    ):
-        assert main([command, "--checkpoint", str(tmp_path / "run")]) != 0
-        err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1, err
-        assert "the model of `aiayn demo`" in err and expected in err and "None" not in err
+    run = tmp_path / "run"
+    values = [0, 7, 21, 342, 17_017, 999_999]
+    text = tmp_path / "numbers.txt"
+    english = [numbers.english_text(n) for n in values]
+    text.write_text("\n".join(e.capitalize() for e in english) + "\n", encoding="utf-8")
+    assert main(["translate", "--checkpoint", str(run), "--input", str(text)]) == 0
+    got = capsys.readouterr().out.splitlines()
+    translator = Translator.from_checkpoint(run)
+    vocab = [translator.tokenizer.id_to_token(i) for i in range(translator.tokenizer.vocab_size)]
+    assert [translator.tokenizer.encode(e.upper()) for e in english] == [
+        [vocab.index(w) for w in numbers.english_words(n)] for n in values
+    ]
+    expected = ["".join(words) for words in translate_numbers(translator.model, values, vocab)]
+    assert got == expected and any(got), (got, expected)
+
+    # The README's line, as a user runs it after `make demo` (runs/demo is the default --out).
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_readme import demo_lines
+
+    (line,) = [line for line in demo_lines() if "runs/demo/run" in line]
+    bin_dir = Path(sys.executable).parent
+    (tmp_path / "user" / "runs").mkdir(parents=True)
+    (tmp_path / "user" / "runs" / "demo").symlink_to(tmp_path)
+    proc = subprocess.run(
+        ["bash", "-c", line.replace("aiayn ", f"{bin_dir / 'aiayn'} ", 1)],
+        cwd=tmp_path / "user",
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    (number,) = re.findall(r'echo "([a-z -]+)"', line)
+    value = 600_012
+    assert numbers.english_text(value) == number, "the README translates another number"
+    expected = translate_numbers(translator.model, [value], vocab)
+    assert proc.stdout == "".join(expected[0]) + "\n"
+
+    assert main(["classify", "--checkpoint", str(run)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'translation' model" in err and "not a classifier" in err
+    older = task_model({"demo": {}, "model": {}})
+    assert "older `aiayn demo`" in older and "run `aiayn demo` again" in older

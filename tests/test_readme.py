@@ -124,10 +124,15 @@ def subcommand(line: str) -> str:
     return line.split("aiayn ", 1)[1].split()[0]
 
 
+def demo_lines() -> list[str]:
+    """The README's `aiayn` lines that run or use the demo (tests/test_demo.py replays them)."""
+    return [line for line in aiayn_lines() if subcommand(line) == "demo" or "runs/demo" in line]
+
+
 def tour_lines(translation: bool) -> list[str]:
     """The README's `aiayn` lines, the demo's left out (tests/test_demo.py): translation's or the
     other tasks'."""
-    lines = [line for line in aiayn_lines() if subcommand(line) != "demo"]
+    lines = [line for line in aiayn_lines() if line not in demo_lines()]
     translating = {"info", "translate", "evaluate", "average"}
     return [
         line

@@ -36,7 +36,7 @@ from aiayn.errors import ConfigError
 from aiayn.model import Transformer, recording_attention
 from aiayn.plots import attention_heatmap, training_curves
 from aiayn.tasks import numbers
-from aiayn.tasks.seq2seq import batch_maker, seq2seq_loss, validation_loss
+from aiayn.tasks.seq2seq import TOKENIZER_FILE, batch_maker, seq2seq_loss, validation_loss
 from aiayn.train import TrainConfig, Trainer
 
 logger = logging.getLogger(__name__)
@@ -45,6 +45,9 @@ PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)  # the order of numbers.VOCAB_SPECIALS
 HEATMAP_FILE = "attention.png"
 CURVES_FILE = "training_curves.png"
 RUN_SUBDIR = "run"  # the Trainer's run directory inside out_dir: train.jsonl, checkpoints/
+# The demo's search, also its checkpoints' decoding settings (`aiayn translate`): greedy, and
+# German never needs more than 2 tokens per English one, plus 3 (the source's </s> counted).
+DEMO_DECODE = {"beam_size": 1, "max_len_a": 2, "max_len_b": 3}
 
 
 @dataclass
@@ -196,12 +199,12 @@ def translate_numbers(
         ids = translate_ids(
             model,
             _source_batch([sources[i] for i in chunk]),
-            beam_size=1,
+            beam_size=DEMO_DECODE["beam_size"],
             bos_id=BOS_ID,
             eos_id=EOS_ID,
             pad_id=PAD_ID,
-            max_len_a=2,  # German never needs more than 2 tokens per English one, plus 3
-            max_len_b=3,
+            max_len_a=DEMO_DECODE["max_len_a"],
+            max_len_b=DEMO_DECODE["max_len_b"],
         )
         for i, out in zip(chunk, ids, strict=True):
             outputs[i] = [vocab[t] for t in out]
@@ -305,8 +308,11 @@ def run_demo(out_dir: Path, cfg: DemoConfig | None = None, progress: bool = True
     """Generate the data, train, test, and draw; see the module docstring.
 
     Writes into ``out_dir``: ``attention.png``, ``training_curves.png`` and ``run/`` (the
-    training log ``train.jsonl`` and the last checkpoint). A previous demo's ``run/`` there
-    is replaced, so the curves show this run only.
+    training log ``train.jsonl`` and the checkpoints). A previous demo's ``run/`` there is
+    replaced, so the curves show this run only. The checkpoints are a translation task's,
+    with the vocabulary as a tokenizer (`numbers.tokenizer`) and the demo's greedy search
+    as their decoding settings, so that ``aiayn translate --checkpoint <out_dir>/run``
+    translates other numbers as the demo does.
     """
     cfg = cfg or DemoConfig()
     out_dir = Path(out_dir)
@@ -331,6 +337,9 @@ def run_demo(out_dir: Path, cfg: DemoConfig | None = None, progress: bool = True
         len(splits["test"]),
         len(vocab),
     )
+
+    tokenizer_path = run_dir / TOKENIZER_FILE
+    numbers.tokenizer(vocab).save(tokenizer_path)
 
     torch.manual_seed(cfg.seed)  # the Trainer does not seed: initialisation and dropout
     model_cfg = cfg.model_config(len(vocab))
@@ -361,8 +370,15 @@ def run_demo(out_dir: Path, cfg: DemoConfig | None = None, progress: bool = True
         make_batch=batch_maker(train_ids, PAD_ID, BOS_ID, EOS_ID),
         loss_fn=seq2seq_loss(PAD_ID, cfg.label_smoothing),
         run_dir=run_dir,
-        run_config={"demo": cfg.to_dict(), "model": model_cfg.to_dict(), "vocab": list(vocab)},
+        run_config={
+            "task": "translation",
+            "demo": cfg.to_dict(),
+            "model": model_cfg.to_dict(),
+            "decode": DEMO_DECODE,
+            "vocab": list(vocab),
+        },
         d_model=cfg.d_model,
+        extra_files={TOKENIZER_FILE: tokenizer_path},
         evaluate=evaluate,
         best_metric="exact_match",
         higher_is_better=True,
@@ -436,5 +452,7 @@ def format_result(result: DemoResult) -> str:
         "",
         f"attention heatmap: {result.heatmap_path}",
         f"training curves:   {result.curves_path}",
+        "translate others:  echo 'six hundred thousand twelve' | aiayn translate "
+        f"--checkpoint {result.heatmap_path.parent / RUN_SUBDIR}",
     ]
     return "\n".join(lines)

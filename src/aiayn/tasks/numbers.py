@@ -52,12 +52,18 @@ spelling; tokens are plain Python ``str`` and are never normalised.
 Vocabulary
 ----------
 `build_vocab` makes one vocabulary shared by source and target, with the project-wide
-special tokens first: ``<pad>`` = 0, ``<s>`` = 1, ``</s>`` = 2, ``<unk>`` = 3.
+special tokens first: ``<pad>`` = 0, ``<s>`` = 1, ``</s>`` = 2, ``<unk>`` = 3. `tokenizer`
+wraps it as the project's `Tokenizer` (what `aiayn translate` loads with a checkpoint):
+English text in, German words out.
 """
 
 import random
 from collections.abc import Iterable, Sequence
 
+import tokenizers
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
+
+from aiayn.data.tokenizer import Tokenizer
 from aiayn.errors import ConfigError
 
 MAX_NUMBER = 999_999
@@ -257,3 +263,19 @@ def build_vocab(pairs: Iterable[tuple[Sequence[str], Sequence[str]]]) -> list[st
         tokens.update(source)
         tokens.update(target)
     return VOCAB_SPECIALS + sorted(tokens - set(VOCAB_SPECIALS))
+
+
+def tokenizer(vocab: Sequence[str]) -> Tokenizer:
+    """The vocabulary ``vocab`` (from `build_vocab`) as a `Tokenizer`: English text in, in
+    any case, split at spaces and hyphens ("Three hundred forty-two" -> the ids of ``three
+    hundred forty two``, as `english_words`); ids out as German text, the morphemes joined
+    without spaces (``drei hundert zwei und vierzig`` -> "dreihundertzweiundvierzig", as
+    `german_text`)."""
+    tok = tokenizers.Tokenizer(
+        models.WordLevel({token: i for i, token in enumerate(vocab)}, unk_token=VOCAB_SPECIALS[3])
+    )
+    tok.add_special_tokens(VOCAB_SPECIALS)  # their ids 0-3 in `vocab`; dropped by decoding
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s-]+"), behavior="removed")
+    tok.decoder = decoders.Fuse()
+    return Tokenizer(tok)

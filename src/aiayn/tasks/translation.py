@@ -302,12 +302,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def task_model(run: dict[str, Any]) -> str:
     """What a checkpoint holds, as an error message names it, from its run config: "a
-    'translation' model", or the demo's model (whose config `aiayn demo` writes without a
-    task: it decodes within the demo, not through `aiayn translate`)."""
+    'translation' model", or the model of an `aiayn demo` from before its checkpoints named
+    their task (2026-11-27), which `aiayn translate` cannot load."""
     if "task" in run:
         return f"a {run['task']!r} model"
     if "demo" in run:
-        return "the model of `aiayn demo` (it translates within the demo only)"
+        return "the model of an older `aiayn demo` (run `aiayn demo` again for one `aiayn translate` loads)"
     return "a model of no known task"
 
 
