@@ -418,9 +418,9 @@ class _Plan:
         In two top-k's: each beam's C best tokens first (a source's C best extensions are
         among its beams' C best, since a beam's score is added to all of its tokens alike),
         then the C best of the K * C. The one top-k over K * V per source that this replaces
-        took more time than the rest of the search's bookkeeping together (H200, 2026-11-27:
-        about 145 of 1,350 us per beam step at 64 sentences x beam 4, V = 37,000; the
-        profile is in bench/results/h200-2026-11-27/run2/)."""
+        took about 145 of a graphed beam step's 1,350 µs on an H200 (64 sentences x beam 4,
+        V = 37,000; bench/results/h200-2026-11-27/run2/); with two, the search ran 1.04x
+        faster (run3/)."""
         s, B, K = self.state, self.batch, self.beam
         vocab = log_probs.size(-1)
         per_source = min(2 * K, K * vocab)
