@@ -379,8 +379,10 @@ def test_beam_cache_reorders_into_its_other_buffer(
         (plan,) = search._plans.values()
         parities.append(plan.state.cache.parity)
     cache = plan.state.cache
-    assert len(cache._buffers) == (2 if double_buffered else 1)
+    assert len(cache._buffers) == len(plan.state.histories) == (2 if double_buffered else 1)
     assert cache.self_kv is cache._buffers[cache.parity]
+    # The histories follow the cache's buffers: the current one is the parity's.
+    assert plan.state.history is plan.state.histories[cache.parity % len(cache._buffers)]
     assert cache.layers[0].self_k.data_ptr() == cache.self_kv.data_ptr()
     # Greedy search never reorders: one buffer whatever the setting.
     search.greedy(SRC, max_len=5)
