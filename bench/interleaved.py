@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import common
-from bench.train_throughput import MODELS, TrainingStep, differs_from_aiayn, make_batches
+from bench.train_throughput import MODELS, MODES, TrainingStep, differs_from_aiayn, make_batches
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -50,7 +50,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--label-smoothing", type=float, default=0.1)
     parser.add_argument(
         "--mode",
-        choices=("eager", "compile"),
+        choices=MODES,
         default="eager",
         help="every model eager, or every model torch.compile'd (compiled during its warm-up)",
     )

@@ -296,9 +296,10 @@ class _Search:
 
     @property
     def history(self) -> Tensor:
-        """(N, L) long: the current histories, those of the cache's current buffer (a
-        `FrozenCache` has one history buffer: it reorders its own buffers on the host)."""
-        return self.histories[getattr(self.cache, "parity", 0) % len(self.histories)]
+        """(N, L) long: the current histories, those of the cache's current buffer (as many
+        buffers as the cache has; a `FrozenCache` has no parity and one history buffer: it
+        reorders its own buffers on the host)."""
+        return self.histories[getattr(self.cache, "parity", 0)]
 
 
 @dataclass
