@@ -26,7 +26,10 @@ also where aiayn writes eq. (1) out because the fused kernel is slow there (CPU 
 training, `aiayn.model._slow_fused_backward`): the before of that choice. The row
 ``aiayn-torch-dropout`` is aiayn with every dropout mask drawn by PyTorch's ``F.dropout``, as
 the peers draw theirs: the before of `aiayn.dropout`'s CPU mask (skipped off a CPU and when
-compiled, where aiayn calls ``F.dropout`` itself). The row ``aiayn-cuda-graphs`` (GPU, compiled
+compiled, where aiayn calls ``F.dropout`` itself). The row ``aiayn-new-grad-memory`` is aiayn
+with its eager CPU loss writing the gradient into new memory instead of over the logits
+(``inplace_backward``, what the Trainer's loss does): the before of that (skipped where the loss
+is not aiayn's eager CPU one). The row ``aiayn-cuda-graphs`` (GPU, compiled
 only) is aiayn compiled with ``mode="reduce-overhead"``: its forward and backward replayed as
 CUDA graphs, one launch each instead of a launch per kernel from the host, a candidate for the
 2.5-4.7 ms a step in which the GPU waited for the host (H200, session 9; not measured yet).
@@ -67,6 +70,8 @@ MODELS: dict[str, str] = {
     "aiayn": "aiayn.model.Transformer, with aiayn's loss (fused when compiled)",
     "aiayn-unfused-loss": "aiayn.model.Transformer with the peers' eager loss",
     "aiayn-torch-dropout": "aiayn.model.Transformer with PyTorch's F.dropout for every mask",
+    "aiayn-new-grad-memory": "aiayn.model.Transformer, its loss's gradient in new memory, not "
+    "over the logits (CPU eager)",
     "aiayn-fused-qkv": "aiayn.model.Transformer with Q, K, V projected by one product",
     "aiayn-sdpa-only": "aiayn.model.Transformer with PyTorch's fused attention for every call",
     "aiayn-cuda-graphs": "aiayn.model.Transformer compiled with mode='reduce-overhead' (GPU)",
@@ -159,8 +164,8 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
 def differs_from_aiayn(name: str, mode: str, device: torch.device) -> bool:
     """False for a before row that would repeat the `aiayn` row here: off a CPU, aiayn's eager
     loss is the peers', aiayn never writes attention out where sdpa-only would not, and every
-    dropout is F.dropout; compiled, too."""
-    if name == "aiayn-torch-dropout":
+    dropout is F.dropout; compiled, too (and the loss is the compiled one, never in place)."""
+    if name in ("aiayn-torch-dropout", "aiayn-new-grad-memory"):
         return device.type == "cpu" and mode == "eager"
     if name == "aiayn-cuda-graphs":  # no graphs but CUDA's: elsewhere, aiayn compiled again
         return device.type == "cuda" and mode == "compile"
@@ -232,6 +237,8 @@ class TrainingStep:
                         self.cfg.pad_id,
                         self.label_smoothing,
                         fused=self.mode == "compile",
+                        # As the Trainer's loss (tasks/seq2seq.py), except in the before row.
+                        inplace_backward=self.name != "aiayn-new-grad-memory",
                     )
                 else:
                     summed = plain_loss(logits, tgt_out, self.cfg.pad_id, self.label_smoothing)

@@ -34,10 +34,12 @@ if str(ROOT) not in sys.path:
 
 import aiayn.dropout  # noqa: E402
 from aiayn import static_decoding  # noqa: E402
+from aiayn.frozen_decoder import FrozenDecoder  # noqa: E402
 from aiayn.model import Transformer  # noqa: E402
 from aiayn.static_decoding import StaticDecoding  # noqa: E402
 from bench import (  # noqa: E402
     common,
+    decode_floor,
     decode_throughput,
     interleaved,
     optimizer_step,
@@ -433,6 +435,29 @@ def test_torch_dropout_row_is_the_before_of_the_cpu_dropout_mask(monkeypatch) ->
     assert counts == {"aiayn": 0, "aiayn-torch-dropout": 2 * per_forward}
 
 
+def test_new_grad_memory_row_is_the_before_of_the_gradient_over_the_logits(monkeypatch) -> None:
+    """aiayn's loss writes its gradient over the logits, as the Trainer's does; the row
+    aiayn-new-grad-memory writes it into new memory."""
+    asked: dict[str, bool] = {}
+    original = train_throughput.label_smoothed_nll
+
+    def spy(*args, inplace_backward: bool = False, **kwargs):
+        asked[name] = inplace_backward
+        return original(*args, inplace_backward=inplace_backward, **kwargs)
+
+    monkeypatch.setattr(train_throughput, "label_smoothed_nll", spy)
+    cfg = common.SIZES["tiny"].config()
+    batches = train_throughput.make_batches(
+        cfg, batch=2, src_len=4, tgt_len=4, count=1, seed=0, device=torch.device("cpu")
+    )
+    for name in ("aiayn", "aiayn-new-grad-memory"):
+        train_throughput.TrainingStep(
+            name, "eager", cfg, batches, device=torch.device("cpu"), dtype=torch.float32,
+            label_smoothing=0.1, seed=0,
+        )()  # fmt: skip
+    assert asked == {"aiayn": True, "aiayn-new-grad-memory": False}
+
+
 def test_before_rows_that_would_repeat_aiayn_are_not_run() -> None:
     def skipped(device: torch.device) -> list[tuple[str, str]]:
         return [
@@ -446,6 +471,7 @@ def test_before_rows_that_would_repeat_aiayn_are_not_run() -> None:
     # need a compiled model.
     assert skipped(torch.device("cpu")) == [
         ("aiayn-torch-dropout", "compile"),
+        ("aiayn-new-grad-memory", "compile"),
         ("aiayn-cuda-graphs", "eager"),
         ("aiayn-cuda-graphs", "compile"),
     ]
@@ -453,6 +479,8 @@ def test_before_rows_that_would_repeat_aiayn_are_not_run() -> None:
         ("aiayn-unfused-loss", "eager"),
         ("aiayn-torch-dropout", "eager"),
         ("aiayn-torch-dropout", "compile"),
+        ("aiayn-new-grad-memory", "eager"),
+        ("aiayn-new-grad-memory", "compile"),
         ("aiayn-sdpa-only", "eager"),
         ("aiayn-sdpa-only", "compile"),
         ("aiayn-cuda-graphs", "eager"),
@@ -599,3 +627,55 @@ def test_demo_decode_times_both_searches_on_a_trained_demo(tmp_path: Path, one_t
     for row in data["results"].values():
         assert len(row["seconds"]["reference"]) == len(row["seconds"]["static"]) == 1
         assert row["reference_over_static_median"] > 0 and row["output_tokens"] >= 0
+
+
+class _MatrixProducts(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records (operation, shapes of the two factors) of every matrix product run under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[str, tuple, tuple]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        kind = {"mm": "mm", "addmm": "mm", "bmm": "bmm", "baddbmm": "bmm"}.get(name)
+        if kind is not None:
+            first, second = args[1:3] if name.startswith(("addmm", "baddbmm")) else args[:2]
+            self.seen.append((kind, tuple(first.shape), tuple(second.shape)))
+        return func(*args, **(kwargs or {}))
+
+
+def test_decode_floor_times_the_frozen_decoders_own_products(one_thread) -> None:
+    """The floor's products are a greedy step's products: one step of `step_products` runs the
+    same (N, d_in) x (d_in, d_out) products as `FrozenDecoder.logits`, which also runs the
+    attention's batched products (not part of the floor)."""
+    torch.manual_seed(0)
+    model = Transformer(common.SIZES["tiny"].config()).eval()
+    frozen = FrozenDecoder(model)
+    rows, src_len = 3, 5
+    src = torch.randint(3, model.cfg.src_vocab_size, (rows, src_len))
+    cache = frozen.new_cache(rows, 4, src_len)
+    with torch.inference_mode():
+        cache.load(model, model.encode(src), torch.ones(rows, 1, 1, src_len, dtype=torch.bool), 1)
+        with _MatrixProducts() as step:
+            frozen.logits(
+                torch.full((rows,), 1), cache, frozen.output_bias_banning(torch.tensor([0]))
+            )
+        with _MatrixProducts() as floor:
+            decode_floor.step_products(frozen, rows, steps=1)()
+    products = sorted(p for p in step.seen if p[0] == "mm")
+    assert products == sorted(floor.seen)
+    assert len(products) == 6 * model.cfg.n_decoder_layers + 1
+    assert {p[0] for p in step.seen} == {"mm", "bmm"}  # the rest: attention
+
+
+def test_decode_floor_writes_the_bound_it_prints(tmp_path: Path, one_thread) -> None:
+    path = decode_floor.main([*FAST[:4], "--turns", "2", "--out", str(tmp_path)])
+    result = json.loads(path.read_text(encoding="utf-8"))["result"]
+    ms = result["ms_per_batch"]
+    assert set(ms) == {"aiayn-static", "hf-generate", "load", "products"}
+    assert all(len(v) == 2 and min(v) > 0 for v in result["ms_per_batch_all_turns"].values())
+    assert result["floor_ms"] == pytest.approx(ms["load"] + ms["products"])
+    assert result["floor_x_generate"] == pytest.approx(ms["hf-generate"] / result["floor_ms"])
+    with pytest.raises(SystemExit):
+        decode_floor.main([*FAST[:4], "--dtype", "bf16", "--out", str(tmp_path)])

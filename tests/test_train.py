@@ -281,6 +281,36 @@ def test_blockwise_loss_equals_pytorch_cross_entropy(smoothing, block_elements, 
     assert our_grad[3].abs().sum() == 0 and our_grad[0, :2].abs().sum() == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_blockwise_loss_can_write_its_gradient_over_the_logits(dtype, monkeypatch):
+    """inplace_backward: the same loss and the same gradients, bit for bit, with the logits'
+    gradient in the logits' own memory instead of new memory."""
+    monkeypatch.setitem(aiayn.loss.BLOCK_ELEMENTS, "cpu", 120)
+    torch.manual_seed(0)
+    hidden = torch.randn(4, 6, 8, dtype=dtype, requires_grad=True)
+    output_layer = torch.randn(50, 8, dtype=dtype, requires_grad=True)
+    target = torch.randint(1, 50, (4, 6))
+    target[0, :2] = 0
+
+    def run(inplace: bool):
+        logits = hidden @ output_layer.T  # (4, 6, 50), as a model's output layer gives them
+        where = {}
+
+        def note(grad: torch.Tensor) -> None:
+            where["grad"] = grad.data_ptr()
+
+        logits.register_hook(note)
+        loss = label_smoothed_nll(logits, target, 0, 0.1, inplace_backward=inplace)
+        grads = torch.autograd.grad(3.0 * loss, (hidden, output_layer))
+        return loss, grads, where["grad"] == logits.data_ptr()
+
+    loss, grads, over_logits = run(inplace=False)
+    loss_inplace, grads_inplace, over_logits_inplace = run(inplace=True)
+    assert not over_logits and over_logits_inplace
+    assert torch.equal(loss, loss_inplace)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_inplace, strict=True))
+
+
 def test_blockwise_loss_of_bf16_logits_is_float32_with_a_bf16_gradient(monkeypatch):
     """bf16 logits (autocast): the loss in float32 from the exact bf16 values, the gradient in
     bf16, as PyTorch's loss on logits.float() gives them, and no (N, V) float32 tensor kept."""

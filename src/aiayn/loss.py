@@ -10,7 +10,11 @@ logits x (V,) and reference token t:
 where lse = log sum_c exp(x_c). So the forward pass needs three numbers per row (lse, x_t and
 sum(x)) and the backward pass one softmax per row. `LabelSmoothedNLL` computes them a block of
 rows at a time, in at least float32, and keeps only the lse per row between the passes; the
-gradient is written in the logits' dtype.
+gradient is written in the logits' dtype, and with ``inplace_backward`` over the logits
+themselves (a training loss, whose logits nobody reads after the backward pass): writing
+1,024 x 8,000 float32 gradients into freshly allocated memory took 8 ms of a 255 ms training
+step on this project's CPU, the operating system handing out and zeroing every new page,
+against about 0.5 ms for the same writes into memory already in use.
 
 Why not `F.cross_entropy(logits.float(), ..., label_smoothing=eps)`: that casts all (N, V)
 logits to float32, keeps a float32 log-softmax for the backward pass, and builds the gradients
@@ -43,10 +47,19 @@ class LabelSmoothedNLL(torch.autograd.Function):
     """Summed label-smoothed cross-entropy of logits (N, V) against targets (N,), ignoring rows
     whose target is `ignore_index`; the same value and gradient as
     ``F.cross_entropy(logits.float(), target, ignore_index=..., reduction="sum",
-    label_smoothing=smoothing)`` (tests/test_train.py)."""
+    label_smoothing=smoothing)`` (tests/test_train.py). With ``inplace_backward`` the gradient
+    is written over the logits (the same tensor is returned as their gradient)."""
 
     @staticmethod
-    def forward(ctx, logits: Tensor, target: Tensor, ignore_index: int, smoothing: float) -> Tensor:
+    def forward(
+        ctx,
+        logits: Tensor,
+        target: Tensor,
+        ignore_index: int,
+        smoothing: float,
+        inplace_backward: bool = False,
+    ) -> Tensor:
+        ctx.inplace_backward = inplace_backward
         with torch.autocast(logits.device.type, enabled=False):  # dtypes are chosen here
             return LabelSmoothedNLL._forward(ctx, logits, target, ignore_index, smoothing)
 
@@ -76,18 +89,19 @@ class LabelSmoothedNLL(torch.autograd.Function):
         return total
 
     @staticmethod
-    def backward(ctx, grad_total: Tensor) -> tuple[Tensor, None, None, None]:
+    def backward(ctx, grad_total: Tensor) -> tuple[Tensor, None, None, None, None]:
         logits, safe_target, keep, lse = ctx.saved_tensors
         with torch.autocast(logits.device.type, enabled=False):
-            return LabelSmoothedNLL._backward(ctx, grad_total, logits, safe_target, keep, lse)
+            grad = LabelSmoothedNLL._backward(ctx, grad_total, logits, safe_target, keep, lse)
+        return grad, None, None, None, None
 
     @staticmethod
     def _backward(
         ctx, grad_total: Tensor, logits: Tensor, safe_target: Tensor, keep: Tensor, lse: Tensor
-    ) -> tuple[Tensor, None, None, None]:
+    ) -> Tensor:
         n, vocab = logits.shape
         smoothing = ctx.smoothing
-        grad = torch.empty_like(logits)
+        grad = logits if ctx.inplace_backward else torch.empty_like(logits)
         # d loss / d x of a kept row, times the upstream gradient; zero for an ignored row.
         scale = keep.to(lse.dtype) * grad_total.to(lse.dtype)  # (N,)
         # Computed in place in the gradient when it has the compute dtype, else cast below.
@@ -110,11 +124,21 @@ class LabelSmoothedNLL(torch.autograd.Function):
             probs *= scale[start:stop, None]
             if not same_dtype:
                 grad[start:stop] = probs  # cast to the logits' dtype
-        return grad, None, None, None
+        return grad
 
 
 def label_smoothed_nll_blockwise(
-    logits: Tensor, target: Tensor, ignore_index: int, smoothing: float
+    logits: Tensor,
+    target: Tensor,
+    ignore_index: int,
+    smoothing: float,
+    *,
+    inplace_backward: bool = False,
 ) -> Tensor:
-    """`LabelSmoothedNLL` on logits (N, V) and targets (N,): a scalar in at least float32."""
-    return LabelSmoothedNLL.apply(logits, target, ignore_index, smoothing)
+    """`LabelSmoothedNLL` on logits (N, V) and targets (N,): a scalar in at least float32.
+
+    ``inplace_backward``: the backward pass overwrites the logits with their gradient. Only
+    for logits that nothing reads after it (nor saves for its own backward pass: PyTorch would
+    then refuse that backward pass, as for any tensor changed in place).
+    """
+    return LabelSmoothedNLL.apply(logits, target, ignore_index, smoothing, inplace_backward)

@@ -130,7 +130,13 @@ def learning_rate(step: int, d_model: int, warmup_steps: int, scale: float = 1.0
 
 
 def label_smoothed_nll(
-    logits: Tensor, target: Tensor, pad_id: int, smoothing: float, *, fused: bool = False
+    logits: Tensor,
+    target: Tensor,
+    pad_id: int,
+    smoothing: float,
+    *,
+    fused: bool = False,
+    inplace_backward: bool = False,
 ) -> Tensor:
     """Summed cross-entropy with label smoothing over the non-padding positions (§5.4).
 
@@ -150,6 +156,9 @@ def label_smoothed_nll(
             on a CPU, `aiayn.loss.LabelSmoothedNLL` does the same by blocks of rows (measured
             faster there: docs/performance.md); eager elsewhere, the loss stays PyTorch's
             until the blockwise one is measured there.
+        inplace_backward: on a CPU in eager mode the backward pass writes the gradient over
+            the logits instead of into new memory (`aiayn.loss`); for a training loss whose
+            logits nothing reads afterwards. Ignored elsewhere.
     Returns:
         a scalar: the loss summed over tokens (divide by the token count for the mean).
     """
@@ -157,7 +166,11 @@ def label_smoothed_nll(
         return _compiled_label_smoothed_nll()(logits, target, pad_id, smoothing)
     if logits.device.type == "cpu":
         return label_smoothed_nll_blockwise(
-            logits.reshape(-1, logits.size(-1)), target.reshape(-1), pad_id, smoothing
+            logits.reshape(-1, logits.size(-1)),
+            target.reshape(-1),
+            pad_id,
+            smoothing,
+            inplace_backward=inplace_backward,
         )
     return _label_smoothed_nll(logits, target, pad_id, smoothing)
 

@@ -315,7 +315,8 @@ class Objective:
             logits, targets = self.logits_and_targets(model, batch)
             if logits.dim() == 2:  # selected positions (N, V): the shape the loss expects
                 logits, targets = logits[None], targets[None]
-            return label_smoothed_nll(logits, targets, pad, smoothing)
+            # Nothing reads the logits after the backward pass: their memory takes the gradient.
+            return label_smoothed_nll(logits, targets, pad, smoothing, inplace_backward=True)
 
         return loss
 

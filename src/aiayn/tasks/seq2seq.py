@@ -70,7 +70,10 @@ def seq2seq_loss(
 
     def loss(model: nn.Module, batch: Seq2SeqBatch) -> Tensor:
         logits = model(batch.src, batch.tgt_in)
-        return label_smoothed_nll(logits, batch.tgt_out, pad_id, smoothing, fused=fused)
+        # Nothing reads the logits after the backward pass: their memory takes the gradient.
+        return label_smoothed_nll(
+            logits, batch.tgt_out, pad_id, smoothing, fused=fused, inplace_backward=True
+        )
 
     return loss
 
