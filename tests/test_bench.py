@@ -435,27 +435,43 @@ def test_torch_dropout_row_is_the_before_of_the_cpu_dropout_mask(monkeypatch) ->
     assert counts == {"aiayn": 0, "aiayn-torch-dropout": 2 * per_forward}
 
 
+def tiny_training_steps(names: tuple[str, ...], mode: str):
+    """(name, TrainingStep) of each benchmark row, at the tiny size on the CPU, built in turn."""
+    cfg = common.SIZES["tiny"].config()
+    cpu = torch.device("cpu")
+    batches = train_throughput.make_batches(
+        cfg, batch=2, src_len=4, tgt_len=4, count=1, seed=0, device=cpu
+    )
+    for name in names:
+        yield (
+            name,
+            train_throughput.TrainingStep(
+                name,
+                mode,
+                cfg,
+                batches,
+                device=cpu,
+                dtype=torch.float32,
+                label_smoothing=0.1,
+                seed=0,
+            ),
+        )
+
+
 def test_new_grad_memory_row_is_the_before_of_the_gradient_over_the_logits(monkeypatch) -> None:
     """aiayn's loss writes its gradient over the logits, as the Trainer's does; the row
     aiayn-new-grad-memory writes it into new memory."""
-    asked: dict[str, bool] = {}
+    asked: list[bool] = []  # inplace_backward of each loss computed, in order
     original = train_throughput.label_smoothed_nll
 
     def spy(*args, inplace_backward: bool = False, **kwargs):
-        asked[name] = inplace_backward
+        asked.append(inplace_backward)
         return original(*args, inplace_backward=inplace_backward, **kwargs)
 
     monkeypatch.setattr(train_throughput, "label_smoothed_nll", spy)
-    cfg = common.SIZES["tiny"].config()
-    batches = train_throughput.make_batches(
-        cfg, batch=2, src_len=4, tgt_len=4, count=1, seed=0, device=torch.device("cpu")
-    )
-    for name in ("aiayn", "aiayn-new-grad-memory"):
-        train_throughput.TrainingStep(
-            name, "eager", cfg, batches, device=torch.device("cpu"), dtype=torch.float32,
-            label_smoothing=0.1, seed=0,
-        )()  # fmt: skip
-    assert asked == {"aiayn": True, "aiayn-new-grad-memory": False}
+    for _, step in tiny_training_steps(("aiayn", "aiayn-new-grad-memory"), "eager"):
+        step()
+    assert asked == [True, False]
 
 
 def test_before_rows_that_would_repeat_aiayn_are_not_run() -> None:
@@ -494,15 +510,7 @@ def test_cuda_graphs_row_compiles_with_reduce_overhead(monkeypatch) -> None:
     monkeypatch.setattr(
         train_throughput.torch, "compile", lambda model, mode=None: modes.setdefault(mode, model)
     )
-    cfg = common.SIZES["tiny"].config()
-    batches = train_throughput.make_batches(
-        cfg, batch=2, src_len=4, tgt_len=4, count=1, seed=0, device=torch.device("cpu")
-    )
-    for name in ("aiayn", "aiayn-cuda-graphs"):
-        train_throughput.TrainingStep(
-            name, "compile", cfg, batches, device=torch.device("cpu"), dtype=torch.float32,
-            label_smoothing=0.1, seed=0,
-        )  # fmt: skip
+    list(tiny_training_steps(("aiayn", "aiayn-cuda-graphs"), "compile"))
     assert set(modes) == {None, "reduce-overhead"}
 
 
