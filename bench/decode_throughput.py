@@ -61,6 +61,7 @@ from unittest import mock
 import torch
 from torch import Tensor, nn
 
+import aiayn.model
 from aiayn import static_decoding
 from aiayn.config import TransformerConfig
 from aiayn.decoding import TransformerDecoder, beam_search, beam_step, greedy_search
@@ -91,6 +92,18 @@ CPU_BEFORE = "aiayn-static-modules"
 # and the memory's keys/values copied for every beam instead of shared by a source's beams.
 ONE_WINDOW, ONE_BUFFER = "aiayn-static-one-window", "aiayn-static-one-buffer"
 ONE_TOPK, REPEATED_MEMORY = "aiayn-static-one-topk", "aiayn-static-repeated-memory"
+# And a candidate (session 10, not yet measured): attention of a single query (every step's
+# self-attention, and greedy search's cross-attention) written out as eq. (1), three kernels,
+# instead of PyTorch's fused kernel, which took 29 µs a call in a graphed beam step on an H200
+# (session 9's profile: 256 rows x 8 heads, about 49 keys), several times what reading the
+# keys and values takes. If it is faster, `MultiHeadAttention.attend` should choose it.
+WRITTEN_ATTENTION = "aiayn-static-written-attention"
+_FUSED_IS_SLOW = aiayn.model._slow_fused_backward
+
+
+def written_out_for_one_query(q: Tensor) -> bool:
+    """`aiayn.model._slow_fused_backward` in the candidate row: also True for one query."""
+    return q.size(-2) == 1 or _FUSED_IS_SLOW(q)
 
 
 def one_topk_candidates(
@@ -104,11 +117,13 @@ def one_topk_candidates(
     return beam_step(log_probs, plan.state.scores, num_candidates=min(2 * beam, beam * vocab))
 
 
-GPU_BEFORE = {
+# Each GPU row that is aiayn-static with one thing patched: (owner, attribute, value).
+GPU_VARIANTS = {
     ONE_WINDOW: (static_decoding, "_FIRST_WINDOW", 1 << 30),
     ONE_BUFFER: (StaticKVCache, "double_buffered", False),
     ONE_TOPK: (static_decoding._Plan, "_candidates", one_topk_candidates),
     REPEATED_MEMORY: (StaticKVCache, "shares_memory", False),
+    WRITTEN_ATTENTION: (aiayn.model, "_slow_fused_backward", written_out_for_one_query),
 }
 
 
@@ -120,10 +135,10 @@ def implementations(
     if device.type == "cpu":
         rows = IMPLEMENTATIONS[:2] + (CPU_BEFORE,) + IMPLEMENTATIONS[2:]
     elif search == "greedy":  # greedy search never reorders its cache
-        rows = IMPLEMENTATIONS[:2] + (ONE_WINDOW,) + IMPLEMENTATIONS[2:]
+        rows = IMPLEMENTATIONS[:2] + (ONE_WINDOW, WRITTEN_ATTENTION) + IMPLEMENTATIONS[2:]
     else:
-        before = (ONE_WINDOW, ONE_BUFFER, ONE_TOPK, REPEATED_MEMORY)
-        rows = IMPLEMENTATIONS[:2] + before + IMPLEMENTATIONS[2:]
+        variants = (ONE_WINDOW, ONE_BUFFER, ONE_TOPK, REPEATED_MEMORY, WRITTEN_ATTENTION)
+        rows = IMPLEMENTATIONS[:2] + variants + IMPLEMENTATIONS[2:]
     rows += (CT2,) if ctranslate2_peer.available() else ()
     return tuple(row for row in rows if impls is None or row in impls)
 
@@ -445,9 +460,9 @@ def make_run(
             StaticDecoding(model, frozen=False) if impl == CPU_BEFORE else StaticDecoding(model)
         )
         return lambda: (aiayn_decode(model, src, search, steps, beam_size, static), None)
-    if impl in GPU_BEFORE:
+    if impl in GPU_VARIANTS:
         before = StaticDecoding(model)
-        owner, name, value = GPU_BEFORE[impl]
+        owner, name, value = GPU_VARIANTS[impl]
 
         def run_before() -> tuple[list[list[int]], None]:
             # Its plans (and graphs) are made inside, at the first (warm-up) batch.
@@ -616,7 +631,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--beam-size must be at least 2 (greedy is its own search)")
     if args.impls is not None:
         args.impls = {i.strip() for i in args.impls.split(",") if i.strip()} | {"hf-generate"}
-        known = set(IMPLEMENTATIONS) | {CPU_BEFORE, *GPU_BEFORE, CT2}
+        known = set(IMPLEMENTATIONS) | {CPU_BEFORE, *GPU_VARIANTS, CT2}
         unknown = sorted(args.impls - known)
         if unknown:
             parser.error(

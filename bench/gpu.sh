@@ -3,9 +3,10 @@
 #   0. the tests that need a GPU (tests/test_gpu.py: CUDA-graph decoding = the reference search);
 #   1. decoding throughput: aiayn greedy and beam 4 (reference and fixed-shape searches, and the
 #      fixed-shape search before each of its changes since session 8: window, double buffer,
-#      two-stage top-k, memory shared by beams) vs Hugging Face generate, same weights; then 5
-#      turns of every row in turn (--interleave); then the candidate kernels of a decoding
-#      step timed alone (bench/decode_kernels.py: attention, reordering the cache), printed;
+#      two-stage top-k, memory shared by beams; and a candidate: one-query attention written
+#      out) vs Hugging Face generate, same weights; then 5 turns of every row in turn
+#      (--interleave); then the candidate kernels of a decoding step timed alone and replayed
+#      in a CUDA graph (bench/decode_kernels.py: attention, reordering the cache), printed;
 #   2. compiled training steps of aiayn, torch.nn.Transformer and Hugging Face Marian taken in
 #      turn (bench/interleaved.py --mode compile), 30 turns: the ratio the 1.5x target is read
 #      from, which a GPU's wandering step times made uncertain in one-after-another runs; then
@@ -35,7 +36,7 @@ OUT_DIR=${OUT:-bench/results}
 BUDGET_S=${BUDGET_S:-530}
 common="--device cuda --size base --dtype bf16"
 steps=(
-    "bench.decode_throughput $common --repeats 5 --interleave 5 --impls aiayn,aiayn-static,aiayn-static-one-window,aiayn-static-one-buffer,aiayn-static-one-topk,aiayn-static-repeated-memory ${DECODE_ARGS:-}"
+    "bench.decode_throughput $common --repeats 5 --interleave 5 --impls aiayn,aiayn-static,aiayn-static-one-window,aiayn-static-one-buffer,aiayn-static-one-topk,aiayn-static-repeated-memory,aiayn-static-written-attention ${DECODE_ARGS:-}"
     "bench.decode_kernels"
     "bench.interleaved $common --mode compile --models aiayn,nn.Transformer,hf-marian --steps 30"
     "bench.interleaved $common --mode compile --models aiayn,aiayn-cuda-graphs --steps 30"

@@ -33,6 +33,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import aiayn.dropout  # noqa: E402
+import aiayn.model  # noqa: E402
 from aiayn import static_decoding  # noqa: E402
 from aiayn.frozen_decoder import FrozenDecoder  # noqa: E402
 from aiayn.model import Transformer  # noqa: E402
@@ -199,14 +200,17 @@ def test_gpu_before_rows_decode_as_before_with_the_same_outputs(
     one window of positions, the whole cache; `aiayn-static-one-buffer` (beam search only)
     with the cache reordered in place; `aiayn-static-one-topk` (beam only) takes the
     candidates by one top-k; `aiayn-static-repeated-memory` (beam only) keeps the memory's
-    keys/values for every beam; all give aiayn-static's outputs."""
+    keys/values for every beam; and the candidate `aiayn-static-written-attention` (both)
+    writes one query's attention out; all give aiayn-static's outputs."""
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     one_window, one_buffer = decode_throughput.ONE_WINDOW, decode_throughput.ONE_BUFFER
     one_topk, repeated = decode_throughput.ONE_TOPK, decode_throughput.REPEATED_MEMORY
-    beam_rows = {one_window, one_buffer, one_topk, repeated}
+    written = decode_throughput.WRITTEN_ATTENTION
+    beam_rows = {one_window, one_buffer, one_topk, repeated, written}
     assert beam_rows <= set(decode_throughput.implementations(cuda, "beam"))
     greedy_rows = decode_throughput.implementations(cuda, "greedy")
-    assert one_window in greedy_rows and not {one_buffer, one_topk, repeated} & set(greedy_rows)
+    assert {one_window, written} <= set(greedy_rows)
+    assert not {one_buffer, one_topk, repeated} & set(greedy_rows)
     assert not beam_rows & set(decode_throughput.implementations(cpu, "beam"))
     ours, _, src = tiny_pair
     plans = []
@@ -230,27 +234,57 @@ def test_gpu_before_rows_decode_as_before_with_the_same_outputs(
         return real_one_topk(*args)
 
     monkeypatch.setitem(
-        decode_throughput.GPU_BEFORE,
+        decode_throughput.GPU_VARIANTS,
         one_topk,
         (static_decoding._Plan, "_candidates", recording_one_topk),
     )
     for search, rows in (("greedy", greedy_rows), ("beam", sorted(beam_rows))):
-        rows = ("aiayn-static", *(r for r in rows if r in decode_throughput.GPU_BEFORE))
+        rows = ("aiayn-static", *(r for r in rows if r in decode_throughput.GPU_VARIANTS))
         outputs = [decode_throughput.make_run(impl, ours, src, search, 6, 4)()[0] for impl in rows]
         assert all(o == outputs[0] for o in outputs[1:]), search
     # (windows, buffers, rows sharing the memory) of each plan, in order: greedy, greedy
-    # one-window; beam, then the before rows by name: one-buffer, one-topk, one-window,
-    # repeated-memory.
+    # one-window, greedy written-attention; beam, then the other rows by name: one-buffer,
+    # one-topk, one-window, repeated-memory, written-attention.
     assert plans == [
         (3, 1, 1),
         (1, 1, 1),
+        (3, 1, 1),
         (3, 2, 4),
         (3, 1, 4),
         (3, 2, 4),
         (1, 2, 4),
         (3, 2, 1),
+        (3, 2, 4),
     ]
-    assert set(one_topk_calls) == {5}  # the one-topk row's steps (its plan: the 5th), only
+    assert set(one_topk_calls) == {6}  # the one-topk row's steps (its plan: the 6th), only
+
+
+def test_written_attention_row_writes_out_one_querys_attention(
+    tiny_pair, one_thread, monkeypatch
+) -> None:
+    """The candidate row computes every one-query attention of the search with eq. (1)
+    written out (`aiayn.model.scaled_dot_product_attention`); aiayn-static with PyTorch's
+    fused kernel (the GPU's step, the model's modules, here on the CPU)."""
+    ours, _, src = tiny_pair
+    monkeypatch.setattr(
+        decode_throughput, "StaticDecoding", functools.partial(StaticDecoding, frozen=False)
+    )
+    queries: dict[str, list[int]] = {}
+    written_out = aiayn.model.scaled_dot_product_attention
+
+    def recording(q, *args, **kwargs):
+        queries[impl].append(q.size(-2))
+        return written_out(q, *args, **kwargs)
+
+    monkeypatch.setattr(aiayn.model, "scaled_dot_product_attention", recording)
+    for impl in ("aiayn-static", decode_throughput.WRITTEN_ATTENTION):
+        queries[impl] = []
+        decode_throughput.make_run(impl, ours, src, "greedy", 6, 4)()
+    layers = ours.cfg.n_decoder_layers
+    assert queries == {
+        "aiayn-static": [],
+        decode_throughput.WRITTEN_ATTENTION: [1] * (6 * 2 * layers),  # 6 steps, self + cross
+    }
 
 
 def test_a_different_token_is_a_mismatch_not_a_tie(tiny_pair, one_thread) -> None:
