@@ -309,6 +309,11 @@ def test_blockwise_loss_can_write_its_gradient_over_the_logits(dtype, monkeypatc
     assert not over_logits and over_logits_inplace
     assert torch.equal(loss, loss_inplace)
     assert all(torch.equal(a, b) for a, b in zip(grads, grads_inplace, strict=True))
+    # A second backward pass would read the gradient as logits: PyTorch refuses it.
+    loss = label_smoothed_nll(hidden @ output_layer.T, target, 0, 0.1, inplace_backward=True)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
 
 
 def test_blockwise_loss_of_bf16_logits_is_float32_with_a_bf16_gradient(monkeypatch):
