@@ -26,7 +26,6 @@ embedding, choosing the token, the host's bookkeeping) would have to cost nothin
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -37,7 +36,13 @@ from aiayn.model import padding_mask
 from aiayn.packed_encoder import packed_encode
 from aiayn.static_decoding import StaticDecoding
 from bench import common
-from bench.decode_throughput import aiayn_decode, build_pair, hf_generate, make_sources
+from bench.decode_throughput import (
+    aiayn_decode,
+    build_pair,
+    hf_generate,
+    interleave,
+    make_sources,
+)
 
 
 def step_products(frozen: FrozenDecoder, rows: int, steps: int) -> Callable[[], None]:
@@ -94,13 +99,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     for run in runs.values():  # warm-up: plans, allocations, the libraries' first calls
         run()
         run()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(args.turns):
-        for name, run in runs.items():
-            started = time.perf_counter()
-            run()
-            times[name].append((time.perf_counter() - started) * 1e3)
-    ms = {name: common.median(values) for name, values in times.items()}
+    turns = interleave(runs, device, args.turns)
+    times = {name: [s * 1e3 for s in turn["batch_s_turns"]] for name, turn in turns.items()}
+    ms = {name: turn["batch_s_median"] * 1e3 for name, turn in turns.items()}
     floor = ms["load"] + ms["products"]
     result = {
         "ms_per_batch": ms,
