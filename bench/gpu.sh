@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU suite at the paper's base size, bf16, on one GPU, in about 9 minutes (H200):
-#   0. the tests that need a GPU (tests/test_gpu.py: CUDA-graph decoding = the reference search);
+#   0. the tests that need a GPU (tests/test_gpu.py: CUDA-graph decoding = the reference search;
+#      a training step of three tasks that never makes the host wait for the GPU);
 #   1. decoding throughput: aiayn greedy and beam 4 (reference and fixed-shape searches, and the
 #      fixed-shape search before each of its changes since session 8: window, double buffer,
 #      two-stage top-k, memory shared by beams; and a candidate: one-query attention written

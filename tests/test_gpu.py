@@ -1,4 +1,5 @@
-"""Checks that need a CUDA GPU: the fixed-shape searches replayed as CUDA graphs.
+"""Checks that need a CUDA GPU: the fixed-shape searches replayed as CUDA graphs, and a
+training step that never waits for the device.
 
 Skipped on machines without one (this project's CI); `bench/gpu.sh` runs them first on the
 GPU machine. On a CPU the same searches run eagerly and are tested in test_decoding_model.py;
@@ -7,14 +8,23 @@ here the captured graphs must give the reference searches' outputs, batch after 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
 from aiayn.config import TransformerConfig
+from aiayn.data.batching import TokenBatchSampler, example_lengths
+from aiayn.data.tokenizer import MASK, Tokenizer
 from aiayn.decoding import TransformerDecoder, beam_search, greedy_search, translate_ids
+from aiayn.heads import SequenceClassifier
+from aiayn.lm_heads import MaskedLanguageModel
 from aiayn.model import Transformer
 from aiayn.static_decoding import StaticDecoding
+from aiayn.tasks import classification, seq2seq
+from aiayn.tasks.pretrain import KeyedBatchSampler, Objective, PretrainData
+from aiayn.train import TrainConfig, Trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -115,3 +125,69 @@ def test_graphs_of_every_window_and_buffer_equal_the_reference(
     search.greedy(src, **options)
     search.beam(src, n_best=4, **options)
     assert {id(p): len(p.graphs) for p in search._plans.values()} == captured
+
+
+# --------------------------------------------------------------------------- training steps
+
+WORDS = "the cat dog man woman sees likes eats a big small red blue ball house tree runs to from"
+
+
+def task_trainer(task: str, run_dir: Path, device: str = "cuda") -> Trainer:
+    """A Trainer of a tiny model on a few sentences, with the task's own batches and loss:
+    translation (also summarization's and the denoising objective's), classification, or the
+    masked-LM objective. Precision, optimiser (fused AdamW) and the rest as the Trainer's
+    defaults for the device."""
+    torch.manual_seed(0)
+    tok = Tokenizer.train([WORDS] * 20, 60, extra_special_tokens=[MASK])
+    texts = [" ".join(WORDS.split()[i : i + 3 + i % 7]) for i in range(12)]
+    ids = tok.encode_batch(texts)
+    options = dict(vocab_size=tok.vocab_size, dropout=0.1)
+    cfg = TransformerConfig.from_preset("tiny", **options)
+    encoder_only = TransformerConfig.from_preset("tiny", n_decoder_layers=0, **options)
+    pin = device == "cuda"
+    if task == "translation":
+        pairs = list(zip(ids, ids[::-1], strict=True))
+        model = Transformer(cfg)
+        sampler = TokenBatchSampler(example_lengths(pairs), 64)
+        make = seq2seq.batch_maker(pairs, tok.pad_id, tok.bos_id, tok.eos_id, pin=pin)
+        loss = seq2seq.seq2seq_loss(tok.pad_id, 0.1)
+    elif task == "classification":
+        model = SequenceClassifier(Transformer(encoder_only), n_classes=2)
+        sampler = classification.make_sampler(ids, 64, shuffle=True)
+        labels = [i % 2 for i in range(len(ids))]
+        make = classification.batch_maker(ids, labels, tok.pad_id, pin=pin)
+        loss = classification.classification_loss(0.1)
+    else:  # the masked-LM objective
+        model = MaskedLanguageModel(encoder_only)
+        data = PretrainData.from_dict({"objective": "mlm", "sources": [{"path": "x"}]})
+        objective = Objective("mlm", tok, data)
+        sampler = KeyedBatchSampler(objective.lengths(ids), 64)
+        make = objective.batch_maker(ids, seed=0)
+        loss = objective.loss_fn(0.1)
+    train = TrainConfig(
+        max_steps=3, max_tokens=64, warmup_steps=2, device=device, eval_every=0, save_every=0,
+        log_every=1, clip_norm=1.0,
+    )  # fmt: skip
+    return Trainer(
+        model, train, sampler=sampler, make_batch=make, loss_fn=loss, run_dir=run_dir,
+        run_config={"task": task}, d_model=cfg.d_model,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("task", ["translation", "classification", "mlm"])
+def test_a_training_step_never_waits_for_the_gpu(task: str, tmp_path: Path) -> None:
+    """The fast path "no host synchronisation inside the step": `Trainer.train_step` queues
+    the whole step (copies, forward, loss, backward, clipping, the fused AdamW that skips a
+    non-finite update itself) without reading a value back, so the host prepares the next
+    batches while the GPU computes. Under CUDA's sync debug mode "error" any call that makes
+    the host wait for the device raises."""
+    trainer = task_trainer(task, tmp_path / "run")
+    trainer.train_step()  # the first step creates the optimiser's state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, n_tokens, applied = trainer.train_step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert loss.device.type == "cuda" and applied.device.type == "cuda"
+    assert n_tokens > 0 and torch.isfinite(loss) and bool(applied)

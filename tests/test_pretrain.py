@@ -158,10 +158,15 @@ def test_mlm_loss_is_on_the_chosen_positions_only():
     batch = objective.batch(examples, batch_generator(1, 0, 0))
     chosen = batch.labels.ne(0)
     assert batch.n_tokens == int(chosen.sum()) >= 3
+    # The batch carries the chosen positions as row-major indices, found on the CPU.
+    assert batch.chosen.tolist() == chosen.flatten().nonzero().squeeze(1).tolist()
     loss = objective.loss_fn(0.0)(model, batch)
     logits = model(batch.input_ids)  # (B, S, V): every position
     expected = F.cross_entropy(logits[chosen], batch.labels[chosen], reduction="sum")
     torch.testing.assert_close(loss, expected)
+    # The model selects the same rows, in the same order, from the indices or from the mask.
+    torch.testing.assert_close(model(batch.input_ids, batch.chosen), logits[chosen])
+    torch.testing.assert_close(model(batch.input_ids, chosen), logits[chosen])
 
 
 # --------------------------------------------------------------------------- T5 span corruption

@@ -60,13 +60,20 @@ class MaskedLanguageModel(Transformer):
         self.mlm_head = MaskedLMHead(cfg, self.src_embed.lut)
 
     def forward(self, src_ids: Tensor, positions: Tensor | None = None) -> Tensor:  # type: ignore[override]
-        """Logits at every position (B, S, V), or only where `positions` (B, S) is True: (N, V).
+        """Logits at every position (B, S, V), or at the selected positions only: (N, V).
 
         Selecting first saves the V-wide output layer at the ~85% of positions without a loss.
+        `positions` is a (B, S) bool mask, or the (N,) indices of its True values among the
+        B S positions in row-major order, which a training batch carries
+        (`tasks.pretrain.MaskedLMBatch.chosen`): with indices, N is known before the step, so
+        the selection has no shape that depends on values. A mask's has, which on a GPU
+        makes the host wait for the device, and breaks the graph under `torch.compile`.
         """
         hidden = self.encode(src_ids)  # (B, S, d)
         if positions is not None:
-            hidden = hidden[positions]  # (N, d)
+            if positions.dtype == torch.bool:
+                positions = positions.flatten().nonzero().squeeze(1)
+            hidden = hidden.flatten(0, 1).index_select(0, positions)  # (N, d)
         return self.mlm_head(hidden)
 
 

@@ -207,10 +207,17 @@ def _batch_key(indices: list[int]) -> tuple[int, int]:
 
 @dataclass
 class MaskedLMBatch(DeviceBatch):
-    """input_ids (B, S) with BERT's corruption; labels (B, S): original ids where chosen, else pad."""
+    """input_ids (B, S) with BERT's corruption; labels (B, S): original ids where chosen, else
+    pad; chosen (N,): where labels are not pad, as indices among the B S positions (row-major).
+
+    `chosen` is found on the CPU when the batch is made, so that neither the model nor the loss
+    selects by a mask on the device: a selection's size read from the device would make the
+    host wait for it every step (and break a compiled model's graph).
+    """
 
     input_ids: Tensor
     labels: Tensor
+    chosen: Tensor
     n_tokens: int  # chosen positions: what the loss is summed over
 
 
@@ -271,7 +278,8 @@ class Objective:
                 mask_prob=self.data.mask_prob,
                 generator=generator,
             )
-            return MaskedLMBatch(inputs, labels, int(labels.ne(tok.pad_id).sum()))
+            chosen = labels.ne(tok.pad_id).flatten().nonzero().squeeze(1)
+            return MaskedLMBatch(inputs, labels, chosen, chosen.numel())
         if self.name == "causal":
             ids = pad_ids([list(x) for x in examples], tok.pad_id)
             tgt_in, tgt_out = ids[:, :-1], ids[:, 1:]
@@ -302,8 +310,8 @@ class Objective:
     def logits_and_targets(self, model: nn.Module, batch) -> tuple[Tensor, Tensor]:
         """Logits (..., V) and their targets (...), pad where nothing is scored."""
         if self.name == "mlm":
-            chosen = batch.labels.ne(self.tokenizer.pad_id)
-            return model(batch.input_ids, chosen), batch.labels[chosen]
+            targets = batch.labels.flatten().index_select(0, batch.chosen)  # (N,)
+            return model(batch.input_ids, batch.chosen), targets
         if self.name == "causal":
             return model(batch.tgt_in), batch.tgt_out
         return model(batch.src, batch.tgt_in), batch.tgt_out

@@ -1,0 +1,83 @@
+"""`torch.compile` sees every model the Trainer trains as one graph, called as its task calls it.
+
+A graph break splits a compiled step in two, and where the break is a value read from a tensor
+(a shape that depends on values, `.item()`, `bool()`) it also makes the host wait for a GPU at
+every step. `torch._dynamo.explain` traces without compiling (under a second for these tiny
+models), so the check runs on a CPU. What the model does on a CPU only (the token-id range
+check, aiayn's own dropout masks) steps aside while it is compiled, so in float32 the traced
+code is what a GPU compiles.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+from torch import nn
+
+from aiayn.config import TransformerConfig
+from aiayn.data.tokenizer import MASK, Tokenizer
+from aiayn.heads import POOLINGS, SequenceClassifier
+from aiayn.lm_heads import CausalLanguageModel, MaskedLanguageModel
+from aiayn.model import Transformer
+from aiayn.tasks.pretrain import Objective, PretrainData, batch_generator
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+WORDS = "the cat dog man woman sees likes eats a big small red blue ball house tree runs to from"
+
+
+def tiny(**changes) -> TransformerConfig:
+    return TransformerConfig.from_preset("tiny", dropout=0.1, **changes)  # dropout traced too
+
+
+def padded_ids(rows: int = 3, length: int = 9) -> torch.Tensor:
+    """(rows, length) ids in the tiny vocabulary, the second row padded after 5 tokens."""
+    ids = torch.randint(4, 64, (rows, length), generator=torch.Generator().manual_seed(0))
+    ids[1, 5:] = 0
+    return ids
+
+
+def graphs_and_breaks(fn, *args) -> tuple[int, list[str]]:
+    """How many graphs dynamo makes of fn(*args), and the first line of each break's reason."""
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(fn)(*args)
+    return explained.graph_count, [str(r.reason).splitlines()[0] for r in explained.break_reasons]
+
+
+def test_encoder_decoder_is_one_graph() -> None:
+    """Translation, summarization and the denoising objective: model(src, tgt_in)."""
+    model = Transformer(tiny()).train()
+    assert graphs_and_breaks(model, padded_ids(), padded_ids(length=7)) == (1, [])
+
+
+def test_causal_language_model_is_one_graph() -> None:
+    model = CausalLanguageModel(tiny(n_encoder_layers=0)).train()
+    assert graphs_and_breaks(model, padded_ids()) == (1, [])
+
+
+@pytest.mark.parametrize("pooling", POOLINGS)
+def test_classifier_is_one_graph(pooling: str) -> None:
+    model = SequenceClassifier(Transformer(tiny(n_decoder_layers=0)), n_classes=2, pooling=pooling)
+    assert graphs_and_breaks(model.train(), padded_ids()) == (1, [])
+
+
+def test_masked_language_model_and_its_targets_are_one_graph() -> None:
+    """The masked-LM objective selects its chosen positions by the batch's indices: one graph.
+    Selecting by a mask, as the objective did before, breaks it (a shape that depends on
+    values), which the check sees."""
+    tok = Tokenizer.train([WORDS] * 20, 60, extra_special_tokens=[MASK])
+    data = PretrainData.from_dict({"objective": "mlm", "sources": [{"path": "x"}]})
+    objective = Objective("mlm", tok, data)
+    examples = tok.encode_batch([WORDS, "the cat sees a dog", "a big red ball runs to the tree"])
+    batch = objective.batch(examples, batch_generator(1, 0, 0))
+    model = MaskedLanguageModel(tiny(vocab_size=tok.vocab_size, n_decoder_layers=0)).train()
+
+    assert graphs_and_breaks(objective.logits_and_targets, model, batch) == (1, [])
+
+    def by_mask(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor):
+        chosen = labels.ne(tok.pad_id)
+        return model(ids, chosen), labels[chosen]
+
+    graphs, breaks = graphs_and_breaks(by_mask, model, batch.input_ids, batch.labels)
+    assert graphs > 1 and any("Dynamic shape operator" in reason for reason in breaks), breaks
