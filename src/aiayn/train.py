@@ -630,8 +630,13 @@ class Trainer:
             loss_sum += loss.detach().float()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        max_norm = self.cfg.clip_norm if self.cfg.clip_norm > 0 else math.inf
-        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if self.cfg.clip_norm > 0:
+            grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_norm)
+        else:
+            # The norm only (for the finiteness check): clipping to an infinite norm would also
+            # multiply every gradient by 1, a second pass (1.2 ms of a CPU step at the small size).
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            grad_norm = nn.utils.get_total_norm(grads)
         if hasattr(grad_norm, "full_tensor"):  # sharded gradients give a sharded (DTensor) norm
             grad_norm = grad_norm.full_tensor()
         finite = torch.isfinite(grad_norm) & torch.isfinite(loss_sum)
