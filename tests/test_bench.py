@@ -44,6 +44,7 @@ from bench import (  # noqa: E402
     decode_throughput,
     interleaved,
     optimizer_step,
+    padding,
     train_kernels,
     train_throughput,
 )
@@ -628,6 +629,29 @@ def test_optimizer_step_times_both_adamw_kinds(tmp_path: Path, one_thread) -> No
     per_turn = data["step_s_median_per_turn"]
     assert set(per_turn) == {"fused", "multi-tensor"}
     assert all(len(v) == 2 and min(v) > 0 for v in per_turn.values())
+
+
+def test_padding_shares_count_the_padded_positions_of_each_side() -> None:
+    # Budget 8 takes the first two (longest side 4: 2 x 4 <= 8); the third, alone, has none.
+    lengths = [(2, 3), (4, 3), (5, 5)]
+    shares = padding.padding_shares(lengths, max_tokens=8, seed=0)
+    assert shares["batches"] == 2
+    assert shares["source_padding"] == pytest.approx(1 - 11 / 13)  # (2 + 4 + 5) of (8 + 5)
+    assert shares["target_padding"] == pytest.approx(0.0)  # (3 + 3 + 5) of (6 + 5)
+
+
+def test_padding_counts_a_corpus_and_writes_json(tmp_path: Path) -> None:
+    src, tgt = tmp_path / "train.de", tmp_path / "train.en"
+    src.write_text("ein hund\nzwei kleine katzen laufen\nein\n", encoding="utf-8")
+    tgt.write_text("a dog\ntwo small cats run\none\n", encoding="utf-8")
+    path = padding.main(
+        ["--src", str(src), "--tgt", str(tgt), "--vocab-size", "60", "--max-tokens", "8,64"]
+        + ["--out", str(tmp_path)]
+    )
+    data = json.loads(path.read_text(encoding="utf-8"))
+    assert data["pairs"] == 3 and [r["max_tokens"] for r in data["results"]] == [8, 64]
+    for r in data["results"]:
+        assert 0 <= r["source_padding"] < 1 and 0 <= r["target_padding"] < 1
 
 
 def test_train_kernels_times_both_sides_of_every_pair(tmp_path: Path, one_thread) -> None:
