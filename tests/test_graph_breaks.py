@@ -1,11 +1,14 @@
-"""`torch.compile` sees every model the Trainer trains as one graph, called as its task calls it.
+"""`torch.compile` sees every model the Trainer trains as one graph, called as its task calls it,
+and compiles it at most twice however many batch shapes bucketing makes.
 
 A graph break splits a compiled step in two, and where the break is a value read from a tensor
 (a shape that depends on values, `.item()`, `bool()`) it also makes the host wait for a GPU at
-every step. `torch._dynamo.explain` traces without compiling (under a second for these tiny
-models), so the check runs on a CPU. What the model does on a CPU only (the token-id range
-check, aiayn's own dropout masks) steps aside while it is compiled, so in float32 the traced
-code is what a GPU compiles.
+every step. A shape that the code turns into a Python decision would instead recompile at
+every new batch shape, and past dynamo's limit (8) run uncompiled. `torch._dynamo.explain` and
+a backend that only counts the graphs it is given trace without compiling (a second or two for
+these tiny models), so the checks run on a CPU. What the model does on a CPU only (the token-id
+range check, aiayn's own dropout masks) steps aside while it is compiled, so in float32 the
+traced code is what a GPU compiles.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from aiayn.heads import POOLINGS, SequenceClassifier
 from aiayn.lm_heads import CausalLanguageModel, MaskedLanguageModel
 from aiayn.model import Transformer
 from aiayn.tasks.pretrain import Objective, PretrainData, batch_generator
+from aiayn.train import _label_smoothed_nll
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -81,3 +85,30 @@ def test_masked_language_model_and_its_targets_are_one_graph() -> None:
 
     graphs, breaks = graphs_and_breaks(by_mask, model, batch.input_ids, batch.labels)
     assert graphs > 1 and any("Dynamic shape operator" in reason for reason in breaks), breaks
+
+
+def test_bucketed_batch_shapes_compile_twice() -> None:
+    """Ten (batch, source length, target length) shapes, as bucketing gives them: dynamo traces
+    the model and the compiled loss (`train.compile`'s) once for the first shape and once more,
+    with the sizes symbolic, for the second; every later shape runs that second graph."""
+    graphs: list[str] = []
+
+    def counting(name: str):
+        def backend(gm: torch.fx.GraphModule, example_inputs):
+            graphs.append(name)
+            return gm.forward
+
+        return backend
+
+    torch._dynamo.reset()
+    model = torch.compile(Transformer(tiny()).train(), backend=counting("model"))
+    loss = torch.compile(_label_smoothed_nll, backend=counting("loss"))
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(8, 10, 12), (6, 14, 11), (10, 7, 9), (5, 20, 18), (12, 5, 6), (7, 13, 13)]
+    shapes += [(9, 9, 15), (4, 30, 25), (16, 4, 4), (3, 40, 38)]
+    for batch, src_len, tgt_len in shapes:
+        src = torch.randint(4, 64, (batch, src_len), generator=generator)
+        tgt = torch.randint(4, 64, (batch, tgt_len), generator=generator)
+        src[0, src_len // 2 :] = 0  # a padded source, as in a bucketed batch
+        loss(model(src, tgt), tgt, 0, 0.1).backward()
+    assert sorted(graphs) == ["loss", "loss", "model", "model"]
