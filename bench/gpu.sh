@@ -19,7 +19,7 @@
 #   4. decoding against Hugging Face's static cache, which transformers compiles on a GPU
 #      (hf-generate-static): the fairer peer of aiayn-static, apart because transformers
 #      compiles it (the whole step took 49 s on an H200, session 9);
-#   5. the training kernels in pairs (bench/train_kernels.py);
+#   5. the training kernels in pairs (bench/train_kernels.py), the compiled losses too;
 #   6. where a graphed beam batch's time goes (bench/profile_static.py, printed: the log keeps it).
 # Each step runs under what is left of a total time limit (BUDGET_S, default 530 s); the JSON
 # files are rewritten after every case, so a step stopped by the limit keeps what it measured.
@@ -43,7 +43,7 @@ steps=(
     "bench.interleaved $common --mode compile --models aiayn,aiayn-cuda-graphs --steps 30"
     "bench.train_throughput $common --compile --repeats 20 --models aiayn,aiayn-cuda-graphs,aiayn-unfused-loss,aiayn-fused-qkv,nn.Transformer,hf-marian ${TRAIN_ARGS:-}"
     "bench.decode_throughput $common --repeats 5 --interleave 5 --impls aiayn-static,hf-generate-static"
-    "bench.train_kernels $common --matmul-size 8192"
+    "bench.train_kernels $common --matmul-size 8192 --compile-loss"
     "bench.profile_static $common --search beam --rows 30"
 )
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}

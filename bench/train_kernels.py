@@ -10,7 +10,11 @@ At the size's training batch, forward + backward of:
     (`aiayn.model.scaled_dot_product_attention`), in fp32 and bf16; and the forward alone;
   * dropout (P_drop 0.1) of one sub-layer output (B, T, d_model): PyTorch's ``F.dropout``
     against `aiayn.dropout.dropout` (16 random bits per element), in fp32 and bf16;
-  * an n x n x n matrix product in fp32 and bf16 (this CPU's AMX units: bf16 rate).
+  * an n x n x n matrix product in fp32 and bf16 (this CPU's AMX units: bf16 rate);
+  * with ``--compile-loss``, the loss that ``train.compile: true`` compiles: PyTorch's
+    ``F.cross_entropy`` compiled (its loss before session 11) against the three row sums of
+    `aiayn.train._label_smoothed_nll_by_rows` compiled, in fp32 and bf16 (compiling takes
+    seconds, and on a CPU a C compiler).
 Each pair alternates `--turns` times, the median of `--repeats` calls each turn, so that both
 sides of a pair see the same state of a machine whose speed drifts. Output:
 bench/results/train_kernels-<device>-<date>.json and a table of milliseconds per turn.
@@ -25,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import aiayn.train
 from aiayn.dropout import dropout
 from aiayn.loss import label_smoothed_nll_blockwise
 from aiayn.model import scaled_dot_product_attention
@@ -47,6 +52,23 @@ def loss_pair(n: int, vocab: int, dtype: torch.dtype, device: torch.device) -> d
         label_smoothed_nll_blockwise(logits, target, 0, 0.1).backward()
 
     return {"F.cross_entropy": pytorch, "blockwise": blockwise}
+
+
+def compiled_loss_pair(
+    n: int, vocab: int, dtype: torch.dtype, device: torch.device
+) -> dict[str, Callable]:
+    logits = torch.randn(n, 1, vocab, dtype=dtype, device=device, requires_grad=True)
+    target = torch.randint(1, vocab, (n, 1), device=device)
+    sides = {
+        "compiled F.cross_entropy": aiayn.train._label_smoothed_nll,
+        "compiled row sums": aiayn.train._label_smoothed_nll_by_rows,
+    }
+
+    def run(loss: Callable) -> Callable:
+        compiled = torch.compile(loss)
+        return lambda: compiled(logits, target, 0, 0.1).backward()
+
+    return {side: run(loss) for side, loss in sides.items()}
 
 
 def attention_pair(
@@ -98,6 +120,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--turns", type=int, default=3, help="alternations of each pair")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per turn")
     parser.add_argument("--matmul-size", type=int, default=1024)
+    parser.add_argument(
+        "--compile-loss", action="store_true", help="also the compiled losses (compiles)"
+    )
     args = parser.parse_args(argv)
     device, _, size, cfg = common.setup(args)
     n = size.train_batch * size.train_tgt_len
@@ -118,6 +143,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
             activations, dtype, device
         )
     cases[f"matmul {args.matmul_size}^3"] = matmul_pair(args.matmul_size, device)
+    if args.compile_loss:
+        for name, dtype in DTYPES.items():
+            cases[f"compiled loss fwd+bwd {n}x{cfg.tgt_vocab_size} {name}"] = compiled_loss_pair(
+                n, cfg.tgt_vocab_size, dtype, device
+            )
     results: dict[str, dict[str, list[float]]] = {}
     rows = []
     for case, pair in cases.items():
@@ -133,7 +163,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
         path,
         {
             **common.header("train_kernels", common.machine_info(device)),
-            "settings": {"size": size.name, "turns": args.turns, "repeats": args.repeats},
+            "settings": {
+                "size": size.name,
+                "turns": args.turns,
+                "repeats": args.repeats,
+                "compile_loss": args.compile_loss,
+            },
             "seconds_median_per_turn": results,
         },
     )

@@ -34,6 +34,7 @@ if str(ROOT) not in sys.path:
 
 import aiayn.dropout  # noqa: E402
 import aiayn.model  # noqa: E402
+import aiayn.train  # noqa: E402
 from aiayn import static_decoding  # noqa: E402
 from aiayn.frozen_decoder import FrozenDecoder  # noqa: E402
 from aiayn.model import Transformer  # noqa: E402
@@ -662,6 +663,27 @@ def test_train_kernels_times_both_sides_of_every_pair(tmp_path: Path, one_thread
     assert len(results) == 9  # loss, attention fwd+bwd, attention fwd, dropout: x 2 dtypes; matmul
     for pair in results.values():
         assert len(pair) == 2 and all(len(v) == 1 and v[0] > 0 for v in pair.values())
+
+
+def test_train_kernels_times_the_compiled_losses_when_asked(
+    tmp_path: Path, one_thread, monkeypatch
+) -> None:
+    """`--compile-loss` (bench/gpu.sh's) adds the two compiled losses in both dtypes; here
+    uncompiled (tests/test_train.py checks the compiled loss itself)."""
+    compiled = []
+    monkeypatch.setattr(train_kernels.torch, "compile", lambda f: compiled.append(f) or f)
+    path = train_kernels.main(
+        [*FAST[:4], "--turns", "1", "--repeats", "1", "--matmul-size", "16", "--compile-loss"]
+        + ["--out", str(tmp_path)]
+    )
+    results = json.loads(path.read_text(encoding="utf-8"))["seconds_median_per_turn"]
+    pairs = {case: pair for case, pair in results.items() if case.startswith("compiled loss")}
+    assert len(results) == 11 and len(pairs) == 2
+    for pair in pairs.values():
+        assert set(pair) == {"compiled F.cross_entropy", "compiled row sums"}
+    assert (
+        compiled == [aiayn.train._label_smoothed_nll, aiayn.train._label_smoothed_nll_by_rows] * 2
+    )
 
 
 def test_demo_decode_times_both_searches_on_a_trained_demo(tmp_path: Path, one_thread) -> None:

@@ -342,6 +342,23 @@ def test_blockwise_loss_of_bf16_logits_is_float32_with_a_bf16_gradient(monkeypat
     torch.testing.assert_close(our_grad, their_grad)  # bf16 tolerances
 
 
+def test_the_compiled_loss_as_row_sums_is_pytorchs_loss():
+    """What `fused=True` compiles, run eagerly: F.cross_entropy's value and gradient, padding
+    ignored, in float32 and from bfloat16 logits (taken in float32 by both)."""
+    torch.manual_seed(0)
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-4)):
+        logits = torch.randn(3, 5, 50).to(dtype).requires_grad_()
+        target = torch.randint(1, 50, (3, 5))
+        target[0, :2] = 0
+        theirs = aiayn.train._label_smoothed_nll(logits, target, 0, 0.1)
+        (their_grad,) = torch.autograd.grad(theirs, logits)
+        ours = aiayn.train._label_smoothed_nll_by_rows(logits, target, 0, 0.1)
+        (our_grad,) = torch.autograd.grad(ours, logits)
+        torch.testing.assert_close(ours, theirs, rtol=tol, atol=tol)
+        torch.testing.assert_close(our_grad, their_grad)
+        assert our_grad[0, :2].abs().sum() == 0
+
+
 @pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile on a CPU needs a C compiler")
 def test_fused_label_smoothed_nll_equals_the_eager_loss(one_thread):
     """`fused=True` (the compiled loss of `train.compile`) is the same function: value and gradient."""
