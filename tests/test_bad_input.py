@@ -422,7 +422,7 @@ def test_translate_output_that_is_a_folder(trained, tmp_path, capsys, monkeypatc
         (["--beam-size", "0"], "--beam-size must be 1 or more (1 is greedy), got 0"),
         (["--length-penalty", "-1"], "--length-penalty must be >= 0 (the paper's is 0.6)"),
         (["--no-repeat-ngram", "-2"], "--no-repeat-ngram must be >= 0 (0: off), got -2"),
-        (["--device", "tpu"], "--device 'tpu' is not a device; use cpu or cuda"),
+        (["--device", "tpu"], "--device 'tpu' is not a device; use auto, cpu or cuda"),
         pytest.param(
             ["--device", "cuda"],
             "no CUDA GPU is visible; use --device cpu",

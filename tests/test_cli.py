@@ -162,6 +162,22 @@ def test_train_translate_evaluate_average_resume(tmp_path, capsys, monkeypatch):
     assert (run_dir / "checkpoints" / "step_00000012").is_dir()
 
 
+def test_inference_commands_use_a_visible_gpu_by_default(monkeypatch):
+    """--device auto (the default of translate, evaluate, summarize and classify) is a CUDA
+    GPU where one is visible, as training's device: auto; else the CPU."""
+    import torch
+
+    from aiayn.cli import _device, build_parser
+
+    for command in (["translate"], ["evaluate", "--src", "s", "--ref", "r"], ["classify"]):
+        args = build_parser().parse_args([*command, "--checkpoint", "run"])
+        assert args.device == "auto", command
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _device("auto") == "cpu" and _device("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _device("auto") == "cuda" and _device("cpu") == "cpu"
+
+
 # --------------------------------------------------------------------------- bad input
 
 

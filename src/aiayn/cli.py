@@ -160,9 +160,24 @@ def _write_output(lines: Sequence[str], path: str | None) -> None:
         raise DataError(f"cannot write {target}: {exc.strerror}; choose another --output") from None
 
 
+def _device(name: str) -> str:
+    """--device of the inference commands: "auto" is a CUDA GPU where one is visible (the
+    fixed-shape search replays CUDA graphs there), else the CPU."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda, but no CUDA GPU is visible; use --device cpu")
+    return name
+
+
 def _translator(args: argparse.Namespace, task: str = "translation"):
     """The checkpoint's translator (or summarizer), after checking the decoding options."""
-    import torch
 
     if task == "summarization":
         from aiayn.tasks.summarization import Summarizer as Translator
@@ -177,13 +192,8 @@ def _translator(args: argparse.Namespace, task: str = "translation"):
         raise ConfigError(
             f"--length-penalty must be >= 0 (the paper's is 0.6), got {args.length_penalty}"
         )
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise ConfigError(f"--device {args.device!r} is not a device; use cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda, but no CUDA GPU is visible; use --device cpu")
-    translator = Translator.from_checkpoint(args.checkpoint, device=args.device)
+    device = _device(args.device)
+    translator = Translator.from_checkpoint(args.checkpoint, device=device)
     if getattr(args, "no_cuda_graphs", False):
         translator.decode = dataclasses.replace(translator.decode, cuda_graphs=False)
     return translator
@@ -327,24 +337,18 @@ def cmd_summarize(args: argparse.Namespace, overrides: Sequence[str] = ()) -> in
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    import torch
 
     from aiayn.tasks.classification import Classifier, Ensemble, read_table_examples
 
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise ConfigError(f"--device {args.device!r} is not a device; use cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda, but no CUDA GPU is visible; use --device cpu")
+    device = _device(args.device)
     if args.eval is not None and args.input is not None:
         raise ConfigError("give --eval FILE (labelled) or --input FILE (texts), not both")
     if args.eval is not None and not Path(args.eval).is_file():
         raise DataError(f"--eval {args.eval} does not exist; give a TSV/CSV/JSONL file")
     if len(args.checkpoint) == 1:
-        classifier = Classifier.from_checkpoint(args.checkpoint[0], device=args.device)
+        classifier = Classifier.from_checkpoint(args.checkpoint[0], device=device)
     else:
-        classifier = Ensemble.from_checkpoints(args.checkpoint, device=args.device)
+        classifier = Ensemble.from_checkpoints(args.checkpoint, device=device)
     if args.eval is not None:
         text_field = args.text_field or classifier.data.get("text_field", "sentence")
         label_field = args.label_field or classifier.data.get("label_field", "label")
@@ -421,6 +425,9 @@ def cmd_embeddings(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parser
 
 
+DEVICE_HELP = "auto (a CUDA GPU if one is visible, else the CPU), cpu or cuda (default: auto)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aiayn",
@@ -483,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--length-penalty", type=float, default=None, help="alpha of Wu et al. (default 0.6)"
         )
-        p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+        p.add_argument("--device", default="auto", help=DEVICE_HELP)
         p.add_argument(
             "--no-cuda-graphs",
             action="store_true",
@@ -527,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length-penalty", type=float, default=None, help="alpha (default: the run's)")
     p.add_argument("--max-len", type=int, default=None, help="most tokens in a summary")
     no_repeat_option(p)
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--input", default=None, help="documents, one a line (default: stdin)")
     p.add_argument("--output", default=None, help="write the summaries here")
     p.add_argument("--ref", default=None, help="reference summaries, line-aligned: print ROUGE")
@@ -578,7 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-field", default=None, help="--eval's text column (default: the run's)")
     p.add_argument("--label-field", default=None, help="--eval's label column (default: the run's)")
     p.add_argument("--json", action="store_true", help="print --eval's scores as JSON")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
 
     p = sub.add_parser("average", parents=[common], help="average checkpoints (§6.1: the last 5)")
     group = p.add_mutually_exclusive_group(required=True)
