@@ -178,7 +178,6 @@ def _device(name: str) -> str:
 
 def _translator(args: argparse.Namespace, task: str = "translation"):
     """The checkpoint's translator (or summarizer), after checking the decoding options."""
-
     if task == "summarization":
         from aiayn.tasks.summarization import Summarizer as Translator
     else:
@@ -337,7 +336,6 @@ def cmd_summarize(args: argparse.Namespace, overrides: Sequence[str] = ()) -> in
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-
     from aiayn.tasks.classification import Classifier, Ensemble, read_table_examples
 
     device = _device(args.device)
