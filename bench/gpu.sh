@@ -66,7 +66,7 @@ mkdir -p "$OUT_DIR"
     start=$(date +%s)
     status=0
     echo "+ $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py"
-    timeout -k 10 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py || {
+    timeout -k 10 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py || {
         echo "failed (exit $?): tests/test_gpu.py"
         status=1
     }

@@ -15,10 +15,10 @@ log-probabilities. The peers compute it the way their users write it,
 ``F.cross_entropy(logits.float(), ...)`` (PyTorch's own; autocast would run it in float32
 anyway), eager. aiayn computes it with `aiayn.train.label_smoothed_nll`, as its Trainer does:
 in eager mode on a CPU its own loss computed by blocks of rows (`aiayn.loss.LabelSmoothedNLL`;
-on a GPU the peers' loss); in compile mode with ``fused=True``, the compiled loss that
-``train.compile: true`` gives aiayn's training (both among aiayn's fast paths). The row
-``aiayn-unfused-loss`` is aiayn with the peers' eager loss: the before of those fast paths
-(skipped in eager mode on a GPU, where it would repeat ``aiayn``). The row
+on a GPU, since session 11, its compiled loss, the default there); in compile mode with
+``fused=True``, the compiled loss that ``train.compile: true`` gives aiayn's training (both
+among aiayn's fast paths). The row ``aiayn-unfused-loss`` is aiayn with the peers' eager loss:
+the before of those fast paths. The row
 ``aiayn-fused-qkv`` is aiayn with its attention projections as one product
 (``MultiHeadAttention.fused_projections = True``, an option; measured, not faster compiled).
 The row ``aiayn-sdpa-only`` is aiayn calling F.scaled_dot_product_attention for every call,
@@ -162,16 +162,14 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
 
 
 def differs_from_aiayn(name: str, mode: str, device: torch.device) -> bool:
-    """False for a before row that would repeat the `aiayn` row here: off a CPU, aiayn's eager
-    loss is the peers', aiayn never writes attention out where sdpa-only would not, and every
-    dropout is F.dropout; compiled, too (and the loss is the compiled one, never in place)."""
+    """False for a before row that would repeat the `aiayn` row here: off a CPU, aiayn never
+    writes attention out where sdpa-only would not, and every dropout is F.dropout; compiled,
+    too (and the loss is the compiled one, never in place)."""
     if name in ("aiayn-torch-dropout", "aiayn-new-grad-memory"):
         return device.type == "cpu" and mode == "eager"
     if name == "aiayn-cuda-graphs":  # no graphs but CUDA's: elsewhere, aiayn compiled again
         return device.type == "cuda" and mode == "compile"
-    if device.type == "cpu":
-        return True
-    return not (name == "aiayn-unfused-loss" and mode == "eager") and name != "aiayn-sdpa-only"
+    return device.type == "cpu" or name != "aiayn-sdpa-only"
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
@@ -236,7 +234,8 @@ class TrainingStep:
                         tgt_out,
                         self.cfg.pad_id,
                         self.label_smoothing,
-                        fused=self.mode == "compile",
+                        # Compiled when the model is; else aiayn's default (compiled on a GPU).
+                        fused=True if self.mode == "compile" else None,
                         # As the Trainer's loss (tasks/seq2seq.py), except in the before row.
                         inplace_backward=self.name != "aiayn-new-grad-memory",
                     )

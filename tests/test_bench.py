@@ -509,6 +509,24 @@ def test_new_grad_memory_row_is_the_before_of_the_gradient_over_the_logits(monke
     assert asked == [True, False]
 
 
+def test_aiayn_rows_take_the_trainers_loss(monkeypatch) -> None:
+    """Eager, aiayn's loss is its default (`fused=None`: compiled on a GPU, by blocks on a
+    CPU); compiled, the compiled loss (`train.compile`'s); the peers' row never asks."""
+    asked: list[bool | None] = []
+    original = train_throughput.label_smoothed_nll
+
+    def spy(*args, fused=None, **kwargs):
+        asked.append(fused)
+        return original(*args, fused=False, **kwargs)  # no compiler needed here
+
+    monkeypatch.setattr(train_throughput, "label_smoothed_nll", spy)
+    monkeypatch.setattr(train_throughput.torch, "compile", lambda model, mode=None: model)
+    for mode in ("eager", "compile"):
+        for _, step in tiny_training_steps(("aiayn", "aiayn-unfused-loss"), mode):
+            step()
+    assert asked == [None, True]
+
+
 def test_before_rows_that_would_repeat_aiayn_are_not_run() -> None:
     def skipped(device: torch.device) -> list[tuple[str, str]]:
         return [
@@ -526,8 +544,8 @@ def test_before_rows_that_would_repeat_aiayn_are_not_run() -> None:
         ("aiayn-cuda-graphs", "eager"),
         ("aiayn-cuda-graphs", "compile"),
     ]
+    # On a GPU aiayn's eager loss is its compiled one (since session 11): the peers' differs.
     assert skipped(torch.device("cuda")) == [
-        ("aiayn-unfused-loss", "eager"),
         ("aiayn-torch-dropout", "eager"),
         ("aiayn-torch-dropout", "compile"),
         ("aiayn-new-grad-memory", "eager"),

@@ -24,7 +24,13 @@ from aiayn.model import Transformer
 from aiayn.static_decoding import StaticDecoding
 from aiayn.tasks import classification, seq2seq
 from aiayn.tasks.pretrain import KeyedBatchSampler, Objective, PretrainData
-from aiayn.train import TrainConfig, Trainer
+from aiayn.train import (
+    TrainConfig,
+    Trainer,
+    _label_smoothed_nll,
+    compiles_kernels_on,
+    label_smoothed_nll,
+)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -180,9 +186,13 @@ def test_a_training_step_never_waits_for_the_gpu(task: str, tmp_path: Path) -> N
     the whole step (copies, forward, loss, backward, clipping, the fused AdamW that skips a
     non-finite update itself) without reading a value back, so the host prepares the next
     batches while the GPU computes. Under CUDA's sync debug mode "error" any call that makes
-    the host wait for the device raises."""
+    the host wait for the device raises. (The translation and masked-LM losses are the
+    compiled one, the default on a GPU.)"""
     trainer = task_trainer(task, tmp_path / "run")
-    trainer.train_step()  # the first step creates the optimiser's state
+    # Two epochs first: the optimiser's state is made, and the loss (compiled on a GPU) is
+    # compiled for the batches' shapes; compiling is not part of a step.
+    for _ in range(2 * len(trainer.sampler)):
+        trainer.train_step()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -191,3 +201,22 @@ def test_a_training_step_never_waits_for_the_gpu(task: str, tmp_path: Path) -> N
         torch.cuda.set_sync_debug_mode("default")
     assert loss.device.type == "cuda" and applied.device.type == "cuda"
     assert n_tokens > 0 and torch.isfinite(loss) and bool(applied)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_default_loss_is_compiled_on_a_gpu_and_is_pytorchs(dtype: torch.dtype) -> None:
+    """`label_smoothed_nll` compiles its three row sums on a GPU by default: PyTorch's
+    loss's value and gradient, padding ignored, for batches of three shapes."""
+    assert compiles_kernels_on(torch.device("cuda"))
+    torch.manual_seed(0)
+    for rows, length in ((4, 7), (6, 5), (3, 9)):
+        logits = torch.randn(rows, length, 1000, device="cuda", dtype=dtype, requires_grad=True)
+        target = torch.randint(1, 1000, (rows, length), device="cuda")
+        target[0, :2] = 0
+        theirs = _label_smoothed_nll(logits, target, 0, 0.1)
+        (their_grad,) = torch.autograd.grad(theirs, logits)
+        ours = label_smoothed_nll(logits, target, 0, 0.1)
+        (our_grad,) = torch.autograd.grad(ours, logits)
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-3)
+        torch.testing.assert_close(our_grad, their_grad)
+        assert our_grad[0, :2].abs().sum() == 0

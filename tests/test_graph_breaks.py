@@ -1,5 +1,5 @@
 """`torch.compile` sees every model the Trainer trains as one graph, called as its task calls it,
-and compiles it at most twice however many batch shapes bucketing makes.
+and compiles it at most twice however many batch shapes bucketing makes (its loss once).
 
 A graph break splits a compiled step in two, and where the break is a value read from a tensor
 (a shape that depends on values, `.item()`, `bool()`) it also makes the host wait for a GPU at
@@ -18,13 +18,13 @@ import torch
 import torch._dynamo
 from torch import nn
 
+from aiayn import train
 from aiayn.config import TransformerConfig
 from aiayn.data.tokenizer import MASK, Tokenizer
 from aiayn.heads import POOLINGS, SequenceClassifier
 from aiayn.lm_heads import CausalLanguageModel, MaskedLanguageModel
 from aiayn.model import Transformer
 from aiayn.tasks.pretrain import Objective, PretrainData, batch_generator
-from aiayn.train import _label_smoothed_nll
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -87,10 +87,11 @@ def test_masked_language_model_and_its_targets_are_one_graph() -> None:
     assert graphs > 1 and any("Dynamic shape operator" in reason for reason in breaks), breaks
 
 
-def test_bucketed_batch_shapes_compile_twice() -> None:
+def test_bucketed_batch_shapes_compile_the_model_twice_and_the_loss_once(monkeypatch) -> None:
     """Ten (batch, source length, target length) shapes, as bucketing gives them: dynamo traces
-    the model and the compiled loss (`train.compile`'s) once for the first shape and once more,
-    with the sizes symbolic, for the second; every later shape runs that second graph."""
+    the model once for the first shape and once more, with the sizes symbolic, for the second;
+    every later shape runs that second graph. The compiled loss (`label_smoothed_nll(...,
+    fused=True)`) marks its batch dimensions dynamic, so it is traced once."""
     graphs: list[str] = []
 
     def counting(name: str):
@@ -102,7 +103,8 @@ def test_bucketed_batch_shapes_compile_twice() -> None:
 
     torch._dynamo.reset()
     model = torch.compile(Transformer(tiny()).train(), backend=counting("model"))
-    loss = torch.compile(_label_smoothed_nll, backend=counting("loss"))
+    loss = torch.compile(train._label_smoothed_nll_by_rows, backend=counting("loss"))
+    monkeypatch.setattr(train, "_compiled_label_smoothed_nll", lambda: loss)
     generator = torch.Generator().manual_seed(0)
     shapes = [(8, 10, 12), (6, 14, 11), (10, 7, 9), (5, 20, 18), (12, 5, 6), (7, 13, 13)]
     shapes += [(9, 9, 15), (4, 30, 25), (16, 4, 4), (3, 40, 38)]
@@ -110,5 +112,5 @@ def test_bucketed_batch_shapes_compile_twice() -> None:
         src = torch.randint(4, 64, (batch, src_len), generator=generator)
         tgt = torch.randint(4, 64, (batch, tgt_len), generator=generator)
         src[0, src_len // 2 :] = 0  # a padded source, as in a bucketed batch
-        loss(model(src, tgt), tgt, 0, 0.1).backward()
-    assert sorted(graphs) == ["loss", "loss", "model", "model"]
+        train.label_smoothed_nll(model(src, tgt), tgt, 0, 0.1, fused=True).backward()
+    assert sorted(graphs) == ["loss", "model", "model"]

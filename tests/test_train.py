@@ -359,6 +359,20 @@ def test_the_compiled_loss_as_row_sums_is_pytorchs_loss():
         assert our_grad[0, :2].abs().sum() == 0
 
 
+def test_the_loss_is_compiled_by_default_on_a_gpu_that_triton_supports(monkeypatch):
+    """fused=None compiles the loss on a CUDA GPU of compute capability 7.0 or newer with
+    Triton installed (bench: 8.9-10.6 ms eager against 2.1 compiled on an H200); a CPU, or a
+    GPU that Triton does not support, runs it eagerly."""
+    cuda = torch.device("cuda", 0)
+    assert not aiayn.train.compiles_kernels_on(torch.device("cpu"))
+    monkeypatch.setattr(aiayn.train, "_triton_installed", lambda: True)
+    for capability, compiled in (((9, 0), True), ((7, 0), True), ((6, 1), False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d, c=capability: c)
+        assert aiayn.train.compiles_kernels_on(cuda) is compiled
+    monkeypatch.setattr(aiayn.train, "_triton_installed", lambda: False)
+    assert not aiayn.train.compiles_kernels_on(cuda)
+
+
 @pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile on a CPU needs a C compiler")
 def test_fused_label_smoothed_nll_equals_the_eager_loss(one_thread):
     """`fused=True` (the compiled loss of `train.compile`) is the same function: value and gradient."""

@@ -13,6 +13,7 @@ data (epoch and batches consumed) and every random number generator are checkpoi
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import logging
 import math
@@ -135,7 +136,7 @@ def label_smoothed_nll(
     pad_id: int,
     smoothing: float,
     *,
-    fused: bool = False,
+    fused: bool | None = None,
     inplace_backward: bool = False,
 ) -> Tensor:
     """Summed cross-entropy with label smoothing over the non-padding positions (§5.4).
@@ -147,22 +148,32 @@ def label_smoothed_nll(
 
     Args:
         logits: (B, T, V).  target: (B, T) token ids; pad_id positions are ignored.
-        fused: compute it with a `torch.compile`d kernel (what `train.compile: true` uses).
-            PyTorch's eager loss casts the whole (B*T, V) logits to float32 and keeps a
-            float32 log-softmax for the backward pass: with V = 37,000 and 16k tokens, 2.4 GB
-            written and read several times. The compiled one is written as three sums per row
-            (`_label_smoothed_nll_by_rows`): it reads the logits in row-wise reductions, keeps
-            one float32 number per row, and writes the gradient in the logits' dtype. Eager on
-            a CPU, `aiayn.loss.LabelSmoothedNLL` does the same by blocks of rows (measured
-            faster there: docs/performance.md); eager elsewhere, the loss stays PyTorch's
-            until the blockwise one is measured there.
+        fused: compute it with a `torch.compile`d kernel: True always (what
+            `train.compile: true` uses), False never, None (the default) on a CUDA GPU where
+            torch.compile can make its kernels (`compiles_kernels_on`). PyTorch's eager loss
+            casts the whole (B*T, V) logits to float32 and keeps a float32 log-softmax for the
+            backward pass: with V = 37,000 and 16k tokens, 2.4 GB written and read several
+            times (8.9-10.6 ms forward + backward on an H200, against 2.1 ms for the compiled
+            one in a compiled step's profile; docs/performance.md). The compiled one is
+            written as three sums per row (`_label_smoothed_nll_by_rows`): it reads the logits
+            in row-wise reductions, keeps one float32 number per row, and writes the gradient
+            in the logits' dtype; it is compiled once for every batch shape. Not compiled, on a
+            CPU `aiayn.loss.LabelSmoothedNLL` does the same by blocks of rows (measured faster
+            there: docs/performance.md); elsewhere the loss is PyTorch's.
         inplace_backward: on a CPU in eager mode the backward pass writes the gradient over
             the logits instead of into new memory (`aiayn.loss`); for a training loss whose
             logits nothing reads afterwards. Ignored elsewhere.
     Returns:
         a scalar: the loss summed over tokens (divide by the token count for the mean).
     """
+    if fused is None:
+        fused = compiles_kernels_on(logits.device)
     if fused:
+        # Batches differ in size (bucketing): compile for any number of rows at once, where
+        # a compiler specialising on the first shape would compile again at the second.
+        for t in (logits, target):
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+            torch._dynamo.maybe_mark_dynamic(t, 1)
         return _compiled_label_smoothed_nll()(logits, target, pad_id, smoothing)
     if logits.device.type == "cpu":
         return label_smoothed_nll_blockwise(
@@ -191,12 +202,13 @@ def _label_smoothed_nll_by_rows(
     logits: Tensor, target: Tensor, pad_id: int, smoothing: float
 ) -> Tensor:
     """`_label_smoothed_nll` as three sums per row: lse - (1 - eps) x_t - eps sum(x) / V
-    (`aiayn.loss`'s docstring derives it), for `torch.compile`. Compiled, forward + backward
-    over 1,024 x 8,000 logits on this project's CPU, it took 14.3 ms against 15.9 for compiled
-    `F.cross_entropy` in float32, 15.5 against 19.7 from bfloat16 logits
-    (`bench/train_kernels.py --compile-loss`). In the code the compiler wrote there, its
-    forward pass reads each row of logits twice where `F.cross_entropy`'s read it three
-    times, and its backward pass is vectorised where theirs stepped one element at a time."""
+    (`aiayn.loss`'s docstring derives it), for `torch.compile`. Compiled for any number of
+    rows, forward + backward over 1,024 x 8,000 logits on this project's CPU, it took 13.1 ms
+    against 18.5 for compiled `F.cross_entropy` in float32, 15.1 against 20.2 from bfloat16
+    logits (`bench/train_kernels.py --compile-loss`). In the code the compiler wrote there (for
+    a fixed number of rows), its forward pass reads each row of logits twice where
+    `F.cross_entropy`'s read it three times, and its backward pass is vectorised where theirs
+    stepped one element at a time."""
     x = logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32))  # (N, V)
     t = target.flatten()  # (N,)
     x_t = x.gather(1, t.unsqueeze(1)).squeeze(1)
@@ -204,11 +216,26 @@ def _label_smoothed_nll_by_rows(
     return torch.where(t != pad_id, rows, 0.0).sum()
 
 
-# The loss of `train.compile: true`. Made on first use: compiling costs seconds, and only
-# compiled training asks for it.
+# The compiled loss. Made on first use: compiling costs seconds, and a CPU trains with it
+# only under `train.compile: true`.
 @functools.cache
 def _compiled_label_smoothed_nll() -> Callable[[Tensor, Tensor, int, float], Tensor]:
     return torch.compile(_label_smoothed_nll_by_rows)
+
+
+def compiles_kernels_on(device: torch.device) -> bool:
+    """Whether the loss is compiled by default on `device`: a CUDA GPU that Triton, which
+    torch.compile writes GPU kernels in, supports (compute capability 7.0 or newer), with
+    Triton installed. Elsewhere (a CPU, where the blockwise loss is as fast without a
+    compiler; an older GPU) the loss runs eagerly."""
+    if device.type != "cuda":
+        return False
+    return _triton_installed() and torch.cuda.get_device_capability(device) >= (7, 0)
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 class Batch(Protocol):

@@ -346,7 +346,9 @@ class Objective:
                 logits = logits.reshape(-1, logits.size(-1)).float()
                 targets = targets.reshape(-1)
                 scored = targets.ne(pad)
-                total += float(label_smoothed_nll(logits[None], targets[None], pad, 0.0))
+                total += float(
+                    label_smoothed_nll(logits[None], targets[None], pad, 0.0, fused=False)
+                )
                 correct += int((logits.argmax(-1).eq(targets) & scored).sum())
                 tokens += int(scored.sum())
             val_loss = total / max(tokens, 1)

@@ -61,11 +61,12 @@ def batch_maker(
 
 
 def seq2seq_loss(
-    pad_id: int, smoothing: float, *, fused: bool = False
+    pad_id: int, smoothing: float, *, fused: bool | None = None
 ) -> Callable[[nn.Module, Seq2SeqBatch], Tensor]:
     """The training loss: label-smoothed cross-entropy summed over the target tokens (§5.4).
 
-    `fused`: the compiled loss of `label_smoothed_nll` (pass `train.compile`).
+    `fused`: as in `label_smoothed_nll`: True (`train.compile: true`) always compiles the
+    loss; None compiles it on a GPU only.
     """
 
     def loss(model: nn.Module, batch: Seq2SeqBatch) -> Tensor:
@@ -95,7 +96,9 @@ def validation_loss(
         for indices in sampler.batches(0):
             batch = make(indices).to(device)
             total += float(
-                label_smoothed_nll(model(batch.src, batch.tgt_in), batch.tgt_out, pad_id, 0.0)
+                label_smoothed_nll(
+                    model(batch.src, batch.tgt_in), batch.tgt_out, pad_id, 0.0, fused=False
+                )
             )
             tokens += batch.n_tokens
     return total / max(tokens, 1)
@@ -190,7 +193,9 @@ def train_seq2seq(
         exp.train,
         sampler=sampler,
         make_batch=batch_maker(train_ids, **ids, pin=torch.cuda.is_available()),
-        loss_fn=seq2seq_loss(tokenizer.pad_id, exp.train.label_smoothing, fused=exp.train.compile),
+        loss_fn=seq2seq_loss(
+            tokenizer.pad_id, exp.train.label_smoothing, fused=exp.train.compile or None
+        ),
         run_dir=run_dir,
         run_config=run_config,
         d_model=model_cfg.d_model,
