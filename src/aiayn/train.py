@@ -157,9 +157,11 @@ def label_smoothed_nll(
             one in a compiled step's profile; docs/performance.md). The compiled one is
             written as three sums per row (`_label_smoothed_nll_by_rows`): it reads the logits
             in row-wise reductions, keeps one float32 number per row, and writes the gradient
-            in the logits' dtype; it is compiled once for every batch shape. Not compiled, on a
-            CPU `aiayn.loss.LabelSmoothedNLL` does the same by blocks of rows (measured faster
-            there: docs/performance.md); elsewhere the loss is PyTorch's.
+            in the logits' dtype; it is compiled once for every batch shape
+            (`TORCHDYNAMO_DISABLE=1`, PyTorch's switch for every torch.compile, runs it
+            eagerly). Not compiled, on a CPU `aiayn.loss.LabelSmoothedNLL` does the same by
+            blocks of rows (measured faster there: docs/performance.md); elsewhere the loss is
+            PyTorch's.
         inplace_backward: on a CPU in eager mode the backward pass writes the gradient over
             the logits instead of into new memory (`aiayn.loss`); for a training loss whose
             logits nothing reads afterwards. Ignored elsewhere.
