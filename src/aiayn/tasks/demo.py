@@ -368,7 +368,9 @@ def run_demo(out_dir: Path, cfg: DemoConfig | None = None, progress: bool = True
         train_cfg,
         sampler=TokenBatchSampler(example_lengths(train_ids), cfg.max_tokens, seed=cfg.seed),
         make_batch=batch_maker(train_ids, PAD_ID, BOS_ID, EOS_ID),
-        loss_fn=seq2seq_loss(PAD_ID, cfg.label_smoothing),
+        # A vocabulary of a few dozen words: compiling the loss on a GPU would cost more time
+        # than it saves in a run this short.
+        loss_fn=seq2seq_loss(PAD_ID, cfg.label_smoothing, fused=False),
         run_dir=run_dir,
         run_config={
             "task": "translation",
