@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from aiayn import train
 from aiayn.config import TransformerConfig
 from aiayn.data.batching import TokenBatchSampler, example_lengths
 from aiayn.data.tokenizer import MASK, Tokenizer
@@ -204,10 +205,14 @@ def test_a_training_step_never_waits_for_the_gpu(task: str, tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_default_loss_is_compiled_on_a_gpu_and_is_pytorchs(dtype: torch.dtype) -> None:
+def test_the_default_loss_is_compiled_on_a_gpu_and_is_pytorchs(
+    dtype: torch.dtype, monkeypatch
+) -> None:
     """`label_smoothed_nll` compiles its three row sums on a GPU by default: PyTorch's
     loss's value and gradient, padding ignored, for batches of three shapes."""
     assert compiles_kernels_on(torch.device("cuda"))
+    compiled, used = train._compiled_label_smoothed_nll(), []
+    monkeypatch.setattr(train, "_compiled_label_smoothed_nll", lambda: used.append(1) or compiled)
     torch.manual_seed(0)
     for rows, length in ((4, 7), (6, 5), (3, 9)):
         logits = torch.randn(rows, length, 1000, device="cuda", dtype=dtype, requires_grad=True)
@@ -220,3 +225,4 @@ def test_the_default_loss_is_compiled_on_a_gpu_and_is_pytorchs(dtype: torch.dtyp
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-3)
         torch.testing.assert_close(our_grad, their_grad)
         assert our_grad[0, :2].abs().sum() == 0
+    assert len(used) == 3  # the compiled loss, each time
