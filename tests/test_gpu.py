@@ -12,19 +12,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_pretrain import WORDS, mlm_objective, mlm_tokenizer
 from torch import nn
 
 from aiayn import train
 from aiayn.config import TransformerConfig
 from aiayn.data.batching import TokenBatchSampler, example_lengths
-from aiayn.data.tokenizer import MASK, Tokenizer
 from aiayn.decoding import TransformerDecoder, beam_search, greedy_search, translate_ids
 from aiayn.heads import SequenceClassifier
 from aiayn.lm_heads import MaskedLanguageModel
 from aiayn.model import Transformer
 from aiayn.static_decoding import StaticDecoding
 from aiayn.tasks import classification, seq2seq
-from aiayn.tasks.pretrain import KeyedBatchSampler, Objective, PretrainData
+from aiayn.tasks.pretrain import KeyedBatchSampler
 from aiayn.train import (
     TrainConfig,
     Trainer,
@@ -136,8 +136,6 @@ def test_graphs_of_every_window_and_buffer_equal_the_reference(
 
 # --------------------------------------------------------------------------- training steps
 
-WORDS = "the cat dog man woman sees likes eats a big small red blue ball house tree runs to from"
-
 
 def task_trainer(task: str, run_dir: Path, device: str = "cuda") -> Trainer:
     """A Trainer of a tiny model on a few sentences, with the task's own batches and loss:
@@ -145,7 +143,7 @@ def task_trainer(task: str, run_dir: Path, device: str = "cuda") -> Trainer:
     masked-LM objective. Precision, optimiser (fused AdamW) and the rest as the Trainer's
     defaults for the device."""
     torch.manual_seed(0)
-    tok = Tokenizer.train([WORDS] * 20, 60, extra_special_tokens=[MASK])
+    tok = mlm_tokenizer()
     texts = [" ".join(WORDS.split()[i : i + 3 + i % 7]) for i in range(12)]
     ids = tok.encode_batch(texts)
     options = dict(vocab_size=tok.vocab_size, dropout=0.1)
@@ -166,8 +164,7 @@ def task_trainer(task: str, run_dir: Path, device: str = "cuda") -> Trainer:
         loss = classification.classification_loss(0.1)
     else:  # the masked-LM objective
         model = MaskedLanguageModel(encoder_only)
-        data = PretrainData.from_dict({"objective": "mlm", "sources": [{"path": "x"}]})
-        objective = Objective("mlm", tok, data)
+        objective = mlm_objective(tok)
         sampler = KeyedBatchSampler(objective.lengths(ids), 64)
         make = objective.batch_maker(ids, seed=0)
         loss = objective.loss_fn(0.1)

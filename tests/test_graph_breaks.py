@@ -16,19 +16,16 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._dynamo
+from test_pretrain import mlm_batch, mlm_objective, mlm_tokenizer
 from torch import nn
 
 from aiayn import train
 from aiayn.config import TransformerConfig
-from aiayn.data.tokenizer import MASK, Tokenizer
 from aiayn.heads import POOLINGS, SequenceClassifier
 from aiayn.lm_heads import CausalLanguageModel, MaskedLanguageModel
 from aiayn.model import Transformer
-from aiayn.tasks.pretrain import Objective, PretrainData, batch_generator
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-WORDS = "the cat dog man woman sees likes eats a big small red blue ball house tree runs to from"
 
 
 def tiny(**changes) -> TransformerConfig:
@@ -70,11 +67,9 @@ def test_masked_language_model_and_its_targets_are_one_graph() -> None:
     """The masked-LM objective selects its chosen positions by the batch's indices: one graph.
     Selecting by a mask, as the objective did before, breaks it (a shape that depends on
     values), which the check sees."""
-    tok = Tokenizer.train([WORDS] * 20, 60, extra_special_tokens=[MASK])
-    data = PretrainData.from_dict({"objective": "mlm", "sources": [{"path": "x"}]})
-    objective = Objective("mlm", tok, data)
-    examples = tok.encode_batch([WORDS, "the cat sees a dog", "a big red ball runs to the tree"])
-    batch = objective.batch(examples, batch_generator(1, 0, 0))
+    tok = mlm_tokenizer()
+    objective = mlm_objective(tok)
+    batch = mlm_batch(objective)
     model = MaskedLanguageModel(tiny(vocab_size=tok.vocab_size, n_decoder_layers=0)).train()
 
     assert graphs_and_breaks(objective.logits_and_targets, model, batch) == (1, [])

@@ -141,21 +141,32 @@ def test_mask_statistics_follow_bert():
     assert not torch.equal(other, inputs)
 
 
+def mlm_tokenizer() -> Tokenizer:
+    """A BPE vocabulary of WORDS with BERT's <mask>, as the masked-LM objective needs."""
+    return Tokenizer.train([WORDS] * 20, 60, extra_special_tokens=[MASK])
+
+
 def mlm_objective(tok, **data):
     data = PretrainData.from_dict({"objective": "mlm", "sources": [{"path": "x"}], **data})
     return Objective("mlm", tok, data)
 
 
+def mlm_batch(objective: Objective):
+    """A masked-LM batch of three sentences, corrupted from a fixed seed."""
+    sentences = [WORDS, "the cat sees a dog", "a big red ball runs to the tree"]
+    examples = objective.tokenizer.encode_batch(sentences)
+    return objective.batch(examples, batch_generator(1, 0, 0))
+
+
 def test_mlm_loss_is_on_the_chosen_positions_only():
     torch.manual_seed(0)
-    tok = Tokenizer.train([WORDS] * 20, 60, extra_special_tokens=[MASK])
+    tok = mlm_tokenizer()
     cfg = TransformerConfig.from_preset(
         "tiny", vocab_size=tok.vocab_size, n_decoder_layers=0, dropout=0.0
     )
     model = MaskedLanguageModel(cfg).eval()
     objective = mlm_objective(tok)
-    examples = tok.encode_batch([WORDS, "the cat sees a dog", "a big red ball runs to the tree"])
-    batch = objective.batch(examples, batch_generator(1, 0, 0))
+    batch = mlm_batch(objective)
     chosen = batch.labels.ne(0)
     assert batch.n_tokens == int(chosen.sum()) >= 3
     # The batch carries the chosen positions as row-major indices, found on the CPU.
@@ -354,8 +365,7 @@ def test_resume_is_exact_for_masked_lm(tiny_text, tmp_path, capsys):
 
 
 def test_keyed_batches_are_required():
-    tok = Tokenizer.train([WORDS] * 20, 60, extra_special_tokens=[MASK])
-    make = mlm_objective(tok).batch_maker([[10, 11, 12]], seed=1)
+    make = mlm_objective(mlm_tokenizer()).batch_maker([[10, 11, 12]], seed=1)
     with pytest.raises(TypeError, match="KeyedBatchSampler"):
         make([0])
     a, b = make(KeyedBatch([0], 0, 0)), make(KeyedBatch([0], 0, 0))
