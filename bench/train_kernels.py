@@ -59,8 +59,7 @@ def compiled_loss_pair(
 ) -> dict[str, Callable]:
     logits = torch.randn(n, 1, vocab, dtype=dtype, device=device, requires_grad=True)
     target = torch.randint(1, vocab, (n, 1), device=device)
-    torch._dynamo.maybe_mark_dynamic(logits, 0)  # as `label_smoothed_nll` compiles it: any rows
-    torch._dynamo.maybe_mark_dynamic(target, 0)
+    aiayn.train.any_batch_shape(logits, target)  # as `label_smoothed_nll` compiles it
     sides = {
         "compiled F.cross_entropy": aiayn.train._label_smoothed_nll,
         "compiled row sums": aiayn.train._label_smoothed_nll_by_rows,

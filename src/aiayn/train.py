@@ -171,11 +171,7 @@ def label_smoothed_nll(
     if fused is None:
         fused = compiles_kernels_on(logits.device)
     if fused:
-        # Batches differ in size (bucketing): compile for any number of rows at once, where
-        # a compiler specialising on the first shape would compile again at the second.
-        for t in (logits, target):
-            torch._dynamo.maybe_mark_dynamic(t, 0)
-            torch._dynamo.maybe_mark_dynamic(t, 1)
+        any_batch_shape(logits, target)
         return _compiled_label_smoothed_nll()(logits, target, pad_id, smoothing)
     if logits.device.type == "cpu":
         return label_smoothed_nll_blockwise(
@@ -216,6 +212,15 @@ def _label_smoothed_nll_by_rows(
     x_t = x.gather(1, t.unsqueeze(1)).squeeze(1)
     rows = torch.logsumexp(x, dim=1) - (1 - smoothing) * x_t - smoothing / x.size(1) * x.sum(1)
     return torch.where(t != pad_id, rows, 0.0).sum()
+
+
+def any_batch_shape(*tensors: Tensor) -> None:
+    """Mark the first two dimensions (batch and length) of `tensors` dynamic for the compiled
+    loss: batches differ in size (bucketing), and a compiler that specialised on the first
+    shape would compile again at the second; this compiles once for any number of rows."""
+    for t in tensors:
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+        torch._dynamo.maybe_mark_dynamic(t, 1)
 
 
 # The compiled loss. Made on first use: compiling costs seconds, and a CPU trains with it
