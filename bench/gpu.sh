@@ -10,9 +10,12 @@
 #      in a CUDA graph (bench/decode_kernels.py: attention, reordering the cache), printed;
 #   2. compiled training steps of aiayn, torch.nn.Transformer and Hugging Face Marian taken in
 #      turn (bench/interleaved.py --mode compile), 30 turns: the ratio the 1.5x target is read
-#      from, which a GPU's wandering step times made uncertain in one-after-another runs; then
-#      aiayn against itself with CUDA graphs (mode="reduce-overhead"), apart, so that a
-#      failure of the candidate cannot cost the first ratio;
+#      from, which a GPU's wandering step times made uncertain in one-after-another runs. Each
+#      turn times one step alone (on an idle GPU: the host's start-up is in it, as in session
+#      9) and 5 steps in a row (--in-a-row 5: a training loop's step, the host queuing ahead);
+#      then aiayn against itself with CUDA graphs (mode="reduce-overhead") and with Q, K and V
+#      as one product (within the noise in one-after-another runs: sessions 3 and 9), apart,
+#      so that a failure of a candidate cannot cost the first ratio;
 #   3. training throughput at 256 x 64 source + 256 x 64 target tokens (tokens/s, peak memory,
 #      MFU): aiayn (and its before rows) vs torch.nn.Transformer vs Hugging Face Marian, eager
 #      and torch.compile'd, in one run (the compiled graphs of step 2 come from its cache);
@@ -39,8 +42,8 @@ common="--device cuda --size base --dtype bf16"
 steps=(
     "bench.decode_throughput $common --repeats 5 --interleave 5 --impls aiayn,aiayn-static,aiayn-static-one-window,aiayn-static-one-buffer,aiayn-static-one-topk,aiayn-static-repeated-memory,aiayn-static-written-attention ${DECODE_ARGS:-}"
     "bench.decode_kernels"
-    "bench.interleaved $common --mode compile --models aiayn,nn.Transformer,hf-marian --steps 30"
-    "bench.interleaved $common --mode compile --models aiayn,aiayn-cuda-graphs --steps 30"
+    "bench.interleaved $common --mode compile --models aiayn,nn.Transformer,hf-marian --steps 30 --in-a-row 5"
+    "bench.interleaved $common --mode compile --models aiayn,aiayn-cuda-graphs,aiayn-fused-qkv --steps 30 --in-a-row 5"
     "bench.train_throughput $common --compile --repeats 20 --models aiayn,aiayn-cuda-graphs,aiayn-unfused-loss,aiayn-fused-qkv,nn.Transformer,hf-marian ${TRAIN_ARGS:-}"
     "bench.decode_throughput $common --repeats 5 --interleave 5 --impls aiayn-static,hf-generate-static"
     "bench.train_kernels $common --matmul-size 8192 --compile-loss"

@@ -3,7 +3,7 @@
     python -m bench.interleaved --device cpu --size small --dtype bf16
     python -m bench.interleaved --device cpu --size small --models aiayn,aiayn-unfused-loss,nn.Transformer
     python -m bench.interleaved --device cuda --size base --dtype bf16 --mode compile \
-        --models aiayn,nn.Transformer,hf-marian
+        --models aiayn,nn.Transformer,hf-marian [--in-a-row 5]
 
 On a shared machine whose speed drifts by tens of percent within a minute (this project's CPU
 machine), measuring one model after another (`bench/train_throughput.py`, even in rounds)
@@ -17,6 +17,15 @@ at once; `bench/train_throughput.py` measures it). Models, batches, loss and opt
 those of `bench/train_throughput.py` (its `TrainingStep`), eager or (`--mode compile`) every
 model `torch.compile`d: a GPU's step times wandered by 10-25% within one run of
 `bench/train_throughput.py` (H200, 2026-11-26), too much to read a 1.5x target from.
+
+A step timed alone starts on an idle device: the timing waits for the device before it
+starts, so on a GPU the step also pays the time its host takes to queue its first kernels,
+and every place where the host falls behind the device. A training loop (the Trainer) never
+waits between steps, and the host queues one step while the device runs the last.
+`--in-a-row K` therefore also times, in every turn, K steps of each model run one after
+another without waiting between them. That time / K is the step of a running loop, and its
+ratios are reported apart ("in a row"). On a CPU, where every operation runs as it is
+called, the two measures agree.
 
 Output: bench/results/interleaved-<device>-<date>.json and a markdown table on stdout.
 """
@@ -45,6 +54,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"comma-separated, aiayn first (the reference), from: {', '.join(MODELS)}",
     )
     parser.add_argument("--steps", type=int, default=30, help="timed turns (one step each)")
+    parser.add_argument(
+        "--in-a-row",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also time K steps of each model in a row in every turn, without waiting for the "
+        "device between them (a training loop's step; default 0: off)",
+    )
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each model")
     parser.add_argument("--batches", type=int, default=4, help="distinct batches used in turn")
     parser.add_argument("--label-smoothing", type=float, default=0.1)
@@ -70,6 +87,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--models must start with aiayn: the ratios are against it")
     if args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
+    if args.in_a_row < 0:
+        parser.error(f"--in-a-row must be 0 (off) or more, got {args.in_a_row}")
     return args
 
 
@@ -88,6 +107,13 @@ def turn_orders(models: Sequence[str], turns: int, *, shuffled: bool, seed: int)
             generator.shuffle(order)
         orders.append(order)
     return orders
+
+
+def steps_in_a_row(step: TrainingStep, k: int) -> None:
+    """k training steps queued one after another, as a training loop takes them: nothing here
+    waits for the device between them."""
+    for _ in range(k):
+        step()
 
 
 def summarise(times: dict[str, list[float]]) -> list[dict[str, Any]]:
@@ -145,6 +171,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         f"interleaved: {', '.join(args.models)} on {device.type} "
         f"({common.describe_machine(machine)}), size {size.name}, {args.dtype}, {args.mode}; "
         f"{args.warmup} warm-up steps each, then {args.steps} turns of one step each"
+        + (f" and of {args.in_a_row} steps in a row" if args.in_a_row else "")
         + (f" (left out, the same as aiayn here: {', '.join(skipped)})" if skipped else ""),
         flush=True,
     )
@@ -163,11 +190,21 @@ def main(argv: Sequence[str] | None = None) -> Path:
         )
         common.time_fn(steps[name], device, warmup=args.warmup, repeats=0)
     times: dict[str, list[float]] = {name: [] for name in args.models}
+    in_a_row: dict[str, list[float]] = {name: [] for name in args.models}
     orders = turn_orders(args.models, args.steps, shuffled=args.order == "shuffled", seed=args.seed)
     for order in orders:
         for name in order:
             times[name] += common.time_fn(steps[name], device, warmup=0, repeats=1)
+            if args.in_a_row:
+                (run_s,) = common.time_fn(
+                    lambda step=steps[name]: steps_in_a_row(step, args.in_a_row),
+                    device,
+                    warmup=0,
+                    repeats=1,
+                )
+                in_a_row[name].append(run_s / args.in_a_row)
     rows = summarise(times)
+    rows_in_a_row = summarise(in_a_row) if args.in_a_row else None
     path = common.results_path(args.out, "interleaved", device)
     common.write_json(
         path,
@@ -188,13 +225,19 @@ def main(argv: Sequence[str] | None = None) -> Path:
                 "label_smoothing": args.label_smoothing,
                 "seed": args.seed,
                 "order": args.order,
+                "in_a_row": args.in_a_row,
             },
             "turn_orders": orders,
             "model_config": cfg.to_dict(),
             "results": rows,
+            # Per model as in `results`: each turn's K steps in a row, their time / K.
+            **({"results_in_a_row": rows_in_a_row} if rows_in_a_row else {}),
         },
     )
-    print(f"\n{common.describe_machine(machine)}\n{table(rows)}\nwrote {path}")
+    print(f"\n{common.describe_machine(machine)}\none step at a time:\n{table(rows)}")
+    if rows_in_a_row:
+        print(f"{args.in_a_row} steps in a row, per step:\n{table(rows_in_a_row)}")
+    print(f"wrote {path}")
     return path
 
 

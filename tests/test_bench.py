@@ -593,6 +593,44 @@ def test_interleaved_steps_give_ratios_to_aiayn_in_the_same_turn(tmp_path: Path,
     assert [r["model"] for r in data["results"]] == ["aiayn"]
 
 
+def test_interleaved_also_times_steps_in_a_row(tmp_path: Path, one_thread, monkeypatch):
+    """--in-a-row K: every turn also runs K steps of each model one after another and records
+    their time / K, with ratios to aiayn's K steps of the same turn, apart from the steps
+    timed one at a time."""
+    made = []
+
+    class Recorded(train_throughput.TrainingStep):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(interleaved, "TrainingStep", Recorded)
+    path = interleaved.main(
+        [*FAST[:4], "--steps", "3", "--warmup", "0", "--models", "aiayn,nn.Transformer"]
+        + ["--in-a-row", "2", "--out", str(tmp_path)]
+    )
+    data = json.loads(path.read_text(encoding="utf-8"))
+    assert data["settings"]["in_a_row"] == 2
+    # Each turn: one step timed alone, then two in a row.
+    assert [step.calls for step in made] == [3 * (1 + 2)] * 2
+    ours, peer = data["results_in_a_row"]
+    assert [ours["model"], peer["model"]] == ["aiayn", "nn.Transformer"]
+    assert len(peer["step_s_turns"]) == 3 and ours["vs_aiayn_median_ratio"] == 1.0
+    ratios = sorted(p / o for p, o in zip(peer["step_s_turns"], ours["step_s_turns"], strict=True))
+    assert peer["vs_aiayn_median_ratio"] == pytest.approx(ratios[1])
+    assert [r["model"] for r in data["results"]] == ["aiayn", "nn.Transformer"]
+    assert len(data["results"][1]["step_s_turns"]) == 3
+    # Off by default: no such results.
+    path = interleaved.main(
+        [*FAST[:4], "--steps", "1", "--warmup", "0", "--models", "aiayn"]
+        + ["--out", str(tmp_path / "off")]
+    )
+    data = json.loads(path.read_text(encoding="utf-8"))
+    assert "results_in_a_row" not in data and data["settings"]["in_a_row"] == 0
+    with pytest.raises(SystemExit):
+        interleaved.main([*FAST[:4], "--models", "aiayn", "--in-a-row", "-1"])
+
+
 def test_profile_train_splits_the_device_time_of_the_kernels_alone(capsys) -> None:
     """profile_train on a CPU prints each model's table and its split; the split's classes
     come from the kernel (or operator) names, and on a GPU only the device's own events
