@@ -1,29 +1,33 @@
 #!/usr/bin/env bash
-# The GPU suite at the paper's base size, bf16, on one GPU, in about 9 minutes (H200):
+# The GPU suite at the paper's base size, bf16, on one GPU, in about 9 minutes (H200), most
+# telling first (a step that the time limit reaches is skipped; the tail is what can wait):
 #   0. the tests that need a GPU (tests/test_gpu.py: CUDA-graph decoding = the reference search;
-#      a training step of three tasks that never makes the host wait for the GPU);
-#   1. decoding throughput: aiayn greedy and beam 4 (reference and fixed-shape searches, and the
-#      fixed-shape search before each of its changes since session 8: window, double buffer,
-#      two-stage top-k, memory shared by beams; and a candidate: one-query attention written
-#      out) vs Hugging Face generate, same weights; then 5 turns of every row in turn
-#      (--interleave); then the candidate kernels of a decoding step timed alone and replayed
-#      in a CUDA graph (bench/decode_kernels.py: attention, reordering the cache), printed;
-#   2. compiled training steps of aiayn, torch.nn.Transformer and Hugging Face Marian taken in
+#      a training step of three tasks that never makes the host wait for the GPU; the compiled
+#      default loss = PyTorch's);
+#   1. compiled training steps of aiayn, torch.nn.Transformer and Hugging Face Marian taken in
 #      turn (bench/interleaved.py --mode compile), 30 turns: the ratio the 1.5x target is read
 #      from, which a GPU's wandering step times made uncertain in one-after-another runs. Each
 #      turn times one step alone (on an idle GPU: the host's start-up is in it, as in session
 #      9) and 5 steps in a row (--in-a-row 5: a training loop's step, the host queuing ahead);
-#      then aiayn against itself with CUDA graphs (mode="reduce-overhead") and with Q, K and V
-#      as one product (within the noise in one-after-another runs: sessions 3 and 9), apart,
-#      so that a failure of a candidate cannot cost the first ratio;
-#   3. training throughput at 256 x 64 source + 256 x 64 target tokens (tokens/s, peak memory,
-#      MFU): aiayn (and its before rows) vs torch.nn.Transformer vs Hugging Face Marian, eager
-#      and torch.compile'd, in one run (the compiled graphs of step 2 come from its cache);
-#   4. decoding against Hugging Face's static cache, which transformers compiles on a GPU
-#      (hf-generate-static): the fairer peer of aiayn-static, apart because transformers
-#      compiles it (the whole step took 49 s on an H200, session 9);
+#   2. aiayn against itself with CUDA graphs (mode="reduce-overhead") and with Q, K and V as
+#      one product (within the noise in one-after-another runs: sessions 3 and 9), in turn the
+#      same way, apart, so that a failure of a candidate cannot cost the first ratio;
+#   3. decoding throughput: aiayn greedy and beam 4 (reference and fixed-shape searches, and the
+#      fixed-shape search before each of its changes since session 8: window, double buffer,
+#      two-stage top-k, memory shared by beams; and a candidate: one-query attention written
+#      out) vs Hugging Face generate, same weights; then 5 turns of every row in turn
+#      (--interleave);
+#   4. training throughput at 256 x 64 source + 256 x 64 target tokens (tokens/s, peak memory,
+#      MFU): aiayn (and its before rows: eager aiayn-unfused-loss is the before of the loss
+#      compiled by default on a GPU) vs torch.nn.Transformer vs Hugging Face Marian, eager and
+#      torch.compile'd, in one run;
 #   5. the training kernels in pairs (bench/train_kernels.py), the compiled losses too;
-#   6. where a graphed beam batch's time goes (bench/profile_static.py, printed: the log keeps it).
+#   6. the candidate kernels of a decoding step timed alone and replayed in a CUDA graph
+#      (bench/decode_kernels.py: attention, reordering the cache), printed;
+#   7. decoding against Hugging Face's static cache, which transformers compiles on a GPU
+#      (hf-generate-static; measured in session 9): apart because transformers compiles it
+#      (the whole step took 49 s on an H200, session 9);
+#   8. where a graphed beam batch's time goes (bench/profile_static.py, printed: the log keeps it).
 # Each step runs under what is left of a total time limit (BUDGET_S, default 530 s); the JSON
 # files are rewritten after every case, so a step stopped by the limit keeps what it measured.
 #
@@ -40,13 +44,13 @@ OUT_DIR=${OUT:-bench/results}
 BUDGET_S=${BUDGET_S:-530}
 common="--device cuda --size base --dtype bf16"
 steps=(
-    "bench.decode_throughput $common --repeats 5 --interleave 5 --impls aiayn,aiayn-static,aiayn-static-one-window,aiayn-static-one-buffer,aiayn-static-one-topk,aiayn-static-repeated-memory,aiayn-static-written-attention ${DECODE_ARGS:-}"
-    "bench.decode_kernels"
     "bench.interleaved $common --mode compile --models aiayn,nn.Transformer,hf-marian --steps 30 --in-a-row 5"
     "bench.interleaved $common --mode compile --models aiayn,aiayn-cuda-graphs,aiayn-fused-qkv --steps 30 --in-a-row 5"
+    "bench.decode_throughput $common --repeats 5 --interleave 5 --impls aiayn,aiayn-static,aiayn-static-one-window,aiayn-static-one-buffer,aiayn-static-one-topk,aiayn-static-repeated-memory,aiayn-static-written-attention ${DECODE_ARGS:-}"
     "bench.train_throughput $common --compile --repeats 20 --models aiayn,aiayn-cuda-graphs,aiayn-unfused-loss,aiayn-fused-qkv,nn.Transformer,hf-marian ${TRAIN_ARGS:-}"
-    "bench.decode_throughput $common --repeats 5 --interleave 5 --impls aiayn-static,hf-generate-static"
     "bench.train_kernels $common --matmul-size 8192 --compile-loss"
+    "bench.decode_kernels"
+    "bench.decode_throughput $common --repeats 5 --interleave 5 --impls aiayn-static,hf-generate-static"
     "bench.profile_static $common --search beam --rows 30"
 )
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
