@@ -12,7 +12,7 @@ At the size's training batch, forward + backward of:
     against `aiayn.dropout.dropout` (16 random bits per element), in fp32 and bf16;
   * an n x n x n matrix product in fp32 and bf16 (this CPU's AMX units: bf16 rate);
   * with ``--compile-loss``, the loss that ``train.compile: true`` compiles: PyTorch's
-    ``F.cross_entropy`` compiled (its loss before session 11) against the three row sums of
+    ``F.cross_entropy`` compiled (its loss before session 11) against the row sums of
     `aiayn.train._label_smoothed_nll_by_rows` compiled, in fp32 and bf16 (compiling takes
     seconds, and on a CPU a C compiler).
 Each pair alternates `--turns` times, the median of `--repeats` calls each turn, so that both

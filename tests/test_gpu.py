@@ -205,7 +205,7 @@ def test_a_training_step_never_waits_for_the_gpu(task: str, tmp_path: Path) -> N
 def test_the_default_loss_is_compiled_on_a_gpu_and_is_pytorchs(
     dtype: torch.dtype, monkeypatch
 ) -> None:
-    """`label_smoothed_nll` compiles its three row sums on a GPU by default: PyTorch's
+    """`label_smoothed_nll` compiles its row sums on a GPU by default: PyTorch's
     loss's value and gradient, padding ignored, for batches of three shapes."""
     assert compiles_kernels_on(torch.device("cuda"))
     compiled, used = train._compiled_label_smoothed_nll(), []

@@ -155,7 +155,7 @@ def label_smoothed_nll(
             backward pass: with V = 37,000 and 16k tokens, 2.4 GB written and read several
             times (8.9-10.6 ms forward + backward on an H200, against 2.1 ms for the compiled
             one in a compiled step's profile; docs/performance.md). The compiled one is
-            written as three sums per row (`_label_smoothed_nll_by_rows`): it reads the logits
+            written as two sums per row (`_label_smoothed_nll_by_rows`): it reads the logits
             in row-wise reductions, keeps one float32 number per row, and writes the gradient
             in the logits' dtype; it is compiled once for every batch shape
             (`TORCHDYNAMO_DISABLE=1`, PyTorch's switch for every torch.compile, runs it
@@ -199,18 +199,27 @@ def _label_smoothed_nll(logits: Tensor, target: Tensor, pad_id: int, smoothing: 
 def _label_smoothed_nll_by_rows(
     logits: Tensor, target: Tensor, pad_id: int, smoothing: float
 ) -> Tensor:
-    """`_label_smoothed_nll` as three sums per row: lse - (1 - eps) x_t - eps sum(x) / V
-    (`aiayn.loss`'s docstring derives it), for `torch.compile`. Compiled for any number of
-    rows, forward + backward over 1,024 x 8,000 logits on this project's CPU, it took 13.1 ms
-    against 18.5 for compiled `F.cross_entropy` in float32, 15.1 against 20.2 from bfloat16
-    logits (`bench/train_kernels.py --compile-loss`). In the code the compiler wrote there (for
-    a fixed number of rows), its forward pass reads each row of logits twice where
-    `F.cross_entropy`'s read it three times, and its backward pass is vectorised where theirs
-    stepped one element at a time."""
+    """`_label_smoothed_nll` as two sums per row, for `torch.compile`: lse - sum_v w_v x_v,
+    where w_v = eps / V + (1 - eps) [v = t] (`aiayn.loss`'s docstring derives
+    lse - (1 - eps) x_t - eps sum(x) / V; here its last two terms are one weighted sum).
+
+    Why this form: in the code the compiler writes, the forward pass is two passes over each
+    row of logits (the row's maximum; then the sum of exponentials and the weighted sum), one
+    fewer than compiled `F.cross_entropy`'s, and the backward pass is one: it reads the
+    logits and writes the gradient, the weights recomputed from the column index. Taking
+    x_t with `gather` instead (session 11's form) made its backward pass fill a float32
+    (rows, V) tensor with zeros and scatter into it, another write and read of the logits'
+    size in float32: 2.4 GB at the base size's 16k tokens x 37,000 words. The column index
+    is compared in 32 bits, which the compiler's CPU code vectorises as wide as the floats.
+    On this project's CPU, forward + backward over 1,024 x 8,000 logits, 25 alternated turns:
+    1.06x the `gather` form in float32 and 1.21x from bfloat16 logits (docs/performance.md,
+    session 12)."""
     x = logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32))  # (N, V)
     t = target.flatten()  # (N,)
-    x_t = x.gather(1, t.unsqueeze(1)).squeeze(1)
-    rows = torch.logsumexp(x, dim=1) - (1 - smoothing) * x_t - smoothing / x.size(1) * x.sum(1)
+    vocab = x.size(1)
+    hit = torch.arange(vocab, device=x.device, dtype=torch.int32) == t.int().unsqueeze(1)
+    w = torch.where(hit, 1 - smoothing + smoothing / vocab, smoothing / vocab)  # (N, V)
+    rows = torch.logsumexp(x, dim=1) - (x * w).sum(1)
     return torch.where(t != pad_id, rows, 0.0).sum()
 
 
