@@ -407,6 +407,15 @@ def test_the_loss_is_compiled_by_default_on_a_gpu_that_triton_supports(monkeypat
     for capability, compiled in (((9, 0), True), ((7, 0), True), ((6, 1), False)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d, c=capability: c)
         assert aiayn.train.compiles_kernels_on(cuda) is compiled
+    # With torch.compile switched off, the eager loss (the row sums run eagerly would hold a
+    # float32 weight tensor as large as the logits).
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: (9, 0))
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
+    assert not aiayn.train.compiles_kernels_on(cuda)
+    monkeypatch.delenv("TORCHDYNAMO_DISABLE")
+    with torch._dynamo.config.patch(disable=True):  # TORCH_COMPILE_DISABLE=1
+        assert not aiayn.train.compiles_kernels_on(cuda)
+    assert aiayn.train.compiles_kernels_on(cuda)
     monkeypatch.setattr(aiayn.train, "_triton_installed", lambda: False)
     assert not aiayn.train.compiles_kernels_on(cuda)
 

@@ -157,9 +157,10 @@ def label_smoothed_nll(
             one in a compiled step's profile; docs/performance.md). The compiled one is
             written as two sums per row (`_label_smoothed_nll_by_rows`): it reads the logits
             in row-wise reductions, keeps one float32 number per row, and writes the gradient
-            in the logits' dtype; it is compiled once for every batch shape
-            (`TORCHDYNAMO_DISABLE=1`, PyTorch's switch for every torch.compile, runs it
-            eagerly). Not compiled, on a CPU `aiayn.loss.LabelSmoothedNLL` does the same by
+            in the logits' dtype; it is compiled once for every batch shape. Where
+            torch.compile is switched off (`TORCHDYNAMO_DISABLE=1` or
+            `TORCH_COMPILE_DISABLE=1`), None picks the eager loss: the row sums run eagerly
+            would hold a (B*T, V) float32 weight tensor besides the logits. Not compiled, on a CPU `aiayn.loss.LabelSmoothedNLL` does the same by
             blocks of rows (measured faster there: docs/performance.md); elsewhere the loss is
             PyTorch's.
         inplace_backward: on a CPU in eager mode the backward pass writes the gradient over
@@ -242,11 +243,16 @@ def _compiled_label_smoothed_nll() -> Callable[[Tensor, Tensor, int, float], Ten
 def compiles_kernels_on(device: torch.device) -> bool:
     """Whether the loss is compiled by default on `device`: a CUDA GPU that Triton, which
     torch.compile writes GPU kernels in, supports (compute capability 7.0 or newer), with
-    Triton installed. Elsewhere (a CPU, where the blockwise loss is as fast without a
-    compiler; an older GPU) the loss runs eagerly."""
-    if device.type != "cuda":
+    Triton installed, and torch.compile not switched off. Elsewhere (a CPU, where the
+    blockwise loss is as fast without a compiler; an older GPU) the loss runs eagerly."""
+    if device.type != "cuda" or _compile_switched_off():
         return False
     return _triton_installed() and torch.cuda.get_device_capability(device) >= (7, 0)
+
+
+def _compile_switched_off() -> bool:
+    """PyTorch's two switches that make every torch.compile run its function eagerly."""
+    return os.environ.get("TORCHDYNAMO_DISABLE") == "1" or bool(torch._dynamo.config.disable)
 
 
 @functools.cache
