@@ -160,9 +160,9 @@ def label_smoothed_nll(
             in the logits' dtype; it is compiled once for every batch shape. Where
             torch.compile is switched off (`TORCHDYNAMO_DISABLE=1` or
             `TORCH_COMPILE_DISABLE=1`), None picks the eager loss: the row sums run eagerly
-            would hold a (B*T, V) float32 weight tensor besides the logits. Not compiled, on a CPU `aiayn.loss.LabelSmoothedNLL` does the same by
-            blocks of rows (measured faster there: docs/performance.md); elsewhere the loss is
-            PyTorch's.
+            would hold a (B*T, V) float32 weight tensor besides the logits. Not compiled, on
+            a CPU `aiayn.loss.LabelSmoothedNLL` does the same by blocks of rows (measured
+            faster there: docs/performance.md); elsewhere the loss is PyTorch's.
         inplace_backward: on a CPU in eager mode the backward pass writes the gradient over
             the logits instead of into new memory (`aiayn.loss`); for a training loss whose
             logits nothing reads afterwards. Ignored elsewhere.
