@@ -25,6 +25,8 @@ from aiayn import checkpoint as ckpt
 from aiayn.cli import main
 from aiayn.config import TransformerConfig
 from aiayn.data.tokenizer import Tokenizer
+from aiayn.errors import ConfigError
+from aiayn.experiment import Experiment
 from aiayn.model import Transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -267,7 +269,20 @@ def test_run_dir_inside_a_file(tmp_path, capsys, toy_config):
 # --------------------------------------------------------------------------- train: --resume
 
 
-def test_resume_with_a_changed_d_model_lists_the_tensors_and_writes_nothing(run_copy, capsys):
+def test_resume_with_a_changed_d_model_names_the_setting_and_writes_nothing(run_copy, capsys):
+    before = snapshot(run_copy)
+    resume = ["train", run_copy.parent / "toy.yaml", "--run_dir", run_copy, "--resume", "--quiet"]
+    assert_refused(
+        run([*resume, "--model.d_model", "48"], capsys),
+        f"--resume: model.d_model is 48 here but 32 in {run_copy / 'config.yaml'}",
+        "start a new run with another --run_dir",
+    )
+    assert snapshot(run_copy) == before
+
+
+def test_resume_of_a_run_without_its_config_record_lists_the_tensors(run_copy, capsys):
+    """Without config.yaml to compare with, the checkpoint's shapes still refuse the change."""
+    (run_copy / "config.yaml").unlink()
     before = snapshot(run_copy)
     line = assert_refused(
         run(
@@ -343,6 +358,47 @@ def test_resume_with_another_seed(run_copy, capsys):
     assert snapshot(run_copy) == before
 
 
+def test_resume_with_other_data_settings_writes_nothing(run_copy, capsys):
+    before = snapshot(run_copy)
+    resume = ["train", run_copy.parent / "toy.yaml", "--run_dir", run_copy, "--resume", "--quiet"]
+    assert_refused(
+        run([*resume, "--data.vocab_size", "90"], capsys),
+        f"--resume: data.vocab_size is 90 here but 100 in {run_copy / 'config.yaml'}",
+    )
+    assert snapshot(run_copy) == before
+
+
+def test_resume_with_another_task_is_refused_before_any_data_is_read(run_copy):
+    exp = Experiment.from_dict(
+        {"task": "summarization", "run_dir": str(run_copy), "model": {"preset": "tiny"}}
+    )
+    with pytest.raises(ConfigError, match="holds a translation run but the config is for summ"):
+        exp.check_run_dir(resume=True)
+
+
+def test_resume_of_a_finished_run_names_the_limit_it_reached(run_copy, capsys):
+    """The toy run ended at train.max_steps 2. Resuming it as it is would only validate and
+    log step 2 again; a moved data folder (data.root) is not another experiment."""
+    before = snapshot(run_copy)
+    resume = ["train", run_copy.parent / "toy.yaml", "--run_dir", run_copy, "--resume", "--quiet"]
+    for extra in ([], ["--data.root", run_copy.parent], ["--train.max_steps", "1"]):
+        max_steps = extra[1] if extra and extra[0] == "--train.max_steps" else "2"
+        assert_refused(
+            run([*resume, *extra], capsys),
+            f"has already reached step 2, train.max_steps {max_steps}; raise that limit",
+        )
+    assert snapshot(run_copy) == before
+
+
+def test_demo_out_inside_a_file(tmp_path, capsys):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x", encoding="utf-8")
+    assert_refused(
+        run(["demo", "--out", blocker / "demo", "--quiet"], capsys),
+        f"--out {blocker / 'demo'} cannot be a folder: {blocker} is a file",
+    )
+
+
 # --------------------------------------------------------------------------- translate
 
 
@@ -401,6 +457,22 @@ def test_translate_output_inside_a_file(trained, tmp_path, capsys, monkeypatch):
     )
 
 
+def test_translate_attention_into_a_missing_folder_creates_nothing(
+    trained, tmp_path, capsys, monkeypatch
+):
+    target = tmp_path / "missing" / "attention.png"
+    assert_refused(
+        run(
+            ["translate", "--checkpoint", trained, "--attention", target],
+            capsys,
+            b"ein hund\n",
+            monkeypatch,
+        ),  # fmt: skip
+        f"{target.parent} does not exist; create the folder or choose another --attention",
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_translate_output_that_is_a_folder(trained, tmp_path, capsys, monkeypatch):
     folder = tmp_path / "out"
     folder.mkdir()
@@ -411,7 +483,7 @@ def test_translate_output_that_is_a_folder(trained, tmp_path, capsys, monkeypatc
             b"ein hund\n",
             monkeypatch,
         ),  # fmt: skip
-        f"cannot write {folder}: Is a directory; choose another --output",
+        f"cannot write {folder}: it is a folder; give --output a file name",
     )
     assert list(tmp_path.iterdir()) == [folder] and list(folder.iterdir()) == []  # no temp file
 
@@ -420,7 +492,8 @@ def test_translate_output_that_is_a_folder(trained, tmp_path, capsys, monkeypatc
     "option, message",
     [
         (["--beam-size", "0"], "--beam-size must be 1 or more (1 is greedy), got 0"),
-        (["--length-penalty", "-1"], "--length-penalty must be >= 0 (the paper's is 0.6)"),
+        (["--length-penalty", "-1"], "--length-penalty must be a finite number >= 0"),
+        (["--length-penalty", "nan"], "--length-penalty must be a finite number >= 0"),
         (["--no-repeat-ngram", "-2"], "--no-repeat-ngram must be >= 0 (0: off), got -2"),
         (["--device", "tpu"], "--device 'tpu' is not a device; use auto, cpu or cuda"),
         pytest.param(
@@ -429,7 +502,14 @@ def test_translate_output_that_is_a_folder(trained, tmp_path, capsys, monkeypatc
             marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU"),
         ),
     ],
-    ids=["beam-0", "negative-penalty", "negative-ngram", "unknown-device", "cuda-without-gpu"],
+    ids=[
+        "beam-0",
+        "negative-penalty",
+        "nan-penalty",
+        "negative-ngram",
+        "unknown-device",
+        "cuda-without-gpu",
+    ],
 )
 def test_translate_bad_decoding_options(trained, capsys, monkeypatch, option, message):
     assert_refused(
@@ -444,7 +524,7 @@ def test_translate_with_a_damaged_config_json(run_copy, capsys, monkeypatch):
     assert_refused(
         run(["translate", "--checkpoint", checkpoint], capsys, b"ein hund\n", monkeypatch),
         "config.json is damaged",
-        "choose another checkpoint or an earlier one",
+        "choose another checkpoint, such as an earlier one in",
     )
 
 

@@ -313,6 +313,13 @@ def test_bad_classify_input(toy_run, capsys, monkeypatch, tmp_path):
     assert code == 0 and "accuracy 100.00" in out, err
     code, _, err = run(["classify", "--checkpoint", tmp_path / "nope", "--eval", cols], capsys)
     one_error_line(code, err, "does not exist")
+    code, _, err = run(
+        ["classify", "--checkpoint", run_dir, "--json"],
+        capsys,
+        stdin="good\n",
+        monkeypatch=monkeypatch,
+    )
+    one_error_line(code, err, "--json prints --eval's scores: add --eval FILE or drop --json")
 
 
 def test_classify_refuses_a_translation_checkpoint(tmp_path, capsys, monkeypatch):
@@ -368,6 +375,19 @@ def test_bad_classification_configs(tmp_path, toy_data, capsys, section, values,
     config = toy_config(tmp_path, toy_data, tmp_path / "run", **{section: values})
     code, _, err = run(["train", config, "--quiet"], capsys)
     one_error_line(code, err, message)
+
+
+def test_a_missing_word_vector_file_is_refused_before_anything_is_written(
+    tmp_path, toy_data, capsys
+):
+    data = {"tokenizer": "word", "vocab_size": 100, "embeddings_file": "no/such/vectors.txt"}
+    run_dir = tmp_path / "run"
+    config = toy_config(tmp_path, toy_data, run_dir, data=data)
+    code, _, err = run(["train", config, "--quiet"], capsys)
+    one_error_line(
+        code, err, "data.embeddings_file no/such/vectors.txt does not exist", str(Path.cwd())
+    )
+    assert not run_dir.exists()
 
 
 def test_word_vectors_initialise_a_word_level_classifier(one_thread, tmp_path, toy_data):
@@ -695,3 +715,32 @@ def test_help_of_the_new_commands(capsys):
         assert exit_info.value.code == 0
         out = capsys.readouterr().out
         assert "usage: aiayn" in out and needle in out
+
+
+def test_finetune_freezing_more_layers_than_the_source_has_writes_nothing(
+    toy_run, tmp_path, capsys
+):
+    source_dir, folder = toy_run
+    config = toy_config(tmp_path, folder, tmp_path / "tuned", finetune={"freeze_layers": 5})
+    values = yaml.safe_load(config.read_text())
+    values["model"] = {}  # the architecture comes from the source
+    config.write_text(yaml.safe_dump(values), encoding="utf-8")
+    code, _, err = run(["finetune", "--from", source_dir, config, "--quiet"], capsys)
+    one_error_line(code, err, "finetune.freeze_layers is 5 but the model has")
+    assert not (tmp_path / "tuned").exists()
+
+
+def test_resume_continues_a_classification_run_and_refuses_other_data(
+    one_thread, tmp_path, toy_data, capsys
+):
+    """The run's config.yaml holds its data section resolved (the classes and max_len found
+    from the data), the resumed config the same section as written: not another experiment.
+    Another vocabulary size is."""
+    run_dir = tmp_path / "run"
+    config = toy_config(tmp_path, toy_data, run_dir, train={"max_steps": 2, "eval_every": 0})
+    assert run(["train", config, "--quiet"], capsys)[0] == 0
+    code, _, err = run(["train", config, "--quiet", "--resume", "--data.vocab_size", "90"], capsys)
+    one_error_line(code, err, "--resume: data.vocab_size is 90 here but")
+    code, _, err = run(["train", config, "--quiet", "--resume", "--train.max_steps", "4"], capsys)
+    assert code == 0, err
+    assert ckpt.checkpoint_step(ckpt.latest_checkpoint(run_dir / "checkpoints")) == 4

@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from aiayn.cli import main
-from aiayn.experiment import TASKS, Experiment
+from aiayn.errors import ConfigError
+from aiayn.experiment import TASKS, Experiment, apply_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 MULTI30K = ROOT.parent / "shared" / "data" / "multi30k"
@@ -212,6 +213,10 @@ def write(path: Path, text: str) -> Path:
         ("task: translation\nrun_dir: r\nmodel: {d_model: 3\n", "is not valid YAML"),
         ("task: translation\nrun_dir: r\ndata: {format: text}\n", "data.train_src is required when data.format is 'text'"),
         ("task: translation\nrun_dir: r\nmodel: {src_vocab_size: 9}\n", "model.src_vocab_size is set by the tokenizer"),
+        ("task: translation\nrun_dir: r\ntrain: {lr_scale: .nan}\n", "train.lr_scale must be a finite number, got nan"),
+        ("task: translation\nrun_dir: r\ntrain: {lr_scale: .inf}\n", "train.lr_scale must be a finite number, got inf"),
+        ("task: translation\nrun_dir: r\nmodel: {dropout: -.inf}\n", "model.dropout must be a finite number, got -inf"),
+        ("", "is empty; see configs/ for examples"),
     ],
 )  # fmt: skip
 def test_bad_configs(tmp_path, capsys, config, message):
@@ -223,9 +228,16 @@ def test_bad_configs(tmp_path, capsys, config, message):
 def test_missing_config_and_bad_override(tmp_path, capsys):
     code, _, err = run(["train", tmp_path / "nope.yaml"], capsys)
     assert code == 1 and "config file" in err and "does not exist" in err
+    code, _, err = run(["train", tmp_path], capsys)
+    assert code == 1 and f"error: {tmp_path} is a folder; give a config file" in err
     config = write(tmp_path / "c.yaml", "task: translation\nrun_dir: r\n")
     code, _, err = run(["train", config, "--train.max_steps"], capsys)
-    assert code == 1 and "has no value" in err
+    assert code == 1 and "override --train.max_steps has no value" in err
+    # The flag without a value is named, not the next override's value.
+    code, _, err = run(["train", config, "--train.max_steps", "--data.root", "/x"], capsys)
+    assert code == 1 and "override --train.max_steps has no value" in err
+    code, _, err = run(["train", config, "--run_dir", "x", "train.max_steps=3"], capsys)
+    assert code == 1 and "got 'train.max_steps=3'" in err
     code, _, err = run(["train", config, "--nosuch.key", "3"], capsys)
     assert code == 1 and "unknown config section 'nosuch'" in err
 
@@ -318,3 +330,17 @@ def test_bad_input_to_a_trained_model(tmp_path, capsys, monkeypatch):
         monkeypatch=monkeypatch,
     )
     assert code == 1 and "model.safetensors" in err
+
+
+def test_an_override_that_opens_a_yaml_list_must_close_it():
+    with pytest.raises(ConfigError, match=r"--data.sources: '\[\{path: x' is not valid YAML"):
+        apply_overrides({}, ["--data.sources", "[{path: x"])
+    values: dict = {}
+    apply_overrides(values, ["--data.root", "a: b: c"])  # not YAML: taken as text
+    assert values == {"data": {"root": "a: b: c"}}
+
+
+def test_overrides_may_be_written_with_an_equals_sign():
+    values: dict = {"train": {"max_steps": 8}}
+    apply_overrides(values, ["--train.max_steps=3", "--run_dir=runs/a=b", "--data.root", "d"])
+    assert values == {"train": {"max_steps": 3}, "run_dir": "runs/a=b", "data": {"root": "d"}}

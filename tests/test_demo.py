@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from aiayn.errors import ConfigError
 from aiayn.tasks import numbers
 from aiayn.tasks.demo import DemoConfig, DemoResult, Translation, format_result, run_demo
+from aiayn.train import Trainer, TrainingStopped
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -75,6 +77,24 @@ def test_run_demo_replaces_previous_run_log(tmp_path: Path) -> None:
     log = [json.loads(line) for line in (tmp_path / "run" / "train.jsonl").read_text().splitlines()]
     steps = [record["step"] for record in log if "loss" in record]
     assert steps == sorted(steps), "the second run appended to the first run's log"
+
+
+def test_a_stopped_demo_says_to_run_it_again(tmp_path: Path, monkeypatch) -> None:
+    """The demo has no --resume: a signal's message says what to do instead."""
+    train_step = Trainer.train_step
+
+    def step_then_signal(self):
+        result = train_step(self)
+        if self.step == 2:
+            signal.raise_signal(signal.SIGTERM)  # as `kill` would, mid-run
+        return result
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_signal)
+    with pytest.raises(TrainingStopped) as stopped:
+        run_demo(tmp_path, TINY, progress=False)
+    message = str(stopped.value)
+    assert f"stopped by signal {int(signal.SIGTERM)} at step 2" in message
+    assert "run `aiayn demo` again" in message and "--resume" not in message
 
 
 def test_format_result_marks_right_and_wrong() -> None:

@@ -155,6 +155,10 @@ def test_non_number_value(tmp_path):
     path.write_text("cat 1 2\ndog 3 x\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"line 2 \('dog'\) holds a value that is not a finite"):
         read_vectors(path)
+    # Words on the first line (a table's header, say): not a vector file at all.
+    path.write_text("sentence label\nfine 1\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"line 1 .* the file is not a vector file: give a GloVe"):
+        read_vectors(path)
 
 
 @pytest.mark.parametrize("content", [b"", b"\n\n  \n"])

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import random
+import shutil
 import sys
 import types
 from pathlib import Path
@@ -405,6 +406,25 @@ def test_summarize_bad_input(trained, tmp_path, capsys, monkeypatch):
         *run([*ckpt, "--input", tmp_path / "none.txt", "--output", out], capsys)[::2], "none.txt"
     )
     assert out.read_text() == "precious\n"
+    one_line_error(
+        *run([*ckpt, "--input", docs, "--max-examples", "2"], capsys)[::2],
+        "--max-examples limits --split's examples: add --split or drop it",
+    )
+
+
+def test_summarize_a_split_whose_data_has_moved_says_how_to_point_at_it(trained, tmp_path, capsys):
+    """--split reads the run's own data section, whose path may be relative to where the run
+    trained: the error says how to read the data from elsewhere."""
+    moved = tmp_path / "run"
+    shutil.copytree(trained, moved)
+    for config in moved.glob("checkpoints/*/config.json"):
+        values = json.loads(config.read_text())
+        values["data"]["path"] = "data/bbc.jsonl.gz"
+        config.write_text(json.dumps(values))
+    code, _, err = run(["summarize", "--checkpoint", moved, "--split", "test"], capsys)
+    one_line_error(
+        code, err, "data/bbc.jsonl.gz", f"the data section of {moved}'s run", "--data.path PATH"
+    )
 
 
 def test_summarize_refuses_a_translation_checkpoint(toy_config, tmp_path, capsys, monkeypatch):

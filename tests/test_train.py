@@ -438,7 +438,8 @@ def test_fused_label_smoothed_nll_equals_the_eager_loss(one_thread):
 
 def test_max_time_stops_early_with_a_checkpoint_and_carries_over_resume(tmp_path):
     """train.max_time_s ends training like max_steps does (final checkpoint), and the time
-    already spent counts after --resume: a run out of time stops at once."""
+    already spent counts after --resume: a run out of time is refused, with the limit named,
+    and goes on once the limit is raised."""
     examples = copy_examples()
     trainer = make_trainer(tmp_path, 10_000, examples, max_time_s=0.5)
     trainer.fit(progress=False)
@@ -449,9 +450,12 @@ def test_max_time_stops_early_with_a_checkpoint_and_carries_over_resume(tmp_path
     assert state["elapsed_s"] >= 0.5
 
     again = make_trainer(tmp_path, 10_000, examples, max_time_s=0.5)
-    assert again.resume() == trainer.step
-    again.fit(progress=False)
-    assert again.step == trainer.step  # no time left: no further step
+    with pytest.raises(ConfigError, match=r"already reached .* train.max_time_s 0.5; raise"):
+        again.resume()
+    longer = make_trainer(tmp_path, 10_000, examples, max_time_s=state["elapsed_s"] + 0.5)
+    assert longer.resume() == trainer.step
+    longer.fit(progress=False)
+    assert longer.step > trainer.step
 
 
 def test_auto_precision_stays_fp32_on_a_cpu_and_says_when_bf16_would_be_faster(monkeypatch):

@@ -586,7 +586,7 @@ def _require_checkpoint(directory: Path) -> None:
 def _damaged(path: Path, detail: str) -> str:
     return (
         f"checkpoint file {path} is damaged ({detail}); the checkpoint {path.parent} cannot be "
-        "used: choose another checkpoint or an earlier one (see list_checkpoints)"
+        f"used: choose another checkpoint, such as an earlier one in {path.parent.parent}"
     )
 
 

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -67,6 +68,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from aiayn.tasks.demo import DemoConfig, format_result, run_demo
 
     cfg = DemoConfig(seed=args.seed) if args.seed is not None else DemoConfig()
+    existing = next(p for p in (Path(args.out), *Path(args.out).parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(
+            f"--out {args.out} cannot be a folder: {existing} is a file; pass another --out"
+        )
     result = run_demo(Path(args.out), cfg, progress=not args.quiet)
     print(format_result(result))
     return 0
@@ -135,18 +141,28 @@ def _read_input(path: str | None) -> list[str]:
     return lines
 
 
+def _check_output(path: str | None, option: str = "--output") -> None:
+    """Refuse an output file that cannot be written, before any work is done for it."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise DataError(f"cannot write {target}: it is a folder; give {option} a file name")
+    if not target.parent.is_dir():
+        what = "is a file, not a folder" if target.parent.exists() else "does not exist"
+        raise DataError(
+            f"cannot write {target}: {target.parent} {what}; create the folder or choose "
+            f"another {option}"
+        )
+
+
 def _write_output(lines: Sequence[str], path: str | None) -> None:
     text = "".join(line + "\n" for line in lines)
     if path is None:
         sys.stdout.write(text)
         return
+    _check_output(path)
     target = Path(path)
-    if not target.parent.is_dir():
-        what = "is a file, not a folder" if target.parent.exists() else "does not exist"
-        raise DataError(
-            f"cannot write {target}: {target.parent} {what}; create the folder or choose "
-            "another --output"
-        )
     # Write beside the target and rename: an interrupted run never leaves half a file behind.
     tmp = None
     try:
@@ -187,9 +203,10 @@ def _translator(args: argparse.Namespace, task: str = "translation"):
         raise ConfigError(f"--no-repeat-ngram must be >= 0 (0: off), got {args.no_repeat_ngram}")
     if args.beam_size is not None and args.beam_size < 1:
         raise ConfigError(f"--beam-size must be 1 or more (1 is greedy), got {args.beam_size}")
-    if args.length_penalty is not None and args.length_penalty < 0:
+    if args.length_penalty is not None and not 0 <= args.length_penalty < math.inf:
         raise ConfigError(
-            f"--length-penalty must be >= 0 (the paper's is 0.6), got {args.length_penalty}"
+            f"--length-penalty must be a finite number >= 0 (the paper's is 0.6), got "
+            f"{args.length_penalty}"
         )
     device = _device(args.device)
     translator = Translator.from_checkpoint(args.checkpoint, device=device)
@@ -199,6 +216,8 @@ def _translator(args: argparse.Namespace, task: str = "translation"):
 
 
 def cmd_translate(args: argparse.Namespace) -> int:
+    _check_output(args.output)
+    _check_output(args.attention, "--attention")
     translator = _translator(args)
     sentences = _read_input(args.input)
     outputs = translator.translate(
@@ -229,6 +248,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from aiayn.metrics import corpus_bleu
 
     pairs = read_parallel(args.src, args.ref)
+    _check_output(args.output)
     translator = _translator(args)
     hyps = translator.translate(
         [s for s, _ in pairs],
@@ -267,6 +287,8 @@ def cmd_summarize(args: argparse.Namespace, overrides: Sequence[str] = ()) -> in
         raise ConfigError(f"--max-len must be 1 or more (tokens), got {args.max_len}")
     if args.max_examples is not None and args.max_examples < 1:
         raise ConfigError(f"--max-examples must be 1 or more, got {args.max_examples}")
+    if args.max_examples is not None and args.split is None:
+        raise ConfigError("--max-examples limits --split's examples: add --split or drop it")
     if args.split is not None and (args.input is not None or args.ref is not None):
         raise ConfigError(
             "--split reads documents and references from the data section: drop --input/--ref"
@@ -276,6 +298,7 @@ def cmd_summarize(args: argparse.Namespace, overrides: Sequence[str] = ()) -> in
             "--lead with --split needs --config, the experiment whose data section names the "
             "data, e.g. --config configs/bbc_headline.yaml"
         )
+    _check_output(args.output)
     data = None
     if args.config is not None:
         from aiayn.experiment import Experiment
@@ -288,7 +311,16 @@ def cmd_summarize(args: argparse.Namespace, overrides: Sequence[str] = ()) -> in
 
     references = None
     if args.split is not None:
-        pairs = (data or summarizer.data).read(args.split)[: args.max_examples]
+        try:
+            pairs = (data or summarizer.data).read(args.split)[: args.max_examples]
+        except DataError as exc:
+            if data is not None:
+                raise
+            # The run's own data section, whose paths may be relative to where it trained.
+            raise DataError(
+                f"{exc} (the data section of {args.checkpoint}'s run; to read the data from "
+                "elsewhere add --config CONFIG --data.path PATH)"
+            ) from None
         documents, references = [d for d, _ in pairs], [r for _, r in pairs]
     else:
         documents = _read_input(args.input)
@@ -339,8 +371,11 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from aiayn.tasks.classification import Classifier, Ensemble, read_table_examples
 
     device = _device(args.device)
+    _check_output(args.output)
     if args.eval is not None and args.input is not None:
         raise ConfigError("give --eval FILE (labelled) or --input FILE (texts), not both")
+    if args.json and args.eval is None:
+        raise ConfigError("--json prints --eval's scores: add --eval FILE or drop --json")
     if args.eval is not None and not Path(args.eval).is_file():
         raise DataError(f"--eval {args.eval} does not exist; give a TSV/CSV/JSONL file")
     if len(args.checkpoint) == 1:

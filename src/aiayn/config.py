@@ -55,6 +55,10 @@ class ConfigSection:
             if annotation == "float":
                 if isinstance(value, bool) or not isinstance(value, int | float):
                     raise ConfigError(f"{where} must be a number, got {value!r}")
+                # YAML reads .nan and .inf as floats; no setting means anything by them, and
+                # a NaN passes every range check below (each comparison is False).
+                if not math.isfinite(value):
+                    raise ConfigError(f"{where} must be a finite number, got {value!r}")
                 setattr(self, f.name, float(value))
             if annotation == "bool" and not isinstance(value, bool):
                 raise ConfigError(f"{where} must be true or false, got {value!r}")

@@ -8,12 +8,15 @@
     train: {...}                               # TrainConfig
     decode: {...}                              # the task's decoding section
 
-The command line overrides any value with `--section.key value` (`--train.max_steps 100`,
-`--run_dir runs/x`); values are read as YAML scalars. Unknown sections and keys are errors.
+The command line overrides any value with `--section.key value` or `--section.key=value`
+(`--train.max_steps 100`, `--run_dir=runs/x`); values are read as YAML. Unknown sections and
+keys are errors. `--resume` continues the run in run_dir only with the experiment its
+config.yaml records (`Experiment.check_resumes`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -23,13 +26,19 @@ from typing import Any
 import yaml
 
 from aiayn import checkpoint as ckpt
-from aiayn.config import TransformerConfig, load_yaml_mapping
+from aiayn.config import ConfigSection, TransformerConfig, load_yaml_mapping
 from aiayn.errors import CheckpointError, ConfigError, DataError
 from aiayn.train import TrainConfig, Trainer
 
 logger = logging.getLogger(__name__)
 
 TASKS = ("translation", "classification", "summarization", "pretrain")
+# What --resume may change: where the same data now lives (data), and how attention is
+# computed rather than what (model). Any other change to these sections is another experiment.
+RESUME_MAY_CHANGE = {
+    "data": frozenset({"root", "path", "embeddings_file"}),
+    "model": frozenset({"attention"}),
+}
 SECTIONS = ("task", "run_dir", "model", "data", "train", "decode", "head", "finetune")
 # Tasks that can start from pre-trained weights (`aiayn finetune --from`, `finetune.source`).
 FINETUNE_TASKS = ("classification",)
@@ -50,6 +59,10 @@ class Experiment:
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> Experiment:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(
+                f"{path} is a folder; give a config file, e.g. configs/multi30k_de_en.yaml"
+            )
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist; see configs/ for examples")
         try:
@@ -57,6 +70,8 @@ class Experiment:
         except UnicodeDecodeError as exc:
             raise ConfigError(f"config file {path} is not UTF-8 text ({exc.reason})") from None
         values = load_yaml_mapping(text, what=f"config file {path}")
+        if not values:
+            raise ConfigError(f"config file {path} is empty; see configs/ for examples")
         apply_overrides(values, overrides or [])
         return cls.from_dict(values)
 
@@ -150,8 +165,12 @@ class Experiment:
         }
 
     # ------------------------------------------------------------------ the run directory
-    def check_run_dir(self, resume: bool) -> None:
-        """Refuse to overwrite a finished or running run; refuse to resume nothing.
+    def check_run_dir(
+        self, resume: bool, data: ConfigSection | None = None, derived: tuple[str, ...] = ()
+    ) -> None:
+        """Refuse to overwrite a finished or running run; refuse to resume nothing, or to resume
+        a run with the settings of another experiment (`check_resumes`: `data` is the task's
+        data section, `derived` its fields that the run resolved from null).
 
         Also refuse a run_dir that cannot be created, before any data is read, so that a
         refused run writes nothing.
@@ -177,6 +196,54 @@ class Experiment:
                 f"{self.run_dir} already holds a run: continue it with --resume, or pass "
                 "--run_dir with a new folder"
             )
+        if resume:
+            self.check_resumes(data, derived)
+
+    def check_resumes(self, data: ConfigSection | None, derived: tuple[str, ...] = ()) -> None:
+        """Refuse to resume the run in run_dir with another task, other data or another model
+        than its config.yaml records (its checkpoints would train on, silently, with them)."""
+        path = self.run_dir / "config.yaml"
+        try:
+            run = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError, UnicodeDecodeError):
+            return  # no record to compare with: the checkpoint's own checks still apply
+        if not isinstance(run, dict):
+            return
+        if run.get("task") != self.task:
+            raise ConfigError(
+                f"--resume: {self.run_dir} holds a {run.get('task')} run but the config is for "
+                f"{self.task}; resume with the run's own config ({path}), or pass another "
+                "--run_dir"
+            )
+        now: dict[str, dict[str, Any]] = {}
+        then: dict[str, dict[str, Any]] = {}
+        if data is not None and isinstance(run.get("data"), dict):
+            known = {f.name for f in dataclasses.fields(data)}
+            try:
+                stored = {k: v for k, v in run["data"].items() if k in known}
+                then["data"] = type(data).from_dict(stored).to_dict()
+            except ConfigError:
+                pass  # written by another version: nothing to compare with
+            now["data"] = {
+                k: v for k, v in data.to_dict().items() if not (k in derived and v is None)
+            }
+        model = run.get("model")
+        if not self.finetune.get("source") and isinstance(model, dict):
+            try:
+                vocab, pad_id = model["src_vocab_size"], model["pad_id"]
+                now["model"] = self.model_config(vocab_size=vocab, pad_id=pad_id).to_dict()
+                then["model"] = model
+            except (ConfigError, KeyError, TypeError):
+                pass
+        for section in then.keys() & now.keys():
+            for key, value in now[section].items():
+                was = then[section].get(key)
+                if key in RESUME_MAY_CHANGE[section] or _located(value) == _located(was):
+                    continue
+                raise ConfigError(
+                    f"--resume: {section}.{key} is {value!r} here but {was!r} in {path}; "
+                    "resume with the run's settings, or start a new run with another --run_dir"
+                )
 
     def write_config(self, run_config: dict[str, Any]) -> Path:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -209,13 +276,45 @@ class Experiment:
             return None
 
 
-def apply_overrides(values: dict[str, Any], overrides: list[str]) -> None:
-    """Apply `--section.key value` pairs (as the CLI received them) to a config mapping."""
-    if len(overrides) % 2:
-        raise ConfigError(f"override {overrides[-1]!r} has no value; write --section.key value")
-    for flag, raw in zip(overrides[::2], overrides[1::2], strict=True):
+def _located(value: Any) -> Any:
+    """A data setting without the paths in it: a list of sources compares without theirs."""
+    if isinstance(value, list):
+        return [
+            {k: v for k, v in item.items() if k != "path"} if isinstance(item, dict) else item
+            for item in value
+        ]
+    return value
+
+
+def _override_pairs(overrides: list[str]) -> list[tuple[str, str]]:
+    """(flag, value) pairs of `--section.key value` or `--section.key=value` words."""
+    words: list[str] = []
+    for word in overrides:
+        if word.startswith("--") and "=" in word:
+            flag, _, value = word.partition("=")
+            words += [flag, value]
+        else:
+            words.append(word)
+    pairs = []
+    for i in range(0, len(words), 2):
+        flag = words[i]
         if not flag.startswith("--") or len(flag) < 3:
             raise ConfigError(f"expected an override like --train.max_steps 100, got {flag!r}")
+        if i + 1 == len(words) or _is_override_flag(words[i + 1]):
+            raise ConfigError(f"override {flag} has no value; write {flag} VALUE")
+        pairs.append((flag, words[i + 1]))
+    return pairs
+
+
+def _is_override_flag(word: str) -> bool:
+    """Whether a word is an override's flag (--run_dir, --train.max_steps), not a value."""
+    return word.startswith("--") and word[2:].replace("-", "_").split(".")[0] in SECTIONS
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> None:
+    """Apply `--section.key value` (or `--section.key=value`) overrides, as the CLI received
+    them, to a config mapping."""
+    for flag, raw in _override_pairs(overrides):
         path = flag[2:].replace("-", "_").split(".")
         if path[0] not in SECTIONS:
             raise ConfigError(
@@ -223,8 +322,11 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> None:
             )
         try:
             value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
+        except yaml.YAMLError as exc:
+            if raw.lstrip().startswith(("[", "{")):  # meant as a YAML list or mapping
+                detail = " ".join(str(exc).split())
+                raise ConfigError(f"{flag}: {raw!r} is not valid YAML: {detail}") from None
+            value = raw  # any other text is taken as it is: a path, a name
         target = values
         for key in path[:-1]:
             target = target.setdefault(key, {})

@@ -11,6 +11,7 @@ Every score is on a 0-100 scale.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -119,6 +120,8 @@ def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
 
     _check_pairs(predictions, references, "ROUGE")
     keys = ["rouge1", "rouge2", "rougeL", "rougeLsum"]
+    # rouge-score logs "Using default tokenizer." at INFO through absl at every scorer.
+    logging.getLogger("absl").setLevel(logging.WARNING)
     scorer = rouge_scorer.RougeScorer(keys, use_stemmer=True)
     totals = dict.fromkeys(keys, 0.0)
     for pred, ref in zip(predictions, references, strict=True):

@@ -46,6 +46,14 @@ class TrainingError(AiaynError):
     """Training cannot go on (for example the loss or gradients stay non-finite)."""
 
 
+class TrainingStopped(TrainingError):
+    """A signal (Ctrl-C, SIGTERM) stopped training after `step`; `checkpoint` holds it."""
+
+    def __init__(self, message: str, *, signal: int, step: int, checkpoint: Path) -> None:
+        super().__init__(message)
+        self.signal, self.step, self.checkpoint = signal, step, checkpoint
+
+
 @dataclass
 class TrainConfig(ConfigSection):
     """How to train. Defaults follow §5 of the paper (base model, 100K steps)."""
@@ -592,6 +600,12 @@ class Trainer:
         self.elapsed_before = float(state.get("elapsed_s", 0.0))
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        if self._done():
+            # Nothing left to train: fit() would only validate the last step again.
+            raise ConfigError(
+                f"--resume: {path.name} has already reached {self._limit_reached()}; "
+                "raise that limit to train further"
+            )
         ckpt.restore_rng_state(state["rng"])
         self._truncate_log(self.step)
         logger.info("resumed from %s at step %d", path, self.step)
@@ -792,6 +806,15 @@ class Trainer:
             for s, h in previous.items():
                 signal.signal(s, h)
 
+    def _limit_reached(self) -> str:
+        """Which of the limits `_done` checks this run has reached, in words."""
+        cfg = self.cfg
+        if self.step >= cfg.max_steps:
+            return f"step {self.step}, train.max_steps {cfg.max_steps}"
+        if cfg.max_time_s is not None and self.elapsed_s >= cfg.max_time_s:
+            return f"{self.elapsed_s:.0f} s of training, train.max_time_s {cfg.max_time_s:g}"
+        return f"epoch {self.stream.epoch}, train.max_epochs {cfg.max_epochs}"
+
     def _done(self) -> bool:
         if self.step >= self.cfg.max_steps:
             return True
@@ -884,9 +907,12 @@ class Trainer:
             if self._stop_signal is not None:
                 bar.close()
                 path = self.save()
-                raise TrainingError(
+                raise TrainingStopped(
                     f"stopped by signal {self._stop_signal} at step {self.step}; checkpoint "
-                    f"{path} saved: continue with --resume"
+                    f"{path} saved: continue with --resume",
+                    signal=self._stop_signal,
+                    step=self.step,
+                    checkpoint=path,
                 )
             metrics = self._evaluate_and_save() or metrics
         bar.close()

@@ -236,9 +236,14 @@ def _read_text(
                 except ValueError:
                     vec = np.array([math.nan], dtype=np.float32)
                 if not np.isfinite(vec).all():
+                    what = (
+                        "is not a vector file: give a GloVe or word2vec file"
+                        if n == 1
+                        else "is damaged"
+                    )
                     raise DataError(
                         f"{path}: line {lineno} ({word!r}) holds a value that is not a finite "
-                        "number; the file is damaged"
+                        f"number; the file {what}"
                     )
                 seen.add(word)
                 words.append(word)

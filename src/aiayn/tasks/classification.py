@@ -668,8 +668,16 @@ def train_classification(
     head = HeadConfig.from_dict(exp.head)
     tune = FinetuneConfig.from_dict(exp.finetune)
     run_dir = exp.run_dir
-    exp.check_run_dir(resume)
+    exp.check_run_dir(resume, data, derived=("labels", "max_len"))
     resolve_precision(exp.train.precision, resolve_device(exp.train.device, Distributed.from_env()))
+    reads_vectors = data.embeddings_file is not None and tune.source is None and not resume
+    if reads_vectors and not Path(data.embeddings_file).is_file():
+        # Checked before the data is read and a vocabulary trained (a minute on IMDB).
+        raise DataError(
+            f"data.embeddings_file {data.embeddings_file} does not exist (a relative path is "
+            f"read from the current folder, {Path.cwd()}); give the path of a GloVe or "
+            "word2vec file with --data.embeddings_file"
+        )
 
     source = load_source(tune.source) if tune.source is not None else None
     splits = read_splits(data)
@@ -732,16 +740,12 @@ def train_classification(
                 max_len,
             )
 
-    if source is not None or not (resume and tokenizer_path.is_file()):
-        run_dir.mkdir(parents=True, exist_ok=True)  # only now: a refused run writes nothing
-        encoder.save(tokenizer_path)
-
     torch.manual_seed(exp.train.seed)
     model = SequenceClassifier(
         Transformer(model_cfg), n_classes=len(labels), pooling=head.pooling, dropout=head.dropout
     )
     lr_scales = prepare(model, source, tune) if source is not None else {}
-    if data.embeddings_file is not None and source is None and not resume:
+    if reads_vectors:
         from aiayn.data.embeddings import init_model_embeddings, token_counts
 
         report = init_model_embeddings(
@@ -767,6 +771,11 @@ def train_classification(
         # Static vectors (Kim 2014's "static"): the words the training set lacks keep the
         # meaning the vectors give them instead of drifting with the ones it has.
         model.body.src_embed.lut.weight.requires_grad_(False)
+    # Saved only now, once the model is built and its weights are in (fine-tuning settings
+    # and word vectors checked): a refused run writes nothing.
+    if source is not None or not (resume and tokenizer_path.is_file()):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        encoder.save(tokenizer_path)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info(
         "model: %s parameters (%s trainable), %d classes",

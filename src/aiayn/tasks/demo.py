@@ -37,7 +37,7 @@ from aiayn.model import Transformer, recording_attention
 from aiayn.plots import attention_heatmap, training_curves
 from aiayn.tasks import numbers
 from aiayn.tasks.seq2seq import TOKENIZER_FILE, batch_maker, seq2seq_loss, validation_loss
-from aiayn.train import TrainConfig, Trainer
+from aiayn.train import TrainConfig, Trainer, TrainingStopped
 
 logger = logging.getLogger(__name__)
 
@@ -386,7 +386,17 @@ def run_demo(out_dir: Path, cfg: DemoConfig | None = None, progress: bool = True
         higher_is_better=True,
     )
     train_start = time.perf_counter()
-    trained = trainer.fit(progress=progress)
+    try:
+        trained = trainer.fit(progress=progress)
+    except TrainingStopped as stop:
+        # The demo has no --resume (its next run replaces run/): say what to do instead.
+        raise TrainingStopped(
+            f"the demo was stopped by signal {stop.signal} at step {stop.step}; run "
+            "`aiayn demo` again to train it from the start (about a minute and a half)",
+            signal=stop.signal,
+            step=stop.step,
+            checkpoint=stop.checkpoint,
+        ) from None
     train_seconds = time.perf_counter() - train_start
     logger.info("trained %d steps in %.1f s", trained.step, train_seconds)
     tested_step = _restore_best(model, trainer.checkpoint_root) or trained.step

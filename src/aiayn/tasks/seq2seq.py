@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from aiayn.config import TransformerConfig
+from aiayn.config import ConfigSection, TransformerConfig
 from aiayn.data.batching import DeviceBatch, TokenBatchSampler, collate, example_lengths
 from aiayn.data.tokenizer import Tokenizer
 from aiayn.decoding import release_static_decoding
@@ -112,9 +112,10 @@ Score = Callable[[Transformer, Tokenizer], dict[str, float]]
 TOKENIZER_FILE = "tokenizer.json"
 
 
-def check_run(exp: Experiment, resume: bool) -> None:
-    """Refuse a bad run_dir, device or precision before any data is read or written."""
-    exp.check_run_dir(resume)
+def check_run(exp: Experiment, resume: bool, data: ConfigSection) -> None:
+    """Refuse a bad run_dir, device or precision before any data is read or written; `data`
+    is the task's data section, which a resumed run must share with the run."""
+    exp.check_run_dir(resume, data)
     resolve_precision(exp.train.precision, resolve_device(exp.train.device, Distributed.from_env()))
 
 

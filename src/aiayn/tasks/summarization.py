@@ -393,7 +393,7 @@ def train_summarization(
                 f"data.{name} ({getattr(data, name)}) must be below model.max_len ({max_len}): "
                 f"one position is the </s> or <s>; lower data.{name} or raise model.max_len"
             )
-    check_run(exp, resume)
+    check_run(exp, resume, data)
     train_pairs, valid_pairs = data.read("train"), data.read("valid")
 
     def fit(

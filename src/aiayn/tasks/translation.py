@@ -329,7 +329,7 @@ def train_translation(
     """Train a translation model as `exp` describes; returns the final validation metrics."""
     data = TranslationData.from_dict(exp.data)
     decode = DecodeConfig.from_dict(exp.decode)
-    check_run(exp, resume)
+    check_run(exp, resume, data)
     train_pairs, valid_pairs = data.read("train"), data.read("valid")
 
     def fit(
