@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from aiayn import checkpoint as ckpt
 from aiayn.cli import main
@@ -684,3 +685,12 @@ def test_debug_shows_the_traceback_instead(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == (
         "aiayn.errors.ConfigError: unknown preset 'huge'; choose one of base, big, tiny"
     )
+
+
+def test_resume_of_a_run_saved_before_a_model_field_existed(run_copy, capsys):
+    """A run's config.yaml from an older aiayn lacks the fields added since: not a change."""
+    record = yaml.safe_load((run_copy / "config.yaml").read_text(encoding="utf-8"))
+    del record["model"]["output_bias"]
+    (run_copy / "config.yaml").write_text(yaml.safe_dump(record), encoding="utf-8")
+    resume = ["train", run_copy.parent / "toy.yaml", "--run_dir", run_copy, "--resume", "--quiet"]
+    assert run([*resume, "--train.max_steps", "3"], capsys)[0] == 0

@@ -735,12 +735,14 @@ def test_resume_continues_a_classification_run_and_refuses_other_data(
 ):
     """The run's config.yaml holds its data section resolved (the classes and max_len found
     from the data), the resumed config the same section as written: not another experiment.
-    Another vocabulary size is."""
+    Another vocabulary size is, and so is another pooling of the head."""
     run_dir = tmp_path / "run"
     config = toy_config(tmp_path, toy_data, run_dir, train={"max_steps": 2, "eval_every": 0})
     assert run(["train", config, "--quiet"], capsys)[0] == 0
     code, _, err = run(["train", config, "--quiet", "--resume", "--data.vocab_size", "90"], capsys)
     one_error_line(code, err, "--resume: data.vocab_size is 90 here but")
+    code, _, err = run(["train", config, "--quiet", "--resume", "--head.pooling", "cls"], capsys)
+    one_error_line(code, err, "--resume: head.pooling is 'cls' here but 'mean'")
     code, _, err = run(["train", config, "--quiet", "--resume", "--train.max_steps", "4"], capsys)
     assert code == 0, err
     assert ckpt.checkpoint_step(ckpt.latest_checkpoint(run_dir / "checkpoints")) == 4

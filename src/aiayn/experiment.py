@@ -166,11 +166,15 @@ class Experiment:
 
     # ------------------------------------------------------------------ the run directory
     def check_run_dir(
-        self, resume: bool, data: ConfigSection | None = None, derived: tuple[str, ...] = ()
+        self,
+        resume: bool,
+        sections: dict[str, ConfigSection] | None = None,
+        derived: tuple[str, ...] = (),
     ) -> None:
         """Refuse to overwrite a finished or running run; refuse to resume nothing, or to resume
-        a run with the settings of another experiment (`check_resumes`: `data` is the task's
-        data section, `derived` its fields that the run resolved from null).
+        a run with the settings of another experiment (`check_resumes`: `sections` are the
+        task's own sections as read, such as {"data": ...}, `derived` the fields of these that
+        the run resolved from null).
 
         Also refuse a run_dir that cannot be created, before any data is read, so that a
         refused run writes nothing.
@@ -197,11 +201,14 @@ class Experiment:
                 "--run_dir with a new folder"
             )
         if resume:
-            self.check_resumes(data, derived)
+            self.check_resumes(sections or {}, derived)
 
-    def check_resumes(self, data: ConfigSection | None, derived: tuple[str, ...] = ()) -> None:
-        """Refuse to resume the run in run_dir with another task, other data or another model
-        than its config.yaml records (its checkpoints would train on, silently, with them)."""
+    def check_resumes(
+        self, sections: dict[str, ConfigSection], derived: tuple[str, ...] = ()
+    ) -> None:
+        """Refuse to resume the run in run_dir with another task, another model or other
+        settings in `sections` (data; a classifier's head) than its config.yaml records: its
+        checkpoints would train on, silently, with them."""
         path = self.run_dir / "config.yaml"
         try:
             run = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -217,15 +224,17 @@ class Experiment:
             )
         now: dict[str, dict[str, Any]] = {}
         then: dict[str, dict[str, Any]] = {}
-        if data is not None and isinstance(run.get("data"), dict):
-            known = {f.name for f in dataclasses.fields(data)}
+        for name, section in sections.items():
+            if not isinstance(run.get(name), dict):
+                continue
+            known = {f.name for f in dataclasses.fields(section)}
             try:
-                stored = {k: v for k, v in run["data"].items() if k in known}
-                then["data"] = type(data).from_dict(stored).to_dict()
+                stored = {k: v for k, v in run[name].items() if k in known}
+                then[name] = type(section).from_dict(stored).to_dict()
             except ConfigError:
-                pass  # written by another version: nothing to compare with
-            now["data"] = {
-                k: v for k, v in data.to_dict().items() if not (k in derived and v is None)
+                continue  # written by another version: nothing to compare with
+            now[name] = {
+                k: v for k, v in section.to_dict().items() if not (k in derived and v is None)
             }
         model = run.get("model")
         if not self.finetune.get("source") and isinstance(model, dict):
@@ -237,8 +246,11 @@ class Experiment:
                 pass
         for section in then.keys() & now.keys():
             for key, value in now[section].items():
-                was = then[section].get(key)
-                if key in RESUME_MAY_CHANGE[section] or _located(value) == _located(was):
+                # A field the run's version of aiayn did not have yet keeps its default there.
+                if key not in then[section] or key in RESUME_MAY_CHANGE.get(section, ()):
+                    continue
+                was = then[section][key]
+                if _located(value) == _located(was):
                     continue
                 raise ConfigError(
                     f"--resume: {section}.{key} is {value!r} here but {was!r} in {path}; "

@@ -668,7 +668,7 @@ def train_classification(
     head = HeadConfig.from_dict(exp.head)
     tune = FinetuneConfig.from_dict(exp.finetune)
     run_dir = exp.run_dir
-    exp.check_run_dir(resume, data, derived=("labels", "max_len"))
+    exp.check_run_dir(resume, {"data": data, "head": head}, derived=("labels", "max_len"))
     resolve_precision(exp.train.precision, resolve_device(exp.train.device, Distributed.from_env()))
     reads_vectors = data.embeddings_file is not None and tune.source is None and not resume
     if reads_vectors and not Path(data.embeddings_file).is_file():

@@ -433,7 +433,7 @@ def train_pretrain(
     """Pre-train as `exp` describes; returns the final validation metrics."""
     data = check_experiment(exp)
     run_dir = exp.run_dir
-    exp.check_run_dir(resume, data)
+    exp.check_run_dir(resume, {"data": data})
     resolve_precision(exp.train.precision, resolve_device(exp.train.device, Distributed.from_env()))
 
     train_docs, valid_docs = read_corpus(data)

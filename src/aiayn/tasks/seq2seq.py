@@ -115,7 +115,7 @@ TOKENIZER_FILE = "tokenizer.json"
 def check_run(exp: Experiment, resume: bool, data: ConfigSection) -> None:
     """Refuse a bad run_dir, device or precision before any data is read or written; `data`
     is the task's data section, which a resumed run must share with the run."""
-    exp.check_run_dir(resume, data)
+    exp.check_run_dir(resume, {"data": data})
     resolve_precision(exp.train.precision, resolve_device(exp.train.device, Distributed.from_env()))
 
 
