@@ -270,12 +270,17 @@ def test_run_dir_inside_a_file(tmp_path, capsys, toy_config):
 # --------------------------------------------------------------------------- train: --resume
 
 
-def test_resume_with_a_changed_d_model_names_the_setting_and_writes_nothing(run_copy, capsys):
+@pytest.mark.parametrize(
+    "setting, value, was", [("model.d_model", "48", "32"), ("data.vocab_size", "90", "100")]
+)
+def test_resume_with_another_setting_names_it_and_writes_nothing(
+    run_copy, capsys, setting, value, was
+):
     before = snapshot(run_copy)
     resume = ["train", run_copy.parent / "toy.yaml", "--run_dir", run_copy, "--resume", "--quiet"]
     assert_refused(
-        run([*resume, "--model.d_model", "48"], capsys),
-        f"--resume: model.d_model is 48 here but 32 in {run_copy / 'config.yaml'}",
+        run([*resume, f"--{setting}", value], capsys),
+        f"--resume: {setting} is {value} here but {was} in {run_copy / 'config.yaml'}",
         "start a new run with another --run_dir",
     )
     assert snapshot(run_copy) == before
@@ -355,16 +360,6 @@ def test_resume_with_another_seed(run_copy, capsys):
             capsys,
         ),  # fmt: skip
         "was trained with seed 1 but this run uses 2; resume with the same train.seed",
-    )
-    assert snapshot(run_copy) == before
-
-
-def test_resume_with_other_data_settings_writes_nothing(run_copy, capsys):
-    before = snapshot(run_copy)
-    resume = ["train", run_copy.parent / "toy.yaml", "--run_dir", run_copy, "--resume", "--quiet"]
-    assert_refused(
-        run([*resume, "--data.vocab_size", "90"], capsys),
-        f"--resume: data.vocab_size is 90 here but 100 in {run_copy / 'config.yaml'}",
     )
     assert snapshot(run_copy) == before
 
