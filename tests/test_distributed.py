@@ -12,6 +12,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from test_train import copy_examples, make_trainer  # noqa: E402
 
 from aiayn import checkpoint as ckpt  # noqa: E402
+from aiayn.errors import CheckpointError  # noqa: E402
 
 STEPS = 4
 
@@ -22,16 +23,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def worker(rank: int, world: int, port: int, run_dir: str, fsdp: bool = False) -> None:
+def worker(
+    rank: int, world: int, port: int, run_dir: str, fsdp: bool = False, dropout: float = 0.0
+) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
     torch.set_num_threads(1)
-    options = dict(dropout=0.0, dtype=torch.float64, fsdp=fsdp)
+    options = dict(dropout=dropout, dtype=torch.float64, fsdp=fsdp)
     trainer = make_trainer(run_dir, STEPS, copy_examples(), **options)
     trainer.cfg.save_every = 2
     trainer.fit(progress=False)
-    if fsdp:
-        # Resume the sharded run from its step-2 checkpoint in a second run directory.
+    resumes = fsdp or dropout > 0
+    if resumes:
+        # Resume the run from its step-2 checkpoint in a second run directory.
         again = make_trainer(run_dir + "-resumed", STEPS, copy_examples(), **options)
         again.resume(ckpt.checkpoint_path(trainer.checkpoint_root, 2))
         again.fit(progress=False)
@@ -39,7 +43,7 @@ def worker(rank: int, world: int, port: int, run_dir: str, fsdp: bool = False) -
         # The final checkpoint: gathered from the shards under FSDP.
         final = ckpt.load_model_state_dict(ckpt.latest_checkpoint(trainer.checkpoint_root))
         torch.save(final, os.path.join(run_dir, "final.pt"))
-        if fsdp:
+        if resumes:
             resumed = ckpt.latest_checkpoint(again.checkpoint_root)
             torch.save(ckpt.load_model_state_dict(resumed), os.path.join(run_dir, "resumed.pt"))
     torch.distributed.destroy_process_group()
@@ -77,6 +81,61 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, fs
         torch.testing.assert_close(ddp[name], value, rtol=1e-9, atol=atol, msg=f"{name} differs")
     moved = [name for name, value in start.items() if not torch.equal(value.double(), ddp[name])]
     assert len(moved) > 10, "training should have changed the parameters"
+
+
+@pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="torch.distributed is not available"
+)
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_a_resumed_two_process_run_with_dropout_ends_where_it_would_have(tmp_path, fsdp):
+    """Each process draws its own dropout masks, so each restores its own random state: the
+    run resumed at step 2 ends with the uninterrupted run's parameters, bit for bit."""
+    run_dir = str(tmp_path / "run")
+    args = (2, free_port(), run_dir, fsdp, 0.1)
+    mp.start_processes(worker, args=args, nprocs=2, start_method="spawn")
+    final = torch.load(tmp_path / "run" / "final.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "run" / "resumed.pt", weights_only=True)
+    for name, value in final.items():
+        assert torch.equal(resumed[name], value), f"{name}: the resumed run differs"
+
+
+def stale_copy_worker(rank: int, world: int, port: int, run_dir: str) -> None:
+    """Rank 1 resumes from a copy of the run that lacks its latest checkpoint."""
+    import shutil
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    torch.set_num_threads(1)
+    trainer = make_trainer(run_dir, STEPS, copy_examples(), dropout=0.0)
+    trainer.cfg.save_every = 2
+    trainer.fit(progress=False)
+    torch.distributed.barrier()
+    mine = f"{run_dir}-{rank}"
+    shutil.copytree(run_dir, mine)
+    if rank == 1:
+        shutil.rmtree(ckpt.checkpoint_path(f"{mine}/checkpoints", STEPS))
+    again = make_trainer(mine, STEPS + 2, copy_examples(), dropout=0.0)
+    try:
+        again.resume()
+        outcome = "resumed"
+    except CheckpointError as exc:
+        outcome = str(exc)
+    with open(f"{run_dir}-outcome-{rank}.txt", "w", encoding="utf-8") as f:
+        f.write(outcome)
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="torch.distributed is not available"
+)
+def test_processes_that_find_different_latest_checkpoints_all_refuse_to_resume(tmp_path):
+    run_dir = str(tmp_path / "run")
+    args = (2, free_port(), run_dir)
+    mp.start_processes(stale_copy_worker, args=args, nprocs=2, start_method="spawn")
+    for rank in (0, 1):
+        outcome = (tmp_path / f"run-outcome-{rank}.txt").read_text(encoding="utf-8")
+        assert outcome.startswith("--resume: the processes found different latest checkpoints")
+        assert f"(rank 0 step {STEPS}, rank 1 step 2)" in outcome
 
 
 def poison_step(trainer, step: int) -> None:

@@ -517,6 +517,12 @@ class Trainer:
         model, optimizer = self.model, self.optimizer
         if self.fsdp:  # gathered on rank 0: every process takes part
             model, optimizer = sharding.full_state(self.model, self.optimizer)
+        # Every process's random number generators: each draws its own dropout masks, so an
+        # exact resume restores each its own state, not rank 0's.
+        rng = [ckpt.capture_rng_state()]
+        if self.dist.world_size > 1:
+            rng = [None] * self.dist.world_size
+            dist.all_gather_object(rng, ckpt.capture_rng_state())
         if not self.dist.is_main:
             return None
         state = {
@@ -524,7 +530,8 @@ class Trainer:
             "data": self.stream.state_dict(),
             "sampler_seed": self.sampler.seed,
             "best_value": self.best_value,
-            "rng": ckpt.capture_rng_state(),
+            "rng": rng[0],
+            "rng_by_rank": rng,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "world_size": self.dist.world_size,
             "elapsed_s": self.elapsed_s,
@@ -556,6 +563,8 @@ class Trainer:
     def resume(self, path: Path | None = None) -> int:
         """Restore everything from `path` (default: the latest checkpoint of the run)."""
         path = path or ckpt.latest_checkpoint(self.checkpoint_root)
+        if self.dist.world_size > 1:
+            self._check_every_process_resumes(path)
         if path is None:
             raise CheckpointError(
                 f"--resume: no checkpoint under {self.checkpoint_root}; start without --resume"
@@ -606,10 +615,28 @@ class Trainer:
                 f"--resume: {path.name} has already reached {self._limit_reached()}; "
                 "raise that limit to train further"
             )
-        ckpt.restore_rng_state(state["rng"])
+        by_rank = state.get("rng_by_rank") or []
+        same_world = len(by_rank) == self.dist.world_size
+        ckpt.restore_rng_state(by_rank[self.dist.rank] if same_world else state["rng"])
         self._truncate_log(self.step)
         logger.info("resumed from %s at step %d", path, self.step)
         return self.step
+
+    def _check_every_process_resumes(self, path: Path | None) -> None:
+        """Refuse, in every process, to resume from checkpoints of different steps: each
+        machine reads its own copy of run_dir, and a stale copy would train on from another
+        step (other weights, optimiser moments and data position) until the job hangs."""
+        step = -1 if path is None else ckpt.checkpoint_step(path)
+        steps: list[int | None] = [None] * self.dist.world_size
+        dist.all_gather_object(steps, step)
+        if len(set(steps)) > 1:
+            found = ", ".join(
+                f"rank {rank} {'none' if s == -1 else f'step {s}'}" for rank, s in enumerate(steps)
+            )
+            raise CheckpointError(
+                f"--resume: the processes found different latest checkpoints in their run_dir "
+                f"({found}); give every machine a copy of rank 0's {self.run_dir}"
+            )
 
     def load_weights(self, path: Path) -> None:
         """Copy a checkpoint's weights into the model (e.g. the best one, to score a test set).
