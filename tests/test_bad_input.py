@@ -636,6 +636,9 @@ def test_average_the_last_zero_checkpoints(trained, tmp_path, capsys):
         run(["average", "--run-dir", trained, "--last", "0", "--output", tmp_path / "avg"], capsys),
         "--last must be 1 or more (the paper averages 5), got 0",
     )
+    step = checkpoint_of(trained)
+    with_list = ["average", "--checkpoints", step, "--last", "1", "--output", tmp_path / "avg"]
+    assert_refused(run(with_list, capsys), "--last picks from --run-dir's checkpoints")
     assert not (tmp_path / "avg").exists()
 
 

@@ -494,6 +494,35 @@ def test_average_refuses_mismatched_checkpoints(tmp_path: Path) -> None:
     assert not (tmp_path / "avg").exists()
 
 
+def test_average_refuses_other_tokenizers_a_checkpoint_twice_and_a_training_checkpoints_place(
+    tmp_path: Path,
+) -> None:
+    files = {}
+    for name, text in (("a", '{"model": "bpe a"}'), ("b", '{"model": "bpe b"}')):
+        files[name] = tmp_path / f"tokenizer-{name}.json"
+        files[name].write_text(text)
+    runs = tmp_path / "run" / "checkpoints"
+    one, two = checkpoint_path(runs, 1), checkpoint_path(runs, 2)
+    for seed, path in enumerate((one, two)):
+        _save_tiny(path, seed=seed, files={"tokenizer.json": files["a"]})
+    other = checkpoint_path(tmp_path / "other", 1)
+    _save_tiny(other, files={"tokenizer.json": files["b"]})
+    before = (two / "model.safetensors").read_bytes()
+    refusals = [
+        ([one, other], tmp_path / "avg", r"their tokenizer.json differ"),
+        ([one, one, two], tmp_path / "avg", r"step_00000001 is given twice"),
+        ([one, two], two, r"refusing to write the average over .*step_00000002: it is a training"),
+        ([one, two], checkpoint_path(runs, 9), r"it would become its run's latest checkpoint"),
+    ]
+    for paths, output, message in refusals:
+        with pytest.raises(CheckpointError, match=message):
+            average_checkpoints(paths, output)
+    assert (two / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in runs.iterdir()) == ["step_00000001", "step_00000002"]
+    assert not (tmp_path / "avg").exists()
+    average_checkpoints([one, two], tmp_path / "run" / "averaged")  # beside them: fine
+
+
 # --- safe loading of foreign files -------------------------------------------------------------
 
 

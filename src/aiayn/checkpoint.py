@@ -961,15 +961,18 @@ def average_checkpoints(paths: Sequence[Path], output: Path) -> Path:
     or scheduler state; its ``trainer_state.json`` records what was averaged.
 
     Raises:
-        CheckpointError: If ``paths`` is empty, a checkpoint is incomplete or damaged, or the
-            checkpoints differ in tensor names, shapes, dtypes or ties (the message names the
-            tensor).
+        CheckpointError: If ``paths`` is empty or names a checkpoint twice, a checkpoint is
+            incomplete or damaged, the checkpoints differ in tensor names, shapes, dtypes or
+            ties (the message names the tensor) or in their extra files (another tokenizer:
+            the same embedding row means another token), or ``output`` would replace a
+            training checkpoint or become a run's latest one.
     """
     paths = [Path(p) for p in paths]
     if not paths:
         raise CheckpointError("no checkpoints to average")
     for path in paths:
         _require_checkpoint(path)
+    _check_average_output(paths, Path(output))
     reference = paths[-1]
     averaged: dict[str, torch.Tensor] = {}
     with ExitStack() as stack:
@@ -987,6 +990,7 @@ def average_checkpoints(paths: Sequence[Path], output: Path) -> Path:
                     f"cannot average {file.parent} with {reference}: their tied weights differ"
                     f"{_AVERAGE_HINT}"
                 )
+            _check_same_extra_files(file.parent, reference)
         for name in ref_specs:
             ref_tensor = _get_tensor(ref_handle, name, ref_file)
             if not ref_tensor.is_floating_point():
@@ -1016,6 +1020,47 @@ def average_checkpoints(paths: Sequence[Path], output: Path) -> Path:
         _write_file(tmp / TRAINER_STATE_FILE, trainer_json)
     logger.info("averaged %d checkpoints into %s", len(paths), output)
     return output
+
+
+def _check_average_output(paths: Sequence[Path], output: Path) -> None:
+    """Refuse an average that counts a checkpoint twice or that would take a training
+    checkpoint's place: replacing one loses the optimiser state `--resume` needs, and a new
+    ``checkpoints/step_N`` folder would become the run's latest checkpoint."""
+    seen: set[Path] = set()
+    for path in paths:
+        if path.resolve() in seen:
+            raise CheckpointError(
+                f"{path} is given twice; each checkpoint counts once in the average"
+            )
+        seen.add(path.resolve())
+    where = output.resolve()
+    if where in seen or (where / OPTIMIZER_STATE_FILE).is_file():
+        raise CheckpointError(
+            f"refusing to write the average over {output}: it is a training checkpoint; "
+            "choose another --output, e.g. RUN_DIR/averaged"
+        )
+    if checkpoint_step(output) is not None and output.parent.name == "checkpoints":
+        raise CheckpointError(
+            f"refusing to write the average to {output}: it would become its run's latest "
+            "checkpoint, which --resume reads; choose another --output, e.g. RUN_DIR/averaged"
+        )
+
+
+def _check_same_extra_files(path: Path, reference: Path) -> None:
+    """The files saved beside the weights (such as tokenizer.json) must be the same."""
+    names = {
+        child.name
+        for folder in (path, reference)
+        for child in folder.iterdir()
+        if child.is_file() and child.name not in _RESERVED_FILES
+    }
+    for name in sorted(names):
+        mine, theirs = path / name, reference / name
+        if not (mine.is_file() and theirs.is_file()) or mine.read_bytes() != theirs.read_bytes():
+            raise CheckpointError(
+                f"cannot average {path} with {reference}: their {name} differ (another "
+                f"tokenizer gives the same embedding rows other tokens){_AVERAGE_HINT}"
+            )
 
 
 def _open_safetensors(stack: ExitStack, path: Path) -> Any:

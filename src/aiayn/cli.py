@@ -408,8 +408,10 @@ def cmd_classify(args: argparse.Namespace) -> int:
 def cmd_average(args: argparse.Namespace) -> int:
     from aiayn import checkpoint as ckpt
 
-    if args.last < 1:
+    if args.last is not None and args.last < 1:
         raise ConfigError(f"--last must be 1 or more (the paper averages 5), got {args.last}")
+    if args.checkpoints and args.last is not None:
+        raise ConfigError("--last picks from --run-dir's checkpoints: with --checkpoints, drop it")
     if args.checkpoints:
         paths = [Path(p) for p in args.checkpoints]
     else:
@@ -424,9 +426,10 @@ def cmd_average(args: argparse.Namespace) -> int:
                 f"{run_dir} has no checkpoints to average; pass a run that saved checkpoints "
                 "(checkpoints/step_*), or name them with --checkpoints"
             )
-        paths = found[-args.last :]
+        paths = found[-(args.last or 5) :]
     out = ckpt.average_checkpoints(paths, Path(args.output))
-    print(f"averaged {len(paths)} checkpoints ({', '.join(p.name for p in paths)}) into {out}")
+    what = f"{len(paths)} checkpoint{'s' if len(paths) > 1 else ''}"
+    print(f"averaged {what} ({', '.join(p.name for p in paths)}) into {out}")
     return 0
 
 
@@ -625,7 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--checkpoints", nargs="+", help="checkpoint folders to average")
     group.add_argument("--run-dir", help="average the last --last checkpoints of this run")
     p.add_argument(
-        "--last", type=int, default=5, help="how many of the run's checkpoints (default 5)"
+        "--last", type=int, default=None, help="how many of the run's checkpoints (default 5)"
     )
     p.add_argument("--output", required=True, help="folder for the averaged checkpoint")
 
