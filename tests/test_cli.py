@@ -72,6 +72,9 @@ def test_info_prints_the_base_parameter_count(capsys):
     code, out, _ = run(["info", "--preset", "big", "--vocab-size", "37000"], capsys)
     assert "214,245,376 (214.2M)" in out
     assert "Table 3 of the paper gives 213M for big" in out
+    # Counted on the meta device: a vocabulary of 10^11 needs no 200 TB of memory.
+    code, out, _ = run(["info", "--vocab-size", "100000000000"], capsys)
+    assert code == 0 and "embeddings 51,200,000,000,000 | encoder 18,914,304" in out
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)

@@ -443,6 +443,10 @@ def test_cli_embeddings_tsv_column(toy, tmp_path, capsys):
         capsys,
     )
     assert code == 0 and "vocabulary coverage: 2 / 4 words = 50.00%" in out
+    # Without --column the table would be read as plain text, header and labels included.
+    code, out, err = run(["embeddings", "--file", path, "--vocab-from", table], capsys)
+    assert code == 1 and out == "" and err.count("\n") == 1
+    assert err.startswith(f"error: --vocab-from {table} is a table: name its text column with")
 
 
 def test_cli_embeddings_bad_file_is_one_line(tmp_path, capsys):

@@ -38,8 +38,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     overrides = {"vocab_size": args.vocab_size}
     if args.separate_vocab:
         overrides["shared_vocab"] = False
+    import torch
+
     cfg = TransformerConfig.from_preset(args.preset, **overrides)
-    model = Transformer(cfg)
+    with torch.device("meta"):  # shapes only: counting needs no memory, however large
+        model = Transformer(cfg)
     total, body = model.num_parameters(), model.num_parameters(include_embeddings=False)
     enc = sum(p.numel() for p in model.encoder.parameters()) if model.encoder else 0
     dec = sum(p.numel() for p in model.decoder.parameters()) if model.decoder else 0
@@ -436,12 +439,17 @@ def cmd_average(args: argparse.Namespace) -> int:
 def cmd_embeddings(args: argparse.Namespace) -> int:
     import torch
 
-    from aiayn.data.corpus import read_lines, read_table
+    from aiayn.data.corpus import is_table, read_lines, read_table
     from aiayn.data.embeddings import init_embeddings, token_counts
     from aiayn.data.tokenizer import Tokenizer
 
     if args.d_model < 1:
         raise ConfigError(f"--d-model must be a positive integer, got {args.d_model}")
+    if not args.column and is_table(args.vocab_from):
+        raise ConfigError(
+            f"--vocab-from {args.vocab_from} is a table: name its text column with --column "
+            "(read as plain text, its header and other columns would count as words)"
+        )
     if args.column:
         texts = [text for text, _ in read_table(args.vocab_from, args.column, args.column)]
     else:

@@ -128,6 +128,11 @@ def _as_text(value: Any) -> str:
     return value if isinstance(value, str) else str(value)
 
 
+def is_table(path: str | Path) -> bool:
+    """Whether the file's name says it is a table (.tsv, .csv, .jsonl, or these gzip'd)."""
+    return Path(path).name.lower().endswith(_TABLE_SUFFIXES)
+
+
 def _table_format(path: Path) -> str:
     name = path.name.lower()
     for suffix in _TABLE_SUFFIXES:
