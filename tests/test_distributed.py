@@ -17,6 +17,16 @@ from aiayn.errors import CheckpointError  # noqa: E402
 STEPS = 4
 
 
+def ckpt_aliases(checkpoint) -> dict[str, str]:
+    """The names a checkpoint's model file stores as aliases of another tensor."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint / "model.safetensors"), framework="pt") as f:
+        return json.loads(f.metadata()["aiayn.aliases"])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -70,6 +80,13 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, fs
     )
     single.fit(progress=False)
     start = make_trainer(tmp_path / "start", 1, copy_examples(), dropout=0.0).model.state_dict()
+    # The tied weights are stored once, with aliases, as one process stores them (FSDP gathers
+    # a copy per name).
+    aliases = [
+        ckpt_aliases(ckpt.latest_checkpoint(root / "checkpoints"))
+        for root in (tmp_path / "ddp", tmp_path / "single")
+    ]
+    assert aliases[0] == aliases[1] and len(aliases[1]) == 2, aliases
 
     for name, value in single.model.state_dict().items():
         # The key projection's bias has a zero gradient in exact arithmetic (the softmax does

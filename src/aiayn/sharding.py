@@ -77,6 +77,14 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Full
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
+    # The gathered state holds a tied weight (§3.4: the shared embeddings and the output
+    # layer) once per name, as separate copies; one tensor under every name lets the
+    # checkpoint store it once with aliases, as an unsharded model's checkpoint does.
+    first_name: dict[int, str] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        first = first_name.setdefault(id(parameter), name)
+        if first != name and first in model_state and name in model_state:
+            model_state[name] = model_state[first]
     return FullState(model_state), FullState(optimizer_state)
 
 
