@@ -238,6 +238,9 @@ def test_a_decoder_only_model_or_another_pad_id_is_refused() -> None:
     lm = Transformer(tiny_config(n_encoder_layers=0))
     with pytest.raises(ConfigError, match="encoder-decoder"):
         TransformerDecoder(lm)
+    for static in (None, True, False):  # the same message whichever search would run
+        with pytest.raises(ConfigError, match="translate_ids needs an encoder-decoder model, and"):
+            translate_ids(lm, SRC, static=static)
     with pytest.raises(ConfigError, match="pad_id"):
         translate_ids(Transformer(tiny_config()), SRC, pad_id=3)
 

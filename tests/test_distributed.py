@@ -245,6 +245,7 @@ def test_aiayn_train_under_torchrun(tmp_path, sharding):
         line for line in (run_dir / "train.jsonl").read_text().splitlines() if '"loss"' in line
     ]
     assert len(steps) == 4  # logged once (by rank 0), not once per process
+    assert proc.stdout.count("finished") == 1, proc.stdout  # reported once too
 
 
 def test_classification_under_torchrun_with_fsdp(tmp_path):

@@ -105,9 +105,15 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
 
     exp = Experiment.from_yaml(args.config, overrides)
     metrics = _train_task(exp)(exp, resume=args.resume, progress=not args.quiet)
-    summary = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items())
-    print(f"finished {exp.run_dir}: {summary}")
+    if _rank() == 0:  # under torchrun the other processes have no metrics to report
+        summary = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items())
+        print(f"finished {exp.run_dir}: {summary}")
     return 0
+
+
+def _rank() -> int:
+    """This process's rank in a `torchrun` job (0 when run alone)."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def cmd_finetune(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -672,7 +678,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"unrecognized arguments: {' '.join(extra)} (overrides such as --data.path "
             "value need --config)"
         )
-    level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
+    # Under torchrun only rank 0 logs progress; every process logs warnings and errors.
+    quiet = args.quiet or _rank() != 0
+    level = logging.DEBUG if args.debug else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(
         level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )

@@ -731,6 +731,12 @@ def translate_ids(
         B lists of output token ids, without bos and eos: the best hypothesis of each source.
     """
     _check_pad_id(model, pad_id)
+    if model.encoder is None or model.decoder is None:
+        missing = "encoder" if model.encoder is None else "decoder"
+        raise ConfigError(
+            f"translate_ids needs an encoder-decoder model, and this one has no {missing} "
+            "(n_encoder_layers and n_decoder_layers must both be 1 or more)"
+        )
     if beam_size < 1:  # before choosing a search: each one would read 0 differently
         raise ConfigError(f"beam_size must be at least 1, got {beam_size}")
     device = model.generator.weight.device
