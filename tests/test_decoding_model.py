@@ -245,6 +245,31 @@ def test_a_decoder_only_model_or_another_pad_id_is_refused() -> None:
         translate_ids(Transformer(tiny_config()), SRC, pad_id=3)
 
 
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (dict(eos_id=VOCAB), rf"eos_id={VOCAB} is not a token id of the model's target vocabulary \[0, {VOCAB}\)"),
+        (dict(bos_id=-1), r"bos_id=-1 is not a token id"),
+        (dict(max_len_a=0.5), r"max_len_a must be an integer, got 0.5"),
+        (dict(beam_size=2.5), r"beam_size must be an integer, got 2.5"),
+    ],
+)  # fmt: skip
+def test_search_settings_that_are_not_token_ids_or_integers_are_refused(
+    model, arguments, message
+) -> None:
+    """An eos the model cannot emit left beam search with no hypothesis at all (empty
+    outputs); a float length failed deep inside the fixed-shape search."""
+    for static in (True, False):
+        with pytest.raises(ConfigError, match=message):
+            translate_ids(model, SRC, static=static, **arguments)
+    decoder = TransformerDecoder(model)
+    with pytest.raises(ConfigError, match=r"pad_id=60 is not a token id"):
+        greedy_search(decoder, SRC, pad_id=60)
+    with pytest.raises(ConfigError, match=r"eos_id=-1 is not a token id"):
+        beam_search(decoder, SRC, eos_id=-1)
+    assert greedy_search(decoder, SRC, eos_id=torch.tensor(EOS).item())  # int-like: fine
+
+
 # --- eval mode ----------------------------------------------------------------------------
 
 

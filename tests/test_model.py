@@ -13,6 +13,7 @@ from aiayn.model import (
     MultiHeadAttention,
     Transformer,
     causal_mask,
+    padding_mask,
     scaled_dot_product_attention,
 )
 
@@ -462,6 +463,23 @@ def test_decoder_only_language_model_is_causal_and_caches():
     torch.testing.assert_close(model.decode(changed)[:, :4], full[:, :4])
 
 
+def test_learned_positions_are_what_the_model_adds_to_the_embeddings():
+    """Table 3 (E): with positions: learned, position p adds row p of a trained table (a
+    parameter), and no sinusoid: the encoder's input is that row plus the scaled embedding."""
+    torch.manual_seed(0)
+    model = Transformer(tiny(positions="learned", dropout=0.0)).eval()
+    table = model.positions.embedding.weight
+    assert any(p is table for p in model.parameters())
+    ids = torch.tensor([[5, 6, 7]])
+    expected = model.src_embed(ids) + table[:3]
+    torch.testing.assert_close(model._embed(model.src_embed, ids), expected)
+    with torch.no_grad():
+        table[1] += 1.0  # another row for position 1: the output there changes
+    assert not torch.allclose(model._embed(model.src_embed, ids)[:, 1], expected[:, 1])
+    sinusoidal = Transformer(tiny())
+    assert not any("positions" in name for name, _ in sinusoidal.named_parameters())
+
+
 # --------------------------------------------------------------------------- bad input
 
 
@@ -485,6 +503,42 @@ def test_float_ids_are_refused():
     model = Transformer(tiny())
     with pytest.raises(DataError, match="integer token ids"):
         model.encode(torch.ones(1, 3))
+
+
+def test_mismatched_batches_memories_masks_and_caches_are_refused():
+    """Each was broadcast or half-applied before: a wrong answer, or a cache that one layer
+    had already extended when the call failed."""
+    torch.manual_seed(0)
+    model = Transformer(tiny()).eval()
+    src = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]])
+    tgt = torch.tensor([[1, 5, 6], [1, 7, 3]])
+    memory = model.encode(src)
+    with pytest.raises(DataError, match="src_ids has 2 rows but tgt_ids 1"):
+        model(src, tgt[:1])
+    with pytest.raises(DataError, match=r"a float tensor of shape \(2, 3, 32\), got"):
+        model.decode(tgt, memory, src[:, :3])
+    with pytest.raises(DataError, match="src_ids has 1 rows but tgt_ids 2"):
+        model.decode(tgt, memory, src[:1])
+    square = torch.tensor([[5, 6, 0, 0]] * 4)
+    for mask in (padding_mask(src, 0).float(), padding_mask(square, 0).view(4, 4)):
+        with pytest.raises(DataError, match="key_mask must be a bool tensor of shape"):
+            model.encode(square if mask.dim() == 2 else src, key_mask=mask)
+
+    cache = model.new_cache()
+    model.decode(tgt[:, :1], memory, src, cache=cache)
+    with pytest.raises(DataError, match="a float tensor of shape"):
+        model.decode(tgt[:, 1:2], memory, src[:, :3], cache=cache)
+    lengths = [layer.self_k.size(2) for layer in cache.layers]
+    assert lengths == [1] * len(cache.layers) and cache.length == 1  # nothing appended
+    step = model.decode(tgt[:, 1:2], memory, src, cache=cache)
+    torch.testing.assert_close(step[:, 0], model(src, tgt)[:, 1])
+    with pytest.raises(DataError, match="the cache holds 2 rows but tgt_ids has 1"):
+        model.decode(tgt[:1, 2:], memory[:1], src[:1], cache=cache)
+    with pytest.raises(DataError, match="a 4-position memory but this memory has 3"):
+        model.decode(tgt[:, 2:], memory[:, :3], src[:, :3], cache=cache)
+    other = Transformer(tiny(n_decoder_layers=1))
+    with pytest.raises(DataError, match="make it with this model's new_cache"):
+        model.decode(tgt[:, :1], memory, src, cache=other.new_cache())
 
 
 # --------------------------------------------------------------------------- it learns

@@ -344,9 +344,10 @@ def test_blockwise_loss_of_bf16_logits_is_float32_with_a_bf16_gradient(monkeypat
 
 def test_the_compiled_loss_as_row_sums_is_pytorchs_loss():
     """What `fused=True` compiles, run eagerly: F.cross_entropy's value and gradient, padding
-    ignored, in float32 and from bfloat16 logits (taken in float32 by both)."""
+    ignored, in float64 (the smoothing weights in float64 too), float32 and from bfloat16
+    logits (taken in float32 by both)."""
     torch.manual_seed(0)
-    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-4)):
+    for dtype, tol in ((torch.float64, 1e-13), (torch.float32, 1e-6), (torch.bfloat16, 1e-4)):
         logits = torch.randn(3, 5, 50).to(dtype).requires_grad_()
         target = torch.randint(1, 50, (3, 5))
         target[0, :2] = 0
@@ -466,3 +467,17 @@ def test_auto_precision_stays_fp32_on_a_cpu_and_says_when_bf16_would_be_faster(m
         advice = precision_advice("auto", cpu)
         assert (advice is not None and "train.precision bf16" in advice) == amx
         assert precision_advice("fp32", cpu) is None  # asked for: no advice
+
+
+def test_the_training_defaults_are_the_papers(tmp_path):
+    """§5.2-§5.4 as TrainConfig's defaults, and the optimiser the Trainer builds from them:
+    Adam's β₁ = 0.9, β₂ = 0.98, ε = 10⁻⁹, warmup 4000, 100,000 steps, ε_ls = 0.1 (the base
+    model's P_drop = 0.1 is the base preset's: tests/test_config.py)."""
+    defaults = TrainConfig()
+    assert (defaults.adam_beta1, defaults.adam_beta2, defaults.adam_eps) == (0.9, 0.98, 1e-9)
+    assert (defaults.warmup_steps, defaults.max_steps) == (4000, 100_000)
+    assert defaults.label_smoothing == 0.1 and defaults.lr_scale == 1.0
+    assert defaults.weight_decay == 0.0 and defaults.clip_norm == 0.0  # the paper has neither
+    trainer = make_trainer(tmp_path, 1, copy_examples())  # TrainConfig's Adam settings
+    for group in trainer.optimizer.param_groups:
+        assert group["betas"] == (0.9, 0.98) and group["eps"] == 1e-9

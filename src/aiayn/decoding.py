@@ -44,6 +44,7 @@ Choices this module makes (each one is the fairseq one):
 from __future__ import annotations
 
 import itertools
+import operator
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -244,6 +245,28 @@ def _check_inputs(src_ids: Tensor) -> None:
         )
 
 
+def _check_search_arguments(vocab_size: int | None, max_len: int | None, **values: Any) -> None:
+    """Refuse search settings that would fail deep inside a search or silently mislead it:
+    each must be an integer, and bos_id, eos_id and pad_id token ids of the model's target
+    vocabulary (`vocab_size`, when the decoder says it): an eos the model cannot emit would
+    leave beam search with no finished hypothesis at all."""
+    if max_len is not None:
+        values["max_len"] = max_len
+    for name, value in values.items():
+        try:
+            operator.index(value)
+        except TypeError:
+            raise ConfigError(f"{name} must be an integer, got {value!r}") from None
+    if vocab_size is None:
+        return
+    for name in ("bos_id", "eos_id", "pad_id"):
+        if name in values and not 0 <= values[name] < vocab_size:
+            raise ConfigError(
+                f"{name}={values[name]} is not a token id of the model's target vocabulary "
+                f"[0, {vocab_size}): pass the tokenizer's id"
+            )
+
+
 def _next_log_probs(
     decoder: IncrementalDecoder, tokens: Tensor, state: DecoderState, banned: Tensor
 ) -> Tensor:
@@ -342,6 +365,17 @@ def greedy_search(
         B lists of output token ids, without bos and eos.
     """
     _check_inputs(src_ids)
+    _check_search_arguments(
+        getattr(decoder, "vocab_size", None),
+        max_len,
+        bos_id=bos_id,
+        eos_id=eos_id,
+        pad_id=pad_id,
+        max_len_a=max_len_a,
+        max_len_b=max_len_b,
+        min_len=min_len,
+        no_repeat_ngram_size=no_repeat_ngram_size,
+    )
     batch = src_ids.size(0)
     limits = max_output_lengths(
         src_ids,
@@ -447,6 +481,19 @@ def beam_search(
         shorter only if the decoder gave probability 0 to every way of finishing.
     """
     _check_inputs(src_ids)
+    _check_search_arguments(
+        getattr(decoder, "vocab_size", None),
+        max_len,
+        beam_size=beam_size,
+        n_best=n_best,
+        bos_id=bos_id,
+        eos_id=eos_id,
+        pad_id=pad_id,
+        max_len_a=max_len_a,
+        max_len_b=max_len_b,
+        min_len=min_len,
+        no_repeat_ngram_size=no_repeat_ngram_size,
+    )
     if beam_size < 1:
         raise ConfigError(f"beam_size must be at least 1, got {beam_size}")
     _check_n_best(n_best, beam_size)
@@ -625,6 +672,11 @@ class TransformerDecoder:
         """``cfg.max_len - 2``: bos + output + eos fit in the model's positions."""
         return self.model.cfg.max_len - 2
 
+    @property
+    def vocab_size(self) -> int:
+        """V, the target vocabulary's size: the searches check their token ids against it."""
+        return self.model.cfg.tgt_vocab_size
+
     @torch.inference_mode()
     def start(self, src_ids: Tensor) -> TransformerDecoderState:
         """Encode the sources: (B, S) ids on the model's device -> the state for B rows."""
@@ -737,6 +789,18 @@ def translate_ids(
             f"translate_ids needs an encoder-decoder model, and this one has no {missing} "
             "(n_encoder_layers and n_decoder_layers must both be 1 or more)"
         )
+    _check_search_arguments(
+        model.cfg.tgt_vocab_size,
+        None,
+        beam_size=beam_size,
+        bos_id=bos_id,
+        eos_id=eos_id,
+        pad_id=pad_id,
+        max_len_a=max_len_a,
+        max_len_b=max_len_b,
+        min_len=min_len,
+        no_repeat_ngram_size=no_repeat_ngram_size,
+    )
     if beam_size < 1:  # before choosing a search: each one would read 0 differently
         raise ConfigError(f"beam_size must be at least 1, got {beam_size}")
     device = model.generator.weight.device

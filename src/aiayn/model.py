@@ -590,6 +590,46 @@ class Transformer(nn.Module):
                 f"{name} holds token id {bad}, outside the vocabulary [0, {vocab_size})"
             )
 
+    def _check_memory(self, tgt_ids: Tensor, memory: Tensor, src_ids: Tensor) -> None:
+        """memory (B, S, d_model), floating point, of the batch and length of src_ids (B, S);
+        a batch broadcast against another would pair targets with the wrong sources."""
+        if src_ids.size(0) != tgt_ids.size(0):
+            raise DataError(
+                f"src_ids has {src_ids.size(0)} rows but tgt_ids {tgt_ids.size(0)}: give one "
+                "target row per source"
+            )
+        expected = (src_ids.size(0), src_ids.size(1), self.cfg.d_model)
+        if not memory.is_floating_point() or memory.shape != expected:
+            raise DataError(
+                f"memory must be the encoder output for src_ids {tuple(src_ids.shape)}: a "
+                f"float tensor of shape {expected}, got {memory.dtype} {tuple(memory.shape)}; "
+                "pass encode(src_ids) with the same src_ids"
+            )
+
+    def _check_cache(self, cache: KVCache, tgt_ids: Tensor, memory: Tensor | None) -> None:
+        """A cache serves one batch of sources for one search: refuse one of another model or
+        batch, or one whose memory is not this call's, before any layer appends to it."""
+        if len(cache.layers) != len(self.decoder.layers):
+            raise DataError(
+                f"the cache has {len(cache.layers)} layers but the decoder {len(self.decoder.layers)}: "
+                "make it with this model's new_cache()"
+            )
+        first = cache.layers[0] if cache.layers else None
+        if first is None or first.self_k is None:
+            return
+        if first.self_k.size(0) != tgt_ids.size(0):
+            raise DataError(
+                f"the cache holds {first.self_k.size(0)} rows but tgt_ids has {tgt_ids.size(0)}: "
+                "decode the same batch at every step (reorder the cache to change its rows)"
+            )
+        cross = first.cross_k
+        if memory is not None and cross is not None and cross.size(2) != memory.size(1):
+            raise DataError(
+                f"the cache holds the keys and values of a {cross.size(2)}-position memory but "
+                f"this memory has {memory.size(1)}: a cache serves one batch of sources; make "
+                "a new one with new_cache()"
+            )
+
     def _embed(self, embed: Embeddings, ids: Tensor, start: int = 0) -> Tensor:
         """Token embeddings plus positions, then dropout: (B, T) -> (B, T, d)."""
         x = embed(ids)
@@ -611,6 +651,19 @@ class Transformer(nn.Module):
         self._check_ids(src_ids, self.cfg.src_vocab_size, "src_ids")
         if key_mask is None:
             key_mask = padding_mask(src_ids, self.cfg.pad_id)
+        elif key_mask.dtype != torch.bool or key_mask.shape != (
+            src_ids.size(0),
+            1,
+            1,
+            src_ids.size(1),
+        ):
+            # A float mask would be read as an additive bias by the fused attention, and a
+            # (B, S) one broadcast over queries: both silently wrong.
+            raise DataError(
+                f"key_mask must be a bool tensor of shape {(src_ids.size(0), 1, 1, src_ids.size(1))} "
+                f"(True where a key may be attended to), got {key_mask.dtype} "
+                f"{tuple(key_mask.shape)}; see padding_mask"
+            )
         return self.encoder(self._embed(self.src_embed, src_ids), key_mask)
 
     def decode(
@@ -639,6 +692,10 @@ class Transformer(nn.Module):
             )
         start = cache.length if cache is not None else 0
         self._check_ids(tgt_ids, self.cfg.tgt_vocab_size, "tgt_ids", start)
+        if memory is not None:
+            self._check_memory(tgt_ids, memory, src_ids)
+        if isinstance(cache, KVCache):
+            self._check_cache(cache, tgt_ids, memory)
         memory_mask = padding_mask(src_ids, self.cfg.pad_id) if src_ids is not None else None
         x = self.decoder(self._embed(self.tgt_embed, tgt_ids, start), memory, memory_mask, cache)
         if cache is not None:

@@ -227,7 +227,7 @@ def _label_smoothed_nll_by_rows(
     t = target.flatten()  # (N,)
     vocab = x.size(1)
     hit = torch.arange(vocab, device=x.device, dtype=torch.int32) == t.int().unsqueeze(1)
-    w = torch.where(hit, 1 - smoothing + smoothing / vocab, smoothing / vocab)  # (N, V)
+    w = hit.to(x.dtype) * (1 - smoothing) + smoothing / vocab  # (N, V), in x's precision
     rows = torch.logsumexp(x, dim=1) - (x * w).sum(1)
     return torch.where(t != pad_id, rows, 0.0).sum()
 
