@@ -522,6 +522,14 @@ def test_translate_with_a_damaged_config_json(run_copy, capsys, monkeypatch):
         "config.json is damaged",
         "choose another checkpoint, such as an earlier one in",
     )
+    # Valid JSON, but not what `aiayn train` writes: one line too, no AttributeError/KeyError.
+    for text, message in (("[1, 2]", "is damaged (a JSON list, not an object)"),
+                          ('{"task": "translation"}', "config.json has no model section")):  # fmt: skip
+        (checkpoint / ckpt.CONFIG_FILE).write_text(text, encoding="utf-8")
+        assert_refused(
+            run(["translate", "--checkpoint", checkpoint], capsys, b"ein hund\n", monkeypatch),
+            message,
+        )
 
 
 def test_translate_a_checkpoint_without_its_tokenizer(run_copy, capsys, monkeypatch):

@@ -82,6 +82,7 @@ __all__ = [
     "load_checkpoint",
     "load_model_state_dict",
     "load_torch_state_dict",
+    "model_section",
     "prune_checkpoints",
     "read_best_pointer",
     "restore_rng_state",
@@ -514,6 +515,11 @@ def load_checkpoint(
     device = str(torch.device(map_location))
     config = _read_json(directory / CONFIG_FILE)
     trainer_state = _read_json(directory / TRAINER_STATE_FILE)
+    for name, value in ((CONFIG_FILE, config), (TRAINER_STATE_FILE, trainer_state)):
+        if not isinstance(value, dict):  # every reader of these takes keys from them
+            raise CheckpointError(
+                _damaged(directory / name, f"a JSON {type(value).__name__}, not an object")
+            )
     scheduler_file = directory / SCHEDULER_FILE
     scheduler_state = _read_json(scheduler_file) if scheduler_file.is_file() else None
     has_tensors = (directory / OPTIMIZER_TENSORS_FILE).is_file()
@@ -588,6 +594,17 @@ def _damaged(path: Path, detail: str) -> str:
         f"checkpoint file {path} is damaged ({detail}); the checkpoint {path.parent} cannot be "
         f"used: choose another checkpoint, such as an earlier one in {path.parent.parent}"
     )
+
+
+def model_section(run: Mapping[str, Any], checkpoint: Path) -> dict[str, Any]:
+    """The ``model`` section of a checkpoint's config.json (as `aiayn train` writes it)."""
+    model = run.get("model")
+    if not isinstance(model, dict):
+        raise CheckpointError(
+            f"{Path(checkpoint) / CONFIG_FILE} has no model section: it was not written by "
+            "`aiayn train`; pass the checkpoint of a training run"
+        )
+    return model
 
 
 def _read_json(path: Path) -> Any:

@@ -122,7 +122,7 @@ def load_source(source: str | Path) -> Source:
         path=path,
         kind="aiayn",
         task=run.get("task"),
-        model_cfg=TransformerConfig.from_dict(run["model"]),
+        model_cfg=TransformerConfig.from_dict(ckpt.model_section(run, path)),
         state=state,
         tokenizer_path=tokenizer_path,
     )

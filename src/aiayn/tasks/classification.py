@@ -575,7 +575,7 @@ class Classifier(ProbabilityClassifier):
                 "checkpoint of a classification run"
             )
         data, head = run.get("data", {}), HeadConfig.from_dict(run.get("head", {}))
-        body = Transformer(TransformerConfig.from_dict(run["model"]))
+        body = Transformer(TransformerConfig.from_dict(ckpt.model_section(run, path)))
         model = SequenceClassifier(
             body, n_classes=len(data["labels"]), pooling=head.pooling, dropout=head.dropout
         )

@@ -177,7 +177,7 @@ class Translator:
                 f"{path} holds {task_model(run)}, not a {cls.TASK} model; pass a checkpoint "
                 f"of an `aiayn train` run of task {cls.TASK}"
             )
-        model = Transformer(TransformerConfig.from_dict(run["model"]))
+        model = Transformer(TransformerConfig.from_dict(ckpt.model_section(run, path)))
         ckpt.load_checkpoint(path, model=model)
         tokenizer_path = path / TOKENIZER_FILE
         if not tokenizer_path.is_file():
