@@ -366,6 +366,20 @@ def test_export_refuses_what_marian_lacks(tmp_path: Path) -> None:
     encoder_only = Transformer(TransformerConfig.from_preset("tiny", n_decoder_layers=0))
     with pytest.raises(ConfigError, match="encoder and a decoder"):
         to_hf_marian(encoder_only, tmp_path, eos_id=2, decoder_start_id=1)
+    # eos ends sources and outputs: a token of both vocabularies; the start, of the target's.
+    separate = Transformer(
+        TransformerConfig.from_preset(
+            "tiny", src_vocab_size=40, tgt_vocab_size=60, shared_vocab=False
+        )
+    )
+    to_hf_marian(separate, tmp_path / "ok", eos_id=2, decoder_start_id=45)
+    for ids, message in (
+        (dict(eos_id=45, decoder_start_id=1), r"eos_id must be a token id in \[0, 40\), got 45"),
+        (dict(eos_id=2, decoder_start_id=60), r"decoder_start_id .* \[0, 60\), got 60"),
+        (dict(eos_id=2.5, decoder_start_id=1), r"eos_id must be a token id .* got 2.5"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            to_hf_marian(separate, tmp_path / "bad", **ids)
 
 
 # --------------------------------------------------------------------------- bad input
@@ -422,3 +436,28 @@ def test_missing_tensor_is_named(marian_dir: Path, tmp_path: Path) -> None:
     save_file(tensors, str(tmp_path / "model.safetensors"))
     with pytest.raises(CheckpointError, match="lacks 1 tensor.*encoder_attn.k_proj.bias"):
         from_hf_marian(tmp_path)
+
+
+def test_bert_import_refuses_what_is_not_a_bert_model_or_config(tmp_path: Path) -> None:
+    """Wrong objects and config values give one clear line, not a pathlib TypeError, an
+    unhashable-type error, or a silently truncated width."""
+    for wrong in (Transformer(TransformerConfig.from_preset("tiny")), None, {"a": 1}):
+        with pytest.raises(ConfigError, match="expected a Hugging Face model folder"):
+            from_hf_bert(wrong)
+    config = transformers.BertConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=40,
+    )  # fmt: skip
+    transformers.BertModel(config).save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    saved = json.loads(path.read_text())
+    for change, message in (
+        ({"hidden_size": 32.7}, "32.7 is not a whole number"),
+        ({"hidden_act": ["gelu"]}, "hidden_act \\['gelu'\\] is not supported"),
+        ({"model_type": ["bert"]}, "has model_type \\['bert'\\]"),
+        ({"type_vocab_size": "x"}, "config.json does not fit aiayn's model"),
+    ):
+        path.write_text(json.dumps({**saved, **change}))
+        with pytest.raises(CheckpointError, match=message) as error:
+            from_hf_bert(tmp_path)
+        _one_line(error)

@@ -37,6 +37,7 @@ LayerNorm after its stacks (each layer already ends in one), and neither has one
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -205,6 +206,11 @@ def _read_hf_folder(model_dir: str | Path) -> tuple[dict[str, Any], dict[str, Te
         return config, _read_safetensors(folder / HF_WEIGHTS_FILE), folder
     if (folder / HF_WEIGHTS_INDEX_FILE).is_file():
         weight_map = _read_json(folder / HF_WEIGHTS_INDEX_FILE).get("weight_map", {})
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(
+                f"{folder / HF_WEIGHTS_INDEX_FILE}: weight_map must map tensor names to files, "
+                f"got a {type(weight_map).__name__}"
+            )
         tensors: dict[str, Tensor] = {}
         for shard in sorted(set(weight_map.values())):
             tensors.update(_read_safetensors(folder / shard))
@@ -229,11 +235,21 @@ def _as_checkpoint(
 ) -> tuple[dict[str, Any], dict[str, Tensor], Path | None]:
     """A folder, or an in-memory Hugging Face model (duck-typed: `.config` and `.state_dict()`)."""
     if hasattr(source, "state_dict") and hasattr(source, "config"):
+        if not hasattr(source.config, "to_dict"):
+            raise ConfigError(
+                f"a {type(source).__name__} is not a Hugging Face model (its config has no "
+                "to_dict); pass a transformers model or the folder it was saved to"
+            )
         config = source.config.to_dict()
         tensors = {name: t.detach() for name, t in source.state_dict().items()}
         folder = getattr(source.config, "_name_or_path", "") or None
         path = Path(folder) if folder and Path(folder).is_dir() else None
         return config, tensors, path
+    if not isinstance(source, str | os.PathLike):
+        raise ConfigError(
+            f"expected a Hugging Face model folder (a path) or a transformers model, got a "
+            f"{type(source).__name__}"
+        )
     return _read_hf_folder(source)
 
 
@@ -247,6 +263,13 @@ def _rename_legacy(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
             name = name[: -len("beta")] + "bias"
         renamed[name] = tensor
     return renamed
+
+
+def _whole(value: Any) -> int:
+    """An integer setting of config.json, which JSON may write as 512.0 but not as 32.7."""
+    if isinstance(value, bool) or not float(value).is_integer():
+        raise ValueError(f"{value!r} is not a whole number")
+    return int(value)
 
 
 def _require(config: Mapping[str, Any], key: str, source: str) -> Any:
@@ -346,7 +369,7 @@ def from_hf_bert(
     config, tensors, folder = _as_checkpoint(model_dir_or_hf_model)
     source = str(folder) if folder is not None else type(model_dir_or_hf_model).__name__
     model_type = config.get("model_type")
-    if model_type not in BERT_MODEL_TYPES:
+    if not isinstance(model_type, str) or model_type not in BERT_MODEL_TYPES:
         raise CheckpointError(
             f"{source}: config.json has model_type {model_type!r}; from_hf_bert reads "
             f"{', '.join(BERT_MODEL_TYPES)} (use from_hf_marian for marian)"
@@ -357,7 +380,7 @@ def from_hf_bert(
             f"{source}: position_embedding_type {position_type!r} is not supported, only 'absolute'"
         )
     act = config.get("hidden_act", "gelu")
-    if act not in _ACTIVATIONS:
+    if not isinstance(act, str) or act not in _ACTIVATIONS:
         raise CheckpointError(
             f"{source}: hidden_act {act!r} is not supported; use one of {', '.join(_ACTIVATIONS)}"
         )
@@ -369,18 +392,19 @@ def from_hf_bert(
 
     try:
         pad_id = config.get("pad_token_id")
-        pad_id = 0 if pad_id is None else int(pad_id)  # BERT's [PAD] is 0
-        n_positions = int(_require(config, "max_position_embeddings", source))
+        pad_id = 0 if pad_id is None else _whole(pad_id)  # BERT's [PAD] is 0
+        n_positions = _whole(_require(config, "max_position_embeddings", source))
         offset = pad_id + 1 if BERT_MODEL_TYPES[model_type] == "roberta" else 0
-        d_model = int(_require(config, "hidden_size", source))
-        vocab_size = int(_require(config, "vocab_size", source))
+        d_model = _whole(_require(config, "hidden_size", source))
+        vocab_size = _whole(_require(config, "vocab_size", source))
+        type_vocab_size = _whole(config.get("type_vocab_size", 2))
         cfg = TransformerConfig(
             src_vocab_size=vocab_size,
             tgt_vocab_size=vocab_size,
             d_model=d_model,
-            n_heads=int(_require(config, "num_attention_heads", source)),
-            d_ff=int(_require(config, "intermediate_size", source)),
-            n_encoder_layers=int(_require(config, "num_hidden_layers", source)),
+            n_heads=_whole(_require(config, "num_attention_heads", source)),
+            d_ff=_whole(_require(config, "intermediate_size", source)),
+            n_encoder_layers=_whole(_require(config, "num_hidden_layers", source)),
             n_decoder_layers=0,  # encoder-only
             dropout=float(config.get("hidden_dropout_prob", 0.1)),
             attention_dropout=float(config.get("attention_probs_dropout_prob", 0.1)),
@@ -406,7 +430,7 @@ def from_hf_bert(
     token_types_name = f"{prefix}embeddings.token_type_embeddings.weight"
     expected[positions_name] = (n_positions, d_model)
     if token_types_name in tensors:  # absent when a model has no token types
-        expected[token_types_name] = (int(config.get("type_vocab_size", 2)), d_model)
+        expected[token_types_name] = (type_vocab_size, d_model)
     pooler_weight, pooler_bias = f"{prefix}pooler.dense.weight", f"{prefix}pooler.dense.bias"
     has_pooler = pooler_weight in tensors  # not loaded: returned in the metadata
     if has_pooler:
@@ -707,10 +731,15 @@ def to_hf_marian(
         problems.append("a shared vocabulary needs equal source and target sizes")
     if problems:
         raise ConfigError(f"cannot export to Hugging Face Marian: {'; '.join(problems)}")
-    vocab = min(cfg.src_vocab_size, cfg.tgt_vocab_size)
-    for name, value in (("eos_id", eos_id), ("decoder_start_id", decoder_start_id)):
-        if not 0 <= value < vocab:
-            raise ConfigError(f"{name} must be a token id in [0, {vocab}), got {value}")
+    # Marian ends sources and outputs with its one eos id, so it must be a token of both
+    # vocabularies; the decoder start is a target token only.
+    limits = (
+        ("eos_id", eos_id, min(cfg.src_vocab_size, cfg.tgt_vocab_size)),
+        ("decoder_start_id", decoder_start_id, cfg.tgt_vocab_size),
+    )
+    for name, value, vocab in limits:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab:
+            raise ConfigError(f"{name} must be a token id in [0, {vocab}), got {value!r}")
 
     ours = model.state_dict()
     names = _marian_names(cfg, cfg.shared_vocab, cfg.tie_embeddings)
