@@ -245,11 +245,22 @@ def _check_inputs(src_ids: Tensor) -> None:
         )
 
 
-def _check_search_arguments(vocab_size: int | None, max_len: int | None, **values: Any) -> None:
+def _check_search_arguments(
+    vocab_size: int | None,
+    max_len: int | None,
+    ids: tuple[int, int, int],
+    lengths: tuple[int, int, int],
+    no_repeat_ngram_size: int,
+    **values: Any,
+) -> None:
     """Refuse search settings that would fail deep inside a search or silently mislead it:
-    each must be an integer, and bos_id, eos_id and pad_id token ids of the model's target
+    each must be an integer, and the ids (bos, eos, pad) token ids of the model's target
     vocabulary (`vocab_size`, when the decoder says it): an eos the model cannot emit would
-    leave beam search with no finished hypothesis at all."""
+    leave beam search with no finished hypothesis at all. `lengths` are max_len_a,
+    max_len_b and min_len; `values` any other integer settings (beam_size, n_best)."""
+    values |= dict(zip(("bos_id", "eos_id", "pad_id"), ids, strict=True))
+    values |= dict(zip(("max_len_a", "max_len_b", "min_len"), lengths, strict=True))
+    values["no_repeat_ngram_size"] = no_repeat_ngram_size
     if max_len is not None:
         values["max_len"] = max_len
     for name, value in values.items():
@@ -365,17 +376,9 @@ def greedy_search(
         B lists of output token ids, without bos and eos.
     """
     _check_inputs(src_ids)
-    _check_search_arguments(
-        getattr(decoder, "vocab_size", None),
-        max_len,
-        bos_id=bos_id,
-        eos_id=eos_id,
-        pad_id=pad_id,
-        max_len_a=max_len_a,
-        max_len_b=max_len_b,
-        min_len=min_len,
-        no_repeat_ngram_size=no_repeat_ngram_size,
-    )
+    vocab = getattr(decoder, "vocab_size", None)
+    ids, lengths = (bos_id, eos_id, pad_id), (max_len_a, max_len_b, min_len)
+    _check_search_arguments(vocab, max_len, ids, lengths, no_repeat_ngram_size)
     batch = src_ids.size(0)
     limits = max_output_lengths(
         src_ids,
@@ -481,18 +484,10 @@ def beam_search(
         shorter only if the decoder gave probability 0 to every way of finishing.
     """
     _check_inputs(src_ids)
+    vocab = getattr(decoder, "vocab_size", None)
+    ids, lengths = (bos_id, eos_id, pad_id), (max_len_a, max_len_b, min_len)
     _check_search_arguments(
-        getattr(decoder, "vocab_size", None),
-        max_len,
-        beam_size=beam_size,
-        n_best=n_best,
-        bos_id=bos_id,
-        eos_id=eos_id,
-        pad_id=pad_id,
-        max_len_a=max_len_a,
-        max_len_b=max_len_b,
-        min_len=min_len,
-        no_repeat_ngram_size=no_repeat_ngram_size,
+        vocab, max_len, ids, lengths, no_repeat_ngram_size, beam_size=beam_size, n_best=n_best
     )
     if beam_size < 1:
         raise ConfigError(f"beam_size must be at least 1, got {beam_size}")
@@ -789,17 +784,9 @@ def translate_ids(
             f"translate_ids needs an encoder-decoder model, and this one has no {missing} "
             "(n_encoder_layers and n_decoder_layers must both be 1 or more)"
         )
+    ids, lengths = (bos_id, eos_id, pad_id), (max_len_a, max_len_b, min_len)
     _check_search_arguments(
-        model.cfg.tgt_vocab_size,
-        None,
-        beam_size=beam_size,
-        bos_id=bos_id,
-        eos_id=eos_id,
-        pad_id=pad_id,
-        max_len_a=max_len_a,
-        max_len_b=max_len_b,
-        min_len=min_len,
-        no_repeat_ngram_size=no_repeat_ngram_size,
+        model.cfg.tgt_vocab_size, None, ids, lengths, no_repeat_ngram_size, beam_size=beam_size
     )
     if beam_size < 1:  # before choosing a search: each one would read 0 differently
         raise ConfigError(f"beam_size must be at least 1, got {beam_size}")
