@@ -335,6 +335,12 @@ def test_missing_and_incomplete_directories(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "nope")
     path = tmp_path / "step_00000001"
     _save_tiny(path)
+    # One of its files instead of the folder; the folder named through "..".
+    with pytest.raises(CheckpointError, match=r"config.json is a file; a checkpoint is the folder"):
+        load_checkpoint(path / "config.json")
+    (path / "inner").mkdir()
+    assert load_checkpoint(path / "inner" / "..").config == CONFIG  # not a "temporary" name
+    (path / "inner").rmdir()
     (path / "trainer_state.json").unlink()
     with pytest.raises(CheckpointError, match=r"not a complete checkpoint \(missing trainer_state"):
         load_checkpoint(path)
@@ -419,6 +425,12 @@ def test_prune_keeps_last_k_the_best_and_explicit_keeps(tmp_path: Path) -> None:
     write_best_pointer(best, metric="bleu", value=27.3)
     assert read_best_pointer(tmp_path) == best
     assert json.loads((tmp_path / "best.json").read_text())["step"] == 200
+    pointer = (tmp_path / "best.json").read_text()
+    for damaged in ('{"checkpoint": "../x"}', "[", '["step_00000200"]'):
+        (tmp_path / "best.json").write_text(damaged)
+        with pytest.raises(CheckpointError, match=r"best.json is damaged \(it does not name a"):
+            read_best_pointer(tmp_path)
+    (tmp_path / "best.json").write_text(pointer)
 
     removed = prune_checkpoints(tmp_path, keep_last=2, keep={checkpoint_path(tmp_path, 100)})
     assert removed == [checkpoint_path(tmp_path, s) for s in (300, 400)]

@@ -566,10 +566,17 @@ def load_model_state_dict(
 
 def _require_checkpoint(directory: Path) -> None:
     """Raise a helpful CheckpointError unless ``directory`` is a complete checkpoint."""
-    if directory.name.startswith("."):
+    if directory.name.startswith(".") and directory.name not in (".", ".."):
         raise CheckpointError(
             f"{directory} is the temporary or discarded directory of a save, not a checkpoint; "
             "choose one from list_checkpoints()"
+        )
+    if directory.is_file():
+        raise CheckpointError(
+            f"{directory} is a file; a checkpoint is the folder that holds "
+            f"{', '.join(REQUIRED_FILES)}: pass {directory.parent}"
+            if directory.name in REQUIRED_FILES
+            else f"{directory} is a file, not a checkpoint folder"
         )
     if not directory.is_dir():
         message = f"checkpoint {directory} does not exist"
@@ -919,10 +926,17 @@ def read_best_pointer(run_dir: Path) -> Path | None:
     pointer = root / BEST_POINTER_FILE
     if not pointer.is_file():
         return None
-    data = _read_json(pointer)
+    try:
+        data = _read_json(pointer)
+    except CheckpointError:
+        data = None
     name = data.get("checkpoint") if isinstance(data, dict) else None
     if not isinstance(name, str) or name != Path(name).name or name.startswith("."):
-        raise CheckpointError(_damaged(pointer, "it does not name a checkpoint directory"))
+        # The pointer, not a checkpoint, is damaged: say which file and how to go on.
+        raise CheckpointError(
+            f"{pointer} is damaged (it does not name a checkpoint folder of {root}): delete "
+            "it, and pass one of the checkpoints there (the latest is then used for a run)"
+        )
     best = root / name
     if not is_checkpoint(best):
         logger.warning("%s names %s, which is not a complete checkpoint", pointer, best)
