@@ -170,8 +170,7 @@ def _write_output(lines: Sequence[str], path: str | None) -> None:
     if path is None:
         sys.stdout.write(text)
         return
-    _check_output(path)
-    target = Path(path)
+    target = Path(path)  # checked by the command before its work (_check_output)
     # Write beside the target and rename: an interrupted run never leaves half a file behind.
     tmp = None
     try:

@@ -649,20 +649,15 @@ class Transformer(nn.Module):
                 "this model has no encoder (n_encoder_layers=0); call decode() instead"
             )
         self._check_ids(src_ids, self.cfg.src_vocab_size, "src_ids")
+        mask_shape = (src_ids.size(0), 1, 1, src_ids.size(1))
         if key_mask is None:
             key_mask = padding_mask(src_ids, self.cfg.pad_id)
-        elif key_mask.dtype != torch.bool or key_mask.shape != (
-            src_ids.size(0),
-            1,
-            1,
-            src_ids.size(1),
-        ):
+        elif key_mask.dtype != torch.bool or key_mask.shape != mask_shape:
             # A float mask would be read as an additive bias by the fused attention, and a
             # (B, S) one broadcast over queries: both silently wrong.
             raise DataError(
-                f"key_mask must be a bool tensor of shape {(src_ids.size(0), 1, 1, src_ids.size(1))} "
-                f"(True where a key may be attended to), got {key_mask.dtype} "
-                f"{tuple(key_mask.shape)}; see padding_mask"
+                f"key_mask must be a bool tensor of shape {mask_shape} (True where a key may "
+                f"be attended to), got {key_mask.dtype} {tuple(key_mask.shape)}; see padding_mask"
             )
         return self.encoder(self._embed(self.src_embed, src_ids), key_mask)
 

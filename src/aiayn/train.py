@@ -609,10 +609,11 @@ class Trainer:
         self.elapsed_before = float(state.get("elapsed_s", 0.0))
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        if self._done():
+        reached = self._limit_reached()
+        if reached is not None:
             # Nothing left to train: fit() would only validate the last step again.
             raise ConfigError(
-                f"--resume: {path.name} has already reached {self._limit_reached()}; "
+                f"--resume: {path.name} has already reached {reached}; "
                 "raise that limit to train further"
             )
         by_rank = state.get("rng_by_rank") or []
@@ -833,21 +834,20 @@ class Trainer:
             for s, h in previous.items():
                 signal.signal(s, h)
 
-    def _limit_reached(self) -> str:
-        """Which of the limits `_done` checks this run has reached, in words."""
+    def _limit_reached(self) -> str | None:
+        """The limit (max_steps, max_time_s, max_epochs) this run has reached, in words, or
+        None while training goes on."""
         cfg = self.cfg
         if self.step >= cfg.max_steps:
             return f"step {self.step}, train.max_steps {cfg.max_steps}"
         if cfg.max_time_s is not None and self.elapsed_s >= cfg.max_time_s:
             return f"{self.elapsed_s:.0f} s of training, train.max_time_s {cfg.max_time_s:g}"
-        return f"epoch {self.stream.epoch}, train.max_epochs {cfg.max_epochs}"
+        if cfg.max_epochs is not None and self.stream.epoch >= cfg.max_epochs:
+            return f"epoch {self.stream.epoch}, train.max_epochs {cfg.max_epochs}"
+        return None
 
     def _done(self) -> bool:
-        if self.step >= self.cfg.max_steps:
-            return True
-        if self.cfg.max_time_s is not None and self.elapsed_s >= self.cfg.max_time_s:
-            return True
-        return self.cfg.max_epochs is not None and self.stream.epoch >= self.cfg.max_epochs
+        return self._limit_reached() is not None
 
     def fit(self, progress: bool = True) -> TrainResult:
         """Train until max_steps (or max_epochs); returns the last validation metrics."""
