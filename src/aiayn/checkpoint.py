@@ -59,6 +59,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from aiayn import atomic
 from aiayn.errors import CheckpointError, CheckpointMismatchError, ConfigError
 from aiayn.faults import maybe_fail
 
@@ -383,37 +384,13 @@ def _write_safetensors(
     metadata = {"format": "pt", _FORMAT_KEY: str(FORMAT_VERSION), _ALIASES_KEY: json.dumps(aliases)}
     with _naming_file(path):
         save_file(tensors, str(path), metadata=metadata)
-        _fsync_file(path)
+        atomic.fsync_file(path)
 
 
 def _copy_file(source: Path, destination: Path) -> None:
     with _naming_file(destination):
         shutil.copyfile(source, destination)
-        _fsync_file(destination)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a directory's entries (new files, renames) durable, where the platform allows."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # Windows cannot open directories; renames there are as durable as it gets
-        return
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        # Some filesystems do not support fsync on directories; that is not a failed save.
-        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES):
-            raise
-    finally:
-        os.close(fd)
+        atomic.fsync_file(destination)
 
 
 def _remove_tree(path: Path) -> None:
@@ -453,7 +430,7 @@ def _atomic_directory(target: Path) -> Iterator[Path]:
         _remove_tree(tmp)  # left by an earlier crashed save from a process with our pid
         tmp.mkdir()
         yield tmp
-        _fsync_dir(tmp)
+        atomic.fsync_dir(tmp)
         _move_into_place(tmp, target)
     except OSError as e:
         _remove_tree(tmp)
@@ -470,7 +447,7 @@ def _move_into_place(tmp: Path, target: Path) -> None:
     """Rename the finished ``tmp`` to ``target``, replacing an existing checkpoint there."""
     if not target.exists():
         os.rename(tmp, target)
-        _fsync_dir(target.parent)
+        atomic.fsync_dir(target.parent)
         return
     # POSIX cannot atomically swap two directories, so the old one steps aside first. If we
     # crash between the two renames, the previous checkpoint survives as `.<name>.old-<pid>`
@@ -483,7 +460,7 @@ def _move_into_place(tmp: Path, target: Path) -> None:
     except OSError:
         os.rename(old, target)
         raise
-    _fsync_dir(target.parent)
+    atomic.fsync_dir(target.parent)
     _remove_tree(old)
 
 
@@ -913,7 +890,7 @@ def write_best_pointer(
     try:
         _write_file(tmp, _json_bytes(data, "best pointer"))
         os.replace(tmp, pointer)
-        _fsync_dir(pointer.parent)
+        atomic.fsync_dir(pointer.parent)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise CheckpointError(f"cannot record the best checkpoint: {_os_error_message(e)}") from e

@@ -14,11 +14,10 @@ import logging
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from aiayn import __version__
+from aiayn import __version__, atomic
 from aiayn.errors import AiaynError, ConfigError, DataError
 
 logger = logging.getLogger("aiayn")
@@ -171,16 +170,9 @@ def _write_output(lines: Sequence[str], path: str | None) -> None:
         sys.stdout.write(text)
         return
     target = Path(path)  # checked by the command before its work (_check_output)
-    # Write beside the target and rename: an interrupted run never leaves half a file behind.
-    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, target)
+        atomic.write_text(target, text)  # an interrupted run never leaves half a file behind
     except OSError as exc:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)  # a failed write leaves nothing behind
         raise DataError(f"cannot write {target}: {exc.strerror}; choose another --output") from None
 
 

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 
+from aiayn import atomic
 from aiayn.errors import ConfigError
 
 NormPlacement = Literal["post", "pre"]
@@ -98,7 +99,7 @@ class ConfigSection:
         """The config as YAML text; also written to `path` when one is given."""
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)
         if path is not None:
-            Path(path).write_text(text, encoding="utf-8")
+            atomic.write_text(path, text)
         return text
 
     @classmethod

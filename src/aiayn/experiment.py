@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from aiayn import atomic
 from aiayn import checkpoint as ckpt
 from aiayn.config import ConfigSection, TransformerConfig, load_yaml_mapping
 from aiayn.errors import CheckpointError, ConfigError, DataError
@@ -260,7 +261,7 @@ class Experiment:
     def write_config(self, run_config: dict[str, Any]) -> Path:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / "config.yaml"
-        path.write_text(yaml.safe_dump(run_config, sort_keys=False), encoding="utf-8")
+        atomic.write_text(path, yaml.safe_dump(run_config, sort_keys=False))
         return path
 
     def fit(self, trainer: Trainer, run_config: dict[str, Any], *, resume: bool, progress: bool):

@@ -20,6 +20,7 @@ matplotlib.use("Agg")  # must precede the pyplot import: no display is needed or
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from aiayn import atomic  # noqa: E402
 from aiayn.errors import DataError  # noqa: E402
 
 __all__ = ["attention_heatmap", "training_curves"]
@@ -220,5 +221,6 @@ def _save(fig: Any, path: str | Path) -> Path:
     """Save ``fig`` as PNG at ``path``, creating parent directories."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=_DPI, format="png")
+    with atomic.replacing(path) as tmp:  # a kill while saving leaves the last plot whole
+        fig.savefig(tmp, dpi=_DPI, format="png")
     return path

@@ -31,8 +31,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from aiayn import atomic, sharding
 from aiayn import checkpoint as ckpt
-from aiayn import sharding
 from aiayn.config import ConfigSection
 from aiayn.data.batching import TokenBatchSampler
 from aiayn.errors import AiaynError, CheckpointError, CheckpointMismatchError, ConfigError
@@ -667,10 +667,8 @@ class Trainer:
                     kept.append(line)
             except json.JSONDecodeError:
                 continue  # a line cut short by a kill
-        # Rewrite beside the log and rename: a kill here must not lose the history.
-        tmp = self.log_path.with_name(f".{self.log_path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(tmp, self.log_path)
+        # Rewritten atomically: a kill here must not lose the history.
+        atomic.write_text(self.log_path, "".join(line + "\n" for line in kept))
 
     @property
     def elapsed_s(self) -> float:

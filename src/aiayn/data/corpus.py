@@ -15,7 +15,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import urllib.error
 import urllib.request
 import zlib
@@ -23,6 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from aiayn import atomic
 from aiayn.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -308,15 +308,13 @@ def load_hf_dataset(
 def _download(url: str, dest: Path) -> None:
     """Fetch ``url`` to ``dest`` atomically: a partial download never appears at ``dest``."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
-            while chunk := resp.read(1 << 20):
-                out.write(chunk)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with (
+        atomic.replacing(dest) as tmp,
+        open(tmp, "wb") as out,
+        urllib.request.urlopen(url, timeout=60) as resp,
+    ):
+        while chunk := resp.read(1 << 20):
+            out.write(chunk)
 
 
 def multi30k(

@@ -23,13 +23,13 @@ after the four, at ids 4, 5, ...: the four stay where they are.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import tokenizers
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
 
+from aiayn import atomic
 from aiayn.errors import ConfigError, DataError
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
@@ -213,14 +213,8 @@ class Tokenizer:
         """
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            self._tok.save(tmp)
-            os.replace(tmp, p)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic.replacing(p) as tmp:
+            self._tok.save(str(tmp))
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``, without ``<s>``/``</s>`` (the caller adds those)."""

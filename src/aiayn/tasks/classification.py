@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from aiayn import atomic
 from aiayn import checkpoint as ckpt
 from aiayn.config import ConfigSection, TransformerConfig
 from aiayn.data import corpus
@@ -831,9 +832,9 @@ def train_classification(
             test["accuracy"],
             test["macro_f1"],
         )
-        (run_dir / "test_scores.json").write_text(
+        atomic.write_text(
+            run_dir / "test_scores.json",
             json.dumps({"checkpoint": str(best), "examples": len(y_test), **test}) + "\n",
-            encoding="utf-8",
         )
     return metrics
 

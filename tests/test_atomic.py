@@ -1,0 +1,39 @@
+"""aiayn.atomic: a file is replaced whole or not at all, and gets the usual permissions."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from aiayn import atomic
+from aiayn.data.tokenizer import Tokenizer
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary_file(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("old\n", encoding="utf-8")
+    for error in (OSError("disk full"), KeyboardInterrupt()):
+        with pytest.raises(type(error)), atomic.replacing(path) as tmp:
+            tmp.write_text("half of the ne", encoding="utf-8")
+            raise error
+        assert path.read_text(encoding="utf-8") == "old\n"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+    atomic.write_text(path, "new\n")
+    assert path.read_text(encoding="utf-8") == "new\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_written_files_get_the_permissions_a_plain_open_gives(tmp_path):
+    # tempfile.mkstemp makes private files (0600); a run's tokenizer.json and a command's
+    # --output written through one were unreadable by the rest of the user's group.
+    old = os.umask(0o022)
+    try:
+        atomic.write_text(tmp_path / "out.txt", "x\n")
+        Tokenizer.train(["hello world"] * 10, vocab_size=50).save(tmp_path / "tokenizer.json")
+    finally:
+        os.umask(old)
+    for name in ("out.txt", "tokenizer.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
