@@ -155,6 +155,42 @@ def test_processes_that_find_different_latest_checkpoints_all_refuse_to_resume(t
         assert f"(rank 0 step {STEPS}, rank 1 step 2)" in outcome
 
 
+def missing_run_worker(rank: int, world: int, port: int, run_dir: str) -> None:
+    """Rank 1's machine has no copy of the run: it refuses --resume before the Trainer, so
+    rank 0, which has the run, must refuse with it instead of waiting for it to join."""
+    from aiayn.experiment import Experiment
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    torch.set_num_threads(1)
+    mine = run_dir if rank == 0 else f"{run_dir}-missing"
+    exp = Experiment.from_dict({"task": "translation", "run_dir": mine, "train": {"device": "cpu"}})
+    try:
+        exp.check_run_dir(resume=True)
+        outcome = "checked"
+    except CheckpointError as exc:
+        outcome = str(exc)
+    with open(f"{run_dir}-outcome-{rank}.txt", "w", encoding="utf-8") as f:
+        f.write(outcome)
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="torch.distributed is not available"
+)
+def test_a_process_without_the_run_to_resume_stops_every_process(tmp_path):
+    run_dir = tmp_path / "run"
+    model = torch.nn.Linear(2, 2)
+    ckpt.save_checkpoint(ckpt.checkpoint_path(run_dir / "checkpoints", 2), model=model, config={})
+    mp.start_processes(
+        missing_run_worker, args=(2, free_port(), str(run_dir)), nprocs=2, start_method="spawn"
+    )
+    mine = (tmp_path / "run-outcome-1.txt").read_text(encoding="utf-8")
+    assert mine.startswith("--resume: ") and "has no checkpoint to resume" in mine
+    other = (tmp_path / "run-outcome-0.txt").read_text(encoding="utf-8")
+    assert other == f"process 1 refused to start: {mine}"
+
+
 def poison_step(trainer, step: int) -> None:
     """Make the loss of optimiser step `step` (0-based) infinite, on this process."""
     loss_fn = trainer.loss_fn

@@ -23,13 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
 import yaml
 
 from aiayn import atomic
 from aiayn import checkpoint as ckpt
 from aiayn.config import ConfigSection, TransformerConfig, load_yaml_mapping
 from aiayn.errors import CheckpointError, ConfigError, DataError
-from aiayn.train import TrainConfig, Trainer
+from aiayn.train import Distributed, TrainConfig, Trainer, resolve_device, start_process_group
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +180,31 @@ class Experiment:
 
         Also refuse a run_dir that cannot be created, before any data is read, so that a
         refused run writes nothing.
+
+        Under torchrun every process checks its own run_dir (on several machines, each its own
+        copy), and all refuse if one does: one that stopped alone would leave the others
+        waiting for it until the collectives time out.
         """
+        refusal: ConfigError | CheckpointError | None = None
+        try:
+            self._check_run_dir(resume, sections, derived)
+        except (ConfigError, CheckpointError) as exc:
+            refusal = exc
+        info = Distributed.from_env()
+        if info.world_size > 1:
+            start_process_group(info, resolve_device(self.train.device, info))
+            refusals: list[Exception | None] = [None] * info.world_size
+            dist.all_gather_object(refusals, refusal)
+            if refusal is None:
+                rank, other = next(((r, e) for r, e in enumerate(refusals) if e), (0, None))
+                if other is not None:
+                    raise type(other)(f"process {rank} refused to start: {other}")
+        if refusal is not None:
+            raise refusal
+
+    def _check_run_dir(
+        self, resume: bool, sections: dict[str, ConfigSection] | None, derived: tuple[str, ...]
+    ) -> None:
         existing = next(p for p in (self.run_dir, *self.run_dir.parents) if p.exists())
         if not existing.is_dir():
             raise ConfigError(

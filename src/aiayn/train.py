@@ -324,6 +324,16 @@ def resolve_device(name: str, dist_info: Distributed) -> torch.device:
     return torch.device(name)
 
 
+def start_process_group(dist_info: Distributed, device: torch.device) -> None:
+    """Join the torchrun job's process group, once (nothing to join in a world of one)."""
+    if dist_info.world_size == 1 or dist.is_initialized():
+        return
+    # torchrun sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; NCCL for GPUs, gloo for CPUs.
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL uses the current device of each process
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+
 def _cpu_has_amx() -> bool:
     """Whether this CPU has AMX tiles, which multiply bf16 several times as fast as fp32."""
     try:
@@ -422,11 +432,7 @@ class Trainer:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.dist = Distributed.from_env()
         self.device = resolve_device(cfg.device, self.dist)
-        if self.dist.world_size > 1 and not dist.is_initialized():
-            # torchrun sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; NCCL for GPUs, gloo for CPUs.
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)  # NCCL uses the current device of each process
-            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
+        start_process_group(self.dist, self.device)
         self.precision = resolve_precision(cfg.precision, self.device)
         advice = precision_advice(cfg.precision, self.device)
         if advice and self.dist.is_main:
