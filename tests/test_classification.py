@@ -221,6 +221,7 @@ def test_train_classify_eval_through_the_cli(one_thread, toy_run, capsys, monkey
     run_dir, folder = toy_run
     test = json.loads((run_dir / "test_scores.json").read_text())
     assert test["examples"] == 40 and test["accuracy"] >= 90.0, test
+    assert set(test) == {"checkpoint", "examples", "loss", "accuracy", "macro_f1"}, test
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["task"] == "classification" and config["data"]["labels"] == [
         "negative",

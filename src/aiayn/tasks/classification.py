@@ -513,12 +513,12 @@ def predict_ids(
 def scores(
     model: SequenceClassifier, rows: Sequence[Sequence[int]], labels: Sequence[int], max_tokens: int
 ) -> dict[str, float]:
-    """Loss per example, accuracy and macro-F1 (x 100) of the model on labelled rows."""
+    """Loss per example ("loss"), accuracy and macro-F1 (x 100) of the model on labelled rows."""
     probs = predict_ids(model, rows, max_tokens)
     target = torch.tensor(list(labels))
     loss = F.nll_loss(probs.clamp_min(1e-12).log(), target).item()
     metrics = classification_scores(probs.argmax(-1).tolist(), list(labels), model.n_classes)
-    return {"val_loss": loss, **metrics}
+    return {"loss": loss, **metrics}
 
 
 # --------------------------------------------------------------------------- inference
@@ -787,7 +787,8 @@ def train_classification(
     max_tokens = exp.train.max_tokens
 
     def evaluate(m: SequenceClassifier) -> dict[str, float]:
-        return scores(m, rows["valid"], y_valid, max_tokens)
+        valid = scores(m, rows["valid"], y_valid, max_tokens)
+        return {"val_loss": valid.pop("loss"), **valid}
 
     run_config = exp.resolved(model_cfg)
     run_config["data"] = {**data.to_dict(), "labels": labels, "max_len": max_len}
