@@ -252,6 +252,8 @@ def test_word_tokenizer_vocab_size_min_frequency_and_case():
         Tokenizer.train_words(texts, 4)
     with pytest.raises(DataError):
         Tokenizer.train_words(["  "], 100)
+    with pytest.raises(DataError, match="no word occurs 5 times"):
+        Tokenizer.train_words(texts, 100, min_frequency=5, lowercase=True)  # a: 4, b: 3, c: 1
 
 
 def test_save_load_round_trips_both_kinds(tmp_path):

@@ -160,7 +160,7 @@ class Tokenizer:
         Raises:
             ConfigError: ``vocab_size`` cannot hold the special tokens, or ``min_frequency``
                 is below 1.
-            DataError: ``texts`` holds no non-blank text.
+            DataError: ``texts`` holds no non-blank text, or no word ``min_frequency`` times.
         """
         texts = _training_texts(texts, vocab_size, min_frequency, len(SPECIAL_TOKENS))
 
@@ -180,6 +180,11 @@ class Tokenizer:
             show_progress=False,
         )
         tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+        if tok.get_vocab_size() == len(SPECIAL_TOKENS):
+            raise DataError(
+                f"no word occurs {min_frequency} times in the texts, so the vocabulary would "
+                "hold only the special tokens; lower the minimum frequency"
+            )
         return cls(tok)
 
     @classmethod
