@@ -155,6 +155,14 @@ def test_bbc_missing_field_names_it_and_the_fields_present(tmp_path):
     assert "fields present: 'id', 'category', 'document', 'summary'" in message
 
 
+def test_bbc_jsonl_is_read_as_every_other_jsonl_file(tmp_path):
+    """A byte-order mark (Windows editors write one) is dropped, as for the other corpora."""
+    records = toy_records(3)
+    path = write_jsonl(tmp_path / "bbc.jsonl", records)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert read_bbc(str(path)) == sorted(records, key=lambda r: r["id"])
+
+
 def test_bbc_needs_a_path_and_says_where_to_get_it(tmp_path):
     with pytest.raises(ConfigError, match="data.path is required.*kaggle.com"):
         SummarizationData()

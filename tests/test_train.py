@@ -12,7 +12,7 @@ import aiayn.train
 from aiayn import checkpoint as ckpt
 from aiayn.config import TransformerConfig
 from aiayn.data.batching import TokenBatchSampler, example_lengths
-from aiayn.errors import ConfigError
+from aiayn.errors import CheckpointError, ConfigError
 from aiayn.model import Transformer
 from aiayn.tasks.seq2seq import batch_maker, seq2seq_loss
 from aiayn.train import (
@@ -97,7 +97,7 @@ def make_trainer(
     model = Transformer(cfg).to(dtype)
     tcfg = TrainConfig(
         max_steps=max_steps,
-        max_tokens=64,
+        max_tokens=max_tokens,
         warmup_steps=30,
         lr_scale=0.2,
         device="cpu",
@@ -153,6 +153,16 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
     # Training crossed an epoch boundary, so the data order was resumed across epochs too.
     assert second.stream.epoch >= 1
+
+
+def test_resume_on_other_training_data_is_refused(tmp_path):
+    """The stream's position is a batch number in one cut of the data: in other data, or with
+    another max_tokens, it names other batches, or none."""
+    make_trainer(tmp_path, 4, copy_examples()).fit(progress=False)
+    for examples, max_tokens in ((copy_examples()[:48], 64), (copy_examples(), 128)):
+        again = make_trainer(tmp_path, 8, examples, max_tokens=max_tokens)
+        with pytest.raises(CheckpointError, match=r"data cut into \d+ batches an epoch, but"):
+            again.resume()
 
 
 def test_same_seed_same_losses(tmp_path):

@@ -12,8 +12,6 @@ by stripping that prefix (see `aiayn.finetune`).
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import Tensor, nn
 
@@ -21,7 +19,6 @@ from aiayn.dropout import Dropout
 from aiayn.errors import ConfigError
 from aiayn.model import Transformer
 
-Pooling = Literal["mean", "cls", "max"]
 POOLINGS = ("mean", "cls", "max")
 
 

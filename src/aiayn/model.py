@@ -107,6 +107,26 @@ def _slow_fused_backward(q: Tensor) -> bool:
     return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and q.requires_grad
 
 
+def _causal_masking(
+    q: Tensor, k: Tensor, mask: Tensor | None, is_causal: bool, fused: bool
+) -> tuple[Tensor | None, bool]:
+    """The (mask, is_causal) pair that puts the decoder's causal mask where the kernel needs it.
+
+    F.scaled_dot_product_attention's own is_causal aligns the mask top-left: right only when
+    queries and keys are the same positions and there is no other mask. Otherwise (a cache, a
+    key mask, the written-out eq. (1)) the causal mask is spelled out and joined to `mask`.
+    """
+    if not is_causal or q.size(2) == 1:
+        # One query is the newest position: it sees every key, so there is nothing to mask.
+        # That is incremental decoding's every step, where building the mask cost three small
+        # kernels per layer and step (bench/results/h200-2026-11-27).
+        return mask, False
+    if fused and mask is None and q.size(2) == k.size(2):
+        return None, True
+    causal = causal_mask(q.size(2), k.size(2), device=q.device)
+    return (causal if mask is None else mask & causal), False
+
+
 class MultiHeadAttention(nn.Module):
     """§3.2.2: h heads of scaled dot-product attention over learned projections of Q, K, V.
 
@@ -118,8 +138,8 @@ class MultiHeadAttention(nn.Module):
     matrix product, [W^Q; W^K; W^V] (d_model x 3 d_model) for self-attention and [W^K; W^V]
     for the memory. The parameters stay the separate matrices (checkpoints and imported weights
     keep their layout); they are concatenated at each call. Measured at the base size on an
-    H200 (docs/performance.md): not faster under torch.compile (slower in both runs), 1.10x in
-    one eager run; so the paper's separate products stay the default.
+    H200 (docs/performance.md, "fused Q/K/V projection"): not faster under torch.compile, about
+    1.1x eager; so the paper's separate products stay the default.
     """
 
     def __init__(self, d_model: int, n_heads: int, attention_dropout: float, impl: str) -> None:
@@ -157,38 +177,30 @@ class MultiHeadAttention(nn.Module):
         """Queries, keys and values (B, h, T, d_k) of x (B, T, d_model): self-attention."""
         return self._project(x, (self.w_q, self.w_k, self.w_v))
 
-    def forward(
-        self,
-        x: Tensor,
-        kv: tuple[Tensor, Tensor],
-        mask: Tensor | None = None,
-        is_causal: bool = False,
-    ) -> Tensor:
-        """Attend from x (B, T_q, d_model) to precomputed keys/values (B, h, T_k, d_k).
-
-        `mask` is a boolean key mask broadcastable to (B, h, T_q, T_k); `is_causal` adds the
-        decoder's mask over the last T_q of the T_k positions. Returns (B, T_q, d_model).
+    def forward(self, x: Tensor, kv: tuple[Tensor, Tensor], mask: Tensor | None = None) -> Tensor:
+        """Attend from x (B, T_q, d_model) to precomputed keys/values (B, h, T_k, d_k): the
+        decoder's attention over the encoder's output (its keys and values are computed once
+        per sentence). `mask` as in `attend`. Returns (B, T_q, d_model).
         """
-        return self.attend(self.split_heads(self.w_q(x)), *kv, mask, is_causal)
+        return self.attend(self.split_heads(self.w_q(x)), *kv, mask)
 
     def attend(
         self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, is_causal: bool = False
     ) -> Tensor:
-        """Attention of projected queries (B, h, T_q, d_k) over keys/values (B, h, T_k, d_k),
-        heads concatenated and projected by W^O: (B, T_q, d_model). Masks as in `forward`."""
+        """MultiHead(Q, K, V) from projected queries (B, h, T_q, d_k) and keys/values
+        (B, h, T_k, d_k): eq. (1) in every head, heads concatenated and projected by W^O.
+
+        Args:
+            mask: boolean, True where a query may attend to a key, broadcastable to
+                (B, h, T_q, T_k): the padding mask over the keys.
+            is_causal: also the decoder's mask (§3.2.3): the queries are the last T_q of the
+                T_k positions, and each sees no key after its own.
+
+        Returns:
+            (B, T_q, d_model).
+        """
         fused = self.impl == "sdpa" and not _slow_fused_backward(q)
-        if is_causal and q.size(2) == 1:
-            # One query is the newest position (queries are the last T_q of the T_k): it sees
-            # every key, so there is nothing to mask. Incremental decoding's every step; the
-            # mask would cost three small kernels per layer and step (bench/results/h200-2026-11-27).
-            is_causal = False
-        # F.scaled_dot_product_attention's is_causal aligns the mask top-left: right only when
-        # queries and keys are the same positions and there is no other mask. Otherwise (a
-        # cache, a key mask, the written-out path) spell the causal mask out.
-        if is_causal and not (fused and mask is None and q.size(2) == k.size(2)):
-            causal = causal_mask(q.size(2), k.size(2), device=q.device)
-            mask = causal if mask is None else mask & causal
-            is_causal = False
+        mask, is_causal = _causal_masking(q, k, mask, is_causal, fused)
         dropout_p = self.attention_dropout if self.training else 0.0
         if self.record_weights:
             self.weights = attention_weights(q, k, mask).detach()
@@ -607,8 +619,10 @@ class Transformer(nn.Module):
             )
 
     def _check_cache(self, cache: KVCache, tgt_ids: Tensor, memory: Tensor | None) -> None:
-        """A cache serves one batch of sources for one search: refuse one of another model or
-        batch, or one whose memory is not this call's, before any layer appends to it."""
+        """A cache serves one batch of sources for one search: refuse one of another model,
+        another batch size or another memory length, before any layer appends to it. (Another
+        memory of the same length cannot be told apart cheaply: its cross-attention keys and
+        values, computed at the first step, would be reused.)"""
         if len(cache.layers) != len(self.decoder.layers):
             raise DataError(
                 f"the cache has {len(cache.layers)} layers but the decoder {len(self.decoder.layers)}: "

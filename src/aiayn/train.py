@@ -384,7 +384,12 @@ class BatchStream:
         return self._order[self.consumed - 1]
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "consumed": self.consumed}
+        """The position (and the batches an epoch, which `Trainer.resume` checks)."""
+        return {
+            "epoch": self.epoch,
+            "consumed": self.consumed,
+            "batches_per_epoch": len(self.sampler),
+        }
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -610,7 +615,16 @@ class Trainer:
                 f"{self.sampler.seed}; resume with the same train.seed"
             )
         self.step = int(state["step"])
-        self.stream = BatchStream(self.sampler, **state["data"])
+        position = dict(state["data"])
+        per_epoch = position.pop("batches_per_epoch", None)  # absent from older checkpoints
+        if per_epoch is not None and per_epoch != len(self.sampler):
+            # The stream's position (batch `consumed` of `epoch`) means nothing in other data.
+            raise CheckpointError(
+                f"--resume: {path.name} was trained on data cut into {per_epoch} batches an "
+                f"epoch, but this run's training data gives {len(self.sampler)}: the data or "
+                "train.max_tokens changed; resume with the run's own, or start a new run"
+            )
+        self.stream = BatchStream(self.sampler, **position)
         self.best_value = state.get("best_value")
         self.elapsed_before = float(state.get("elapsed_s", 0.0))
         if self.scaler is not None and state.get("scaler"):
@@ -706,7 +720,7 @@ class Trainer:
 
         The loss and the flag are 0-d tensors on the device. Reading them waits for the device
         to finish the step, so the loop reads them only when it logs, validates or saves
-        (`_settle`): meanwhile the host prepares the next batches while the device computes.
+        (`fit`'s `settle`): meanwhile the host prepares the next batches while the device computes.
         With a fused AdamW (the default on a GPU and a CPU) a non-finite step is also skipped
         on the device (`found_inf`, as under GradScaler); otherwise the flag is read here.
         """
@@ -854,7 +868,13 @@ class Trainer:
         return self._limit_reached() is not None
 
     def fit(self, progress: bool = True) -> TrainResult:
-        """Train until max_steps (or max_epochs); returns the last validation metrics."""
+        """Train until a limit is reached (`_limit_reached`: max_steps, max_epochs or
+        max_time_s), saving a checkpoint there; returns the last validation metrics.
+
+        Raises:
+            TrainingStopped: SIGINT or SIGTERM arrived; the step under way was finished and
+                saved as a checkpoint, from which --resume continues.
+        """
         from tqdm.auto import tqdm  # local: only the loop needs it
 
         cfg = self.cfg

@@ -37,7 +37,7 @@ DEFAULT_MULTI30K_CACHE = Path("~/.cache/aiayn/multi30k")
 _TABLE_SUFFIXES = (".tsv", ".tsv.gz", ".csv", ".csv.gz", ".jsonl", ".jsonl.gz")
 
 
-def _read_text(path: PathLike) -> str:
+def read_text(path: PathLike) -> str:
     """Return the whole of ``path`` decoded as strict UTF-8 (gunzipped if it ends in ``.gz``).
 
     A leading byte-order mark is dropped. Raises DataError for a missing, unreadable, corrupt
@@ -83,7 +83,7 @@ def read_lines(path: PathLike) -> list[str]:
         DataError: the file is missing, unreadable, empty (no non-whitespace text), or not
             valid UTF-8 (the message names the line).
     """
-    text = _read_text(path)
+    text = read_text(path)
     if not text.strip():
         raise DataError(f"{path}: file is empty; point at a file with one sentence per line")
     lines = text.split("\n")
@@ -191,6 +191,16 @@ def _read_jsonl(path: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
     return records
 
 
+def read_jsonl(path: PathLike) -> list[tuple[int, dict[str, Any]]]:
+    """The objects of a JSON-lines file (optionally .gz, any name) as ``(line number, object)``
+    pairs, blank lines skipped.
+
+    Raises:
+        DataError: a missing or unreadable file, or a line that is not one JSON object.
+    """
+    return _read_jsonl(Path(path), read_text(path))
+
+
 def read_records(path: PathLike) -> list[tuple[int, dict[str, Any]]]:
     """The rows of a TSV/CSV/JSONL table (optionally .gz) as ``(line number, record)`` pairs.
 
@@ -202,7 +212,7 @@ def read_records(path: PathLike) -> list[tuple[int, dict[str, Any]]]:
     """
     p = Path(path)
     fmt = _table_format(p)
-    text = _read_text(p)
+    text = read_text(p)
     if not text.strip():
         raise DataError(f"{p}: file is empty; point at a table with a header row and data")
     if fmt == "jsonl":
@@ -229,19 +239,8 @@ def read_table(path: PathLike, src_field: str, tgt_field: str) -> list[tuple[str
     """
     p = Path(path)
     fmt = _table_format(p)
-    text = _read_text(p)
-    if not text.strip():
-        raise DataError(f"{p}: file is empty; point at a table with a header row and data")
-    records: list[tuple[int, dict[str, Any]]]
-    if fmt == "jsonl":
-        records = _read_jsonl(p, text)
-    else:
-        records = _read_delimited(p, text, "\t" if fmt == "tsv" else ",")
-    if not records:
-        raise DataError(f"{p}: no data rows; point at a table with at least one record")
-
     pairs = []
-    for lineno, record in records:
+    for lineno, record in read_records(p):
         fields = []
         for field in (src_field, tgt_field):
             try:

@@ -255,7 +255,7 @@ def read_imdb(root: str | None, split: str) -> list[Example]:
             examples = []
             for sub, label in (("neg", IMDB_LABELS[0]), ("pos", IMDB_LABELS[1])):
                 for path in sorted((base / sub).glob("*.txt")):
-                    text = corpus._read_text(path).replace("<br />", " ").strip()
+                    text = corpus.read_text(path).replace("<br />", " ").strip()
                     examples.append(Example(text, label, str(path)))
             return examples
     raise DataError(

@@ -16,12 +16,9 @@ the same joint BPE vocabulary, the same `train_seq2seq` training run and the sam
 
 from __future__ import annotations
 
-import gzip
-import json
 import logging
 import random
 import re
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,23 +179,8 @@ def _read_bbc_jsonl(path: Path) -> list[dict[str, str]]:
             f"{path} does not exist; data.path must be the BBC News Summary JSONL (fields "
             f"{', '.join(BBC_FIELDS)}), or set data.root to the Kaggle folder from {BBC_URL}"
         )
-    try:
-        raw = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
-        text = raw.decode("utf-8")
-    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as exc:
-        raise DataError(
-            f"{path}: cannot read ({exc}); is it a (gzip'd) UTF-8 JSONL file?"
-        ) from None
     records = []
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{path}:{lineno}: a JSON {type(record).__name__}, not an object")
+    for lineno, record in corpus.read_jsonl(path):
         for name in BBC_FIELDS:
             if not isinstance(record.get(name), str):
                 what = "no field" if name not in record else "a non-string field"
