@@ -89,6 +89,8 @@ class Dropout(nn.Dropout):
     """`nn.Dropout` that draws its mask with `dropout` (same arguments, same state)."""
 
     def forward(self, x: Tensor) -> Tensor:
+        """x (any shape) -> the same shape: in training, each element zeroed with probability
+        p and the rest scaled by 1 / (1 - p); x itself in eval mode."""
         if self.inplace:  # not used by aiayn; kept for nn.Dropout's contract
             return super().forward(x)
         return dropout(x, self.p, self.training)

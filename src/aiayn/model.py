@@ -19,7 +19,7 @@ Masks are boolean and mean "may attend" (True) as in `F.scaled_dot_product_atten
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -284,6 +284,7 @@ class LearnedPositionalEmbedding(nn.Module):
         self.embedding = nn.Embedding(max_len, d_model)
 
     def forward(self, start: int, length: int) -> Tensor:
+        """Embeddings of positions start .. start + length - 1: (length, d_model)."""
         positions = torch.arange(start, start + length, device=self.embedding.weight.device)
         return self.embedding(positions)
 
@@ -308,7 +309,8 @@ class SublayerConnection(nn.Module):
         self.dropout = Dropout(dropout)
         self.pre_norm = norm == "pre"
 
-    def forward(self, x: Tensor, sublayer) -> Tensor:
+    def forward(self, x: Tensor, sublayer: Callable[[Tensor], Tensor]) -> Tensor:
+        """x (B, T, d_model) -> (B, T, d_model); `sublayer` maps (B, T, d_model) to the same."""
         if self.pre_norm:
             return x + self.dropout(sublayer(self.norm(x)))
         return self.norm(x + self.dropout(sublayer(x)))
@@ -372,7 +374,8 @@ class KVCache:
     length: int = 0  # target positions decoded so far
 
     def reorder(self, index: Tensor) -> None:
-        """Keep (and duplicate) batch rows: every cached tensor becomes tensor[index]."""
+        """Keep (and duplicate) batch rows: every cached tensor (B, ...) becomes tensor[index]
+        (B', ...), for a long tensor `index` (B',) of rows (beam search's surviving beams)."""
         for layer in self.layers:
             for name in ("self_k", "self_v", "cross_k", "cross_v"):
                 tensor = getattr(layer, name)
@@ -400,6 +403,8 @@ class DecoderLayer(nn.Module):
         self.feed_forward = PositionwiseFeedForward(
             cfg.d_model, cfg.d_ff, cfg.activation, cfg.activation_dropout
         )
+        # sublayer[0] wraps the self-attention, [1] the encoder-decoder attention (if any) and
+        # [-1] the feed-forward network.
         n_sublayers = 3 if cross_attention else 2
         self.sublayer = nn.ModuleList(
             SublayerConnection(cfg.d_model, cfg.dropout, cfg.norm, cfg.layer_norm_eps)
@@ -463,6 +468,8 @@ class Encoder(nn.Module):
         )
 
     def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        """The embedded source x (B, S, d_model) with its key mask (B, 1, 1, S) (None: no
+        padding) -> the memory (B, S, d_model) that every decoder layer attends to."""
         for layer in self.layers:
             x = layer(x, mask)
         return self.norm(x)
@@ -489,6 +496,9 @@ class Decoder(nn.Module):
         memory_mask: Tensor | None,
         cache: KVCache | StaticKVCache | None = None,
     ) -> Tensor:
+        """The embedded target x (B, T, d_model), attending to memory (B, S, d_model) under
+        memory_mask (B, 1, 1, S) -> (B, T, d_model), before the output projection. With a
+        cache, x holds only the new positions (see `DecoderLayer.forward`)."""
         for i, layer in enumerate(self.layers):
             x = layer(x, memory, memory_mask, cache.layers[i] if cache is not None else None)
         return self.norm(x)

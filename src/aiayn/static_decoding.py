@@ -855,7 +855,8 @@ class StaticDecoding:
         max_len_b: int = 50,
         min_len: int = 0,
     ) -> list[list[int]]:
-        """:func:`aiayn.decoding.greedy_search` for this model: B lists of output ids."""
+        """:func:`aiayn.decoding.greedy_search` for this model: src_ids (B, S), padded with
+        pad_id, -> B lists of output ids (no bos, no eos)."""
         if src_ids.dim() == 2 and src_ids.size(0) == 0:
             return []
         plan = self._run(
@@ -891,7 +892,8 @@ class StaticDecoding:
         min_len: int = 0,
         n_best: int = 1,
     ) -> list[list[Hypothesis]]:
-        """:func:`aiayn.decoding.beam_search` for this model: B lists of hypotheses."""
+        """:func:`aiayn.decoding.beam_search` for this model: src_ids (B, S), padded with
+        pad_id, -> B lists of n_best `Hypothesis`, best first."""
         if beam_size < 2:
             raise ConfigError(
                 f"beam search needs beam_size >= 2 here (1 is greedy), got {beam_size}"

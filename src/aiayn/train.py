@@ -134,8 +134,8 @@ def learning_rate(step: int, d_model: int, warmup_steps: int, scale: float = 1.0
     the step number." `step` counts from 1; warmup_steps 0 means no warm-up.
     """
     step = max(step, 1)
-    warmup = step * warmup_steps**-1.5 if warmup_steps > 0 else math.inf
-    return scale * d_model**-0.5 * min(step**-0.5, warmup)
+    rising = step * warmup_steps**-1.5 if warmup_steps > 0 else math.inf  # eq. (3)'s 2nd term
+    return scale * d_model**-0.5 * min(step**-0.5, rising)
 
 
 def label_smoothed_nll(
@@ -156,21 +156,14 @@ def label_smoothed_nll(
 
     Args:
         logits: (B, T, V).  target: (B, T) token ids; pad_id positions are ignored.
-        fused: compute it with a `torch.compile`d kernel: True always (what
-            `train.compile: true` uses), False never, None (the default) on a CUDA GPU where
-            torch.compile can make its kernels (`compiles_kernels_on`). PyTorch's eager loss
-            casts the whole (B*T, V) logits to float32 and keeps a float32 log-softmax for the
-            backward pass: with V = 37,000 and 16k tokens, 2.4 GB written and read several
-            times (8.9-10.6 ms forward + backward on an H200, against 2.1 ms for the compiled
-            one in a compiled step's profile; docs/performance.md). The compiled one is
-            written as two sums per row (`_label_smoothed_nll_by_rows`): it reads the logits
-            in row-wise reductions, keeps one float32 number per row, and writes the gradient
-            in the logits' dtype; it is compiled once for every batch shape. Where
-            torch.compile is switched off (`TORCHDYNAMO_DISABLE=1` or
-            `TORCH_COMPILE_DISABLE=1`), None picks the eager loss: the row sums run eagerly
-            would hold a (B*T, V) float32 weight tensor besides the logits. Not compiled, on
-            a CPU `aiayn.loss.LabelSmoothedNLL` does the same by blocks of rows (measured
-            faster there: docs/performance.md); elsewhere the loss is PyTorch's.
+        fused: compute it with a `torch.compile`d kernel, written as two sums per row
+            (`_label_smoothed_nll_by_rows`), that never holds the (B*T, V) logits in float32
+            as PyTorch's loss does: True always (what `train.compile: true` uses), False
+            never, None (the default) on a CUDA GPU where torch.compile can make its kernels
+            (`compiles_kernels_on`; not where it is switched off). Not compiled, a CPU uses
+            `aiayn.loss.LabelSmoothedNLL`, the same by blocks of rows; elsewhere the loss is
+            PyTorch's. Why and by how much: docs/performance.md, "Fast paths: state",
+            "cross-entropy with label smoothing without float32 logits".
         inplace_backward: on a CPU in eager mode the backward pass writes the gradient over
             the logits instead of into new memory (`aiayn.loss`); for a training loss whose
             logits nothing reads afterwards. Ignored elsewhere.

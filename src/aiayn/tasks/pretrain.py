@@ -308,7 +308,8 @@ class Objective:
 
     # ------------------------------------------------------------------ loss and metrics
     def logits_and_targets(self, model: nn.Module, batch) -> tuple[Tensor, Tensor]:
-        """Logits (..., V) and their targets (...), pad where nothing is scored."""
+        """Logits and their targets, pad where nothing is scored: (N, V) and (N,) for the
+        masked LM (only the N chosen positions), (B, T, V) and (B, T) for the others."""
         if self.name == "mlm":
             targets = batch.labels.flatten().index_select(0, batch.chosen)  # (N,)
             return model(batch.input_ids, batch.chosen), targets
