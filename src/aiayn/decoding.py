@@ -784,9 +784,13 @@ def translate_ids(
             f"translate_ids needs an encoder-decoder model, and this one has no {missing} "
             "(n_encoder_layers and n_decoder_layers must both be 1 or more)"
         )
-    ids, lengths = (bos_id, eos_id, pad_id), (max_len_a, max_len_b, min_len)
     _check_search_arguments(
-        model.cfg.tgt_vocab_size, None, ids, lengths, no_repeat_ngram_size, beam_size=beam_size
+        model.cfg.tgt_vocab_size,
+        None,
+        (bos_id, eos_id, pad_id),
+        (max_len_a, max_len_b, min_len),
+        no_repeat_ngram_size,
+        beam_size=beam_size,
     )
     if beam_size < 1:  # before choosing a search: each one would read 0 differently
         raise ConfigError(f"beam_size must be at least 1, got {beam_size}")
@@ -801,25 +805,37 @@ def translate_ids(
     elif static and no_repeat_ngram_size:
         raise ConfigError("no_repeat_ngram_size is not available with static=True")
     src_ids = src_ids.to(device)
-    ids = dict(bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)
-    lengths = dict(max_len_a=max_len_a, max_len_b=max_len_b, min_len=min_len)
-    if static and beam_size > 1:
-        with _eval_mode(model):
-            search = static_decoding_of(model)
-            hypotheses = search.beam(
-                src_ids, beam_size=beam_size, length_penalty=length_penalty, **ids, **lengths
-            )
-        return [hyps[0].tokens if hyps else [] for hyps in hypotheses]
-    if static:
-        with _eval_mode(model):
-            return static_decoding_of(model).greedy(src_ids, **ids, **lengths)
-    decoder = TransformerDecoder(model)
-    lengths["no_repeat_ngram_size"] = no_repeat_ngram_size
+    # The settings every search takes alike.
+    common = dict(
+        bos_id=bos_id,
+        eos_id=eos_id,
+        pad_id=pad_id,
+        max_len_a=max_len_a,
+        max_len_b=max_len_b,
+        min_len=min_len,
+    )
     with _eval_mode(model):
-        if beam_size == 1:
-            return greedy_search(decoder, src_ids, **ids, **lengths)
-        hypotheses = beam_search(
-            decoder, src_ids, beam_size=beam_size, length_penalty=length_penalty, **ids, **lengths
-        )
+        if static and beam_size == 1:
+            return static_decoding_of(model).greedy(src_ids, **common)
+        if static:
+            hypotheses = static_decoding_of(model).beam(
+                src_ids, beam_size=beam_size, length_penalty=length_penalty, **common
+            )
+        elif beam_size == 1:
+            return greedy_search(
+                TransformerDecoder(model),
+                src_ids,
+                no_repeat_ngram_size=no_repeat_ngram_size,
+                **common,
+            )
+        else:
+            hypotheses = beam_search(
+                TransformerDecoder(model),
+                src_ids,
+                beam_size=beam_size,
+                length_penalty=length_penalty,
+                no_repeat_ngram_size=no_repeat_ngram_size,
+                **common,
+            )
     # A source has no hypothesis only if the model gave probability 0 to every ending.
     return [hyps[0].tokens if hyps else [] for hyps in hypotheses]
