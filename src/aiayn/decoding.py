@@ -573,12 +573,12 @@ def beam_search(
             ],
             dim=1,
         ).cpu()
-        top_scores = on_host[:, :k].tolist()
-        top_beams = on_host[:, k : 2 * k].long().tolist()
-        top_is_eos = on_host[:, 2 * k : 3 * k].bool().tolist()
-        host_beams = on_host[:, 3 * k : 4 * k].long()
-        host_tokens = on_host[:, 4 * k : 5 * k].long()
-        alive = on_host[:, 5 * k].bool().tolist()
+        top_scores, top_beams, top_is_eos, host_beams, host_tokens, alive = on_host.split(
+            [k, k, k, k, k, 1], dim=1
+        )  # in the order of the cat above
+        top_scores, top_beams = top_scores.tolist(), top_beams.long().tolist()
+        top_is_eos, alive = top_is_eos.bool().tolist(), alive.view(-1).bool().tolist()
+        host_beams, host_tokens = host_beams.long(), host_tokens.long()
 
         # Finalise the eos candidates that rank among the top K, best first, while the
         # source has room. A -inf candidate extends a dead beam and is skipped.
