@@ -104,3 +104,24 @@ def test_integers_are_accepted_for_float_fields():
 def test_bad_yaml(text, message):
     with pytest.raises(ConfigError, match=message):
         TransformerConfig.from_yaml(text)
+
+
+def test_floats_in_exponent_notation_are_numbers_in_files_and_overrides(tmp_path):
+    """PyYAML reads YAML 1.1, where 1e-9 (no dot) is a string: a config or an override
+    `--train.lr_scale 1e-9` was refused as "must be a number"."""
+    from aiayn.experiment import Experiment
+
+    path = tmp_path / "exp.yaml"
+    path.write_text(
+        "task: translation\nrun_dir: runs/x\nmodel: {layer_norm_eps: 1e-5}\n"
+        "train: {lr_scale: 2E-1}\n",
+        encoding="utf-8",
+    )
+    exp = Experiment.from_yaml(path, ["--train.weight_decay", "1e-9", "--train.adam_eps=1E-7"])
+    assert exp.model["layer_norm_eps"] == 1e-5 and exp.train.lr_scale == 0.2
+    assert exp.train.weight_decay == 1e-9 and exp.train.adam_eps == 1e-7
+    with pytest.raises(ConfigError, match="adam_eps > 0"):  # a number, out of range
+        Experiment.from_yaml(path, ["--train.adam_eps", "-1e-8"])
+    # Words that only look like numbers stay words.
+    exp = Experiment.from_yaml(path, ["--run_dir", "1e"])
+    assert exp.run_dir.name == "1e"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -111,10 +112,31 @@ class ConfigSection:
         return cls.from_dict(load_yaml_mapping(text, what=cls.SECTION))
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading numbers as YAML 1.2 does: PyYAML follows YAML 1.1, where
+    a float needs a dot, so `lr_scale: 1e-9` would be the string "1e-9"."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """One YAML document (a config file, an override's value) with `_Loader`'s numbers.
+
+    Raises:
+        yaml.YAMLError: the text is not valid YAML.
+    """
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader: builds no Python objects
+
+
 def load_yaml_mapping(text: str, what: str) -> dict[str, Any]:
     """Parse YAML text that must hold a mapping (an empty document is an empty mapping)."""
     try:
-        values = yaml.safe_load(text)
+        values = parse_yaml(text)
     except yaml.YAMLError as exc:
         detail = " ".join(str(exc).split())
         raise ConfigError(f"{what} is not valid YAML: {detail}") from exc

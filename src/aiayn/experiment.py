@@ -28,7 +28,7 @@ import yaml
 
 from aiayn import atomic
 from aiayn import checkpoint as ckpt
-from aiayn.config import ConfigSection, TransformerConfig, load_yaml_mapping
+from aiayn.config import ConfigSection, TransformerConfig, load_yaml_mapping, parse_yaml
 from aiayn.errors import CheckpointError, ConfigError, DataError
 from aiayn.train import Distributed, TrainConfig, Trainer, resolve_device, start_process_group
 
@@ -237,7 +237,7 @@ class Experiment:
         checkpoints would train on, silently, with them."""
         path = self.run_dir / "config.yaml"
         try:
-            run = yaml.safe_load(path.read_text(encoding="utf-8"))
+            run = parse_yaml(path.read_text(encoding="utf-8"))
         except (OSError, yaml.YAMLError, UnicodeDecodeError):
             return  # no record to compare with: the checkpoint's own checks still apply
         if not isinstance(run, dict):
@@ -359,7 +359,7 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> None:
                 f"unknown config section {path[0]!r} in {flag}; allowed: {', '.join(SECTIONS)}"
             )
         try:
-            value = yaml.safe_load(raw)
+            value = parse_yaml(raw)
         except yaml.YAMLError as exc:
             if raw.lstrip().startswith(("[", "{")):  # meant as a YAML list or mapping
                 detail = " ".join(str(exc).split())
