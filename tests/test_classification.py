@@ -1,6 +1,7 @@
 """Classification and fine-tuning: the head, the data, the CLI (train -> classify -> eval), bad input,
 loading pre-trained weights, freezing, and per-group learning rates."""
 
+import gzip
 import json
 import random
 import sys
@@ -26,6 +27,7 @@ from aiayn.tasks.classification import (
     Ensemble,
     classification_loss,
     drop_tokens,
+    read_imdb,
     read_splits,
     read_table_examples,
 )
@@ -436,7 +438,7 @@ def test_finetune_config_may_change_only_dropouts(tmp_path, toy_data, capsys):
 
 
 def test_table_jsonl_int_labels_and_held_out_part(tmp_path):
-    rows = [{"review": f"text {i}", "stars": i % 3} for i in range(50)]
+    rows = [{"review": f"text {i} ", "stars": i % 3} for i in range(50)]  # SST-2's last space
     path = tmp_path / "t.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     data = ClassificationData(
@@ -445,6 +447,7 @@ def test_table_jsonl_int_labels_and_held_out_part(tmp_path):
     )  # fmt: skip
     splits = read_splits(data)
     assert len(splits.train) == 40 and len(splits.valid) == 10
+    assert all(e.text == e.text.strip() for e in splits.train)  # as `classify --input` reads
     assert {e.text for e in splits.train}.isdisjoint(e.text for e in splits.valid)
     again = read_splits(data)  # seeded: the same part every time
     assert [e.text for e in again.valid] == [e.text for e in splits.valid]
@@ -488,6 +491,15 @@ def test_imdb_reads_the_aclimdb_folder(tmp_path):
     assert [(e.text, e.label) for e in examples] == [
         ("hated it", "negative"),
         ("loved it really", "positive"),
+    ]
+    # The JSONL copy of the same reviews reads the same texts.
+    lines = [{"text": "loved it<br />really", "label": "1"}, {"text": "hated it ", "label": "0"}]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    with gzip.open(tmp_path / "train.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write((tmp_path / "train.jsonl").read_text())
+    assert sorted(e.text for e in read_imdb(str(tmp_path), "train")) == [
+        "hated it",
+        "loved it really",
     ]
 
 

@@ -53,6 +53,12 @@ def test_round_trip_exact(tok):
     assert tok.decode(tok.encode("Zwei Männer grüßen.")) == "Zwei Männer grüßen."
 
 
+def test_surrounding_whitespace_does_not_change_the_ids(tok):
+    """Every SST-2 sentence ends in a space; a sentence typed in does not: the same ids."""
+    assert tok.encode("A man, in a hat. ") == tok.encode("A man, in a hat.")
+    assert tok.encode(" \tA man,  in a hat.\n") == tok.encode("A man,  in a hat.")
+
+
 def test_decode_drops_specials_and_takes_tensors(tok):
     ids = tok.encode("A dog runs.")
     padded = [tok.bos_id, *ids, tok.eos_id, tok.pad_id, tok.pad_id]

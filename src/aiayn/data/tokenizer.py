@@ -4,10 +4,13 @@ The paper (§5.1) encodes WMT En-De with a shared source-target BPE vocabulary o
 tokens; :meth:`Tokenizer.train` builds such a joint vocabulary when given source and target
 texts together.
 
-Pipeline: NFKC normalisation -> Metaspace pre-tokenisation (spaces become ``▁`` and start the
-following word, as in SentencePiece) -> BPE -> Metaspace decoding. Because the space is part
-of the token, decoding restores the exact text ("A man, in a hat." round-trips), with no
-detokeniser heuristics. Characters never seen in training map to ``<unk>``, which decoding
+Pipeline: NFKC normalisation and the text's leading and trailing whitespace stripped ->
+Metaspace pre-tokenisation (spaces become ``▁`` and start the following word, as in
+SentencePiece) -> BPE -> Metaspace decoding. Because the space is part of the token, decoding
+restores the exact text ("A man, in a hat." round-trips), with no detokeniser heuristics.
+Stripping makes " a text " and "a text" the same ids, so a line read with its trailing space
+(every SST-2 sentence has one) and the same line typed in are classified alike. (Tokenizers
+trained before the strip was added keep their own normalisation.) Characters never seen in training map to ``<unk>``, which decoding
 drops along with the other specials.
 
 Special tokens have fixed ids, shared by the whole project: ``<pad>``=0, ``<s>``=1,
@@ -128,7 +131,7 @@ class Tokenizer:
         texts = _training_texts(texts, vocab_size, min_frequency, len(SPECIAL_TOKENS) + len(extra))
 
         tok = tokenizers.Tokenizer(models.BPE(unk_token=UNK))
-        tok.normalizer = normalizers.NFKC()
+        tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Strip()])
         tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=_SPACE, prepend_scheme="always")
         tok.decoder = decoders.Metaspace(replacement=_SPACE, prepend_scheme="always")
         trainer = trainers.BpeTrainer(

@@ -229,9 +229,9 @@ def read_table_examples(path: Path, text_field: str, label_field: str) -> list[E
                     "(or --text-field / --label-field)"
                 )
         text, label = record[text_field], record[label_field]
-        examples.append(
-            Example(text if isinstance(text, str) else str(text), str(label), f"{path}:{lineno}")
-        )
+        # Stripped as `classify --input` strips its lines: the same sentence, the same ids.
+        text = (text if isinstance(text, str) else str(text)).strip()
+        examples.append(Example(text, str(label), f"{path}:{lineno}"))
     return examples
 
 
@@ -247,7 +247,9 @@ def read_imdb(root: str | None, split: str) -> list[Example]:
     jsonl = folder / f"{split}.jsonl.gz"
     if jsonl.is_file():
         return [
-            Example(str(r.get("text", "")), str(r.get("label", "")), f"{jsonl}:{lineno}")
+            Example(
+                _review_text(str(r.get("text", ""))), str(r.get("label", "")), f"{jsonl}:{lineno}"
+            )
             for lineno, r in corpus.read_records(jsonl)
         ]
     for base in (folder / "aclImdb" / split, folder / split):
@@ -255,13 +257,18 @@ def read_imdb(root: str | None, split: str) -> list[Example]:
             examples = []
             for sub, label in (("neg", IMDB_LABELS[0]), ("pos", IMDB_LABELS[1])):
                 for path in sorted((base / sub).glob("*.txt")):
-                    text = corpus.read_text(path).replace("<br />", " ").strip()
+                    text = _review_text(corpus.read_text(path))
                     examples.append(Example(text, label, str(path)))
             return examples
     raise DataError(
         f"{folder} holds no IMDB {split} data: expected aclImdb/{split}/pos and .../neg (the "
         f"extracted {IMDB_URL}) or {split}.jsonl.gz; set data.root, or null to download"
     )
+
+
+def _review_text(text: str) -> str:
+    """An IMDB review as text: the release marks its line breaks with HTML ``<br />``."""
+    return text.replace("<br />", " ").strip()
 
 
 def _download_imdb(cache_dir: Path | None = None) -> Path:
