@@ -386,6 +386,59 @@ def test_resume_of_a_finished_run_names_the_limit_it_reached(run_copy, capsys):
     assert snapshot(run_copy) == before
 
 
+def holding(folder: Path) -> subprocess.Popen:
+    """Another process that holds `folder` as a running training does (aiayn.run_lock); it
+    lets go when its stdin closes."""
+    code = (
+        "import sys; from pathlib import Path; from aiayn import run_lock; "
+        "run_lock.hold(Path(sys.argv[1])); print('held', flush=True); sys.stdin.read()"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(folder)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_second_training_in_the_folder_of_a_running_one_is_refused(run_copy, capsys):
+    """Two trainings in one run_dir mixed their tokenizers, configs and logs, and both ended
+    "finished"; the second is refused now, started fresh or with --resume, writing nothing."""
+    before = snapshot(run_copy)
+    config = run_copy.parent / "toy.yaml"
+    more = ["--train.max_steps", "3"]
+    holder = holding(run_copy)
+    try:
+        for extra in ([], ["--resume", *more]):
+            assert_refused(
+                run(["train", config, "--run_dir", run_copy, *extra, "--quiet"], capsys),
+                f"another aiayn process is training in {run_copy}: wait for it to end",
+            )
+        assert snapshot(run_copy) == before
+        # A run that was started beside it, fresh, finds the folder taken once it has data.
+        exp = Experiment.from_yaml(config, ["--run_dir", str(run_copy)])
+        with pytest.raises(ConfigError, match="another aiayn process is training"):
+            exp.claim_run_dir()
+    finally:
+        holder.communicate("")
+    code, _, err = run(
+        ["train", config, "--run_dir", run_copy, "--resume", *more, "--quiet"], capsys
+    )
+    assert code == 0, err
+
+
+def test_demo_refuses_to_replace_a_run_folder_it_did_not_write(run_copy, capsys):
+    """The demo replaces --out's run/ folder: only a demo's, not a training run's."""
+    before = snapshot(run_copy)
+    assert_refused(
+        run(["demo", "--out", run_copy.parent, "--quiet"], capsys),
+        f"{run_copy} holds files that no demo wrote (a training run?)",
+    )
+    assert snapshot(run_copy) == before
+
+
 def test_demo_out_inside_a_file(tmp_path, capsys):
     blocker = tmp_path / "file.txt"
     blocker.write_text("x", encoding="utf-8")

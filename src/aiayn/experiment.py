@@ -26,7 +26,7 @@ from typing import Any
 import torch.distributed as dist
 import yaml
 
-from aiayn import atomic
+from aiayn import atomic, run_lock
 from aiayn import checkpoint as ckpt
 from aiayn.config import ConfigSection, TransformerConfig, load_yaml_mapping, parse_yaml
 from aiayn.errors import CheckpointError, ConfigError, DataError
@@ -216,6 +216,8 @@ class Experiment:
                 f"run_dir {self.run_dir} cannot be written: {existing} is read-only; "
                 "pass --run_dir with a folder you can write"
             )
+        if self.run_dir.is_dir() and Distributed.from_env().is_main:
+            run_lock.hold(self.run_dir)  # before the checks below: a running run has no end yet
         has_checkpoints = ckpt.latest_checkpoint(self.run_dir / "checkpoints") is not None
         if resume and not has_checkpoints:
             raise CheckpointError(
@@ -283,8 +285,20 @@ class Experiment:
                     "resume with the run's settings, or start a new run with another --run_dir"
                 )
 
-    def write_config(self, run_config: dict[str, Any]) -> Path:
+    def claim_run_dir(self) -> None:
+        """Create run_dir if it is new, and hold it until this process ends or the command
+        releases it (`aiayn.run_lock`): call before the first file is written into it.
+
+        Raises:
+            ConfigError: another process is training in it (two runs started together, the
+                other one first past `check_run_dir`).
+        """
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if Distributed.from_env().is_main:
+            run_lock.hold(self.run_dir)
+
+    def write_config(self, run_config: dict[str, Any]) -> Path:
+        self.claim_run_dir()
         path = self.run_dir / "config.yaml"
         atomic.write_text(path, yaml.safe_dump(run_config, sort_keys=False))
         return path

@@ -782,7 +782,7 @@ def train_classification(
     # Saved only now, once the model is built and its weights are in (fine-tuning settings
     # and word vectors checked): a refused run writes nothing.
     if source is not None or not (resume and tokenizer_path.is_file()):
-        run_dir.mkdir(parents=True, exist_ok=True)
+        exp.claim_run_dir()
         encoder.save(tokenizer_path)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info(

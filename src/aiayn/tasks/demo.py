@@ -17,6 +17,7 @@ CPU cores and translates more than 99% of 2,000 held-out numbers exactly right.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -29,6 +30,7 @@ import torch
 from torch import Tensor
 
 from aiayn import checkpoint as ckpt
+from aiayn import run_lock
 from aiayn.config import ConfigSection, TransformerConfig
 from aiayn.data.batching import TokenBatchSampler, example_lengths, pad_ids
 from aiayn.decoding import translate_ids
@@ -45,6 +47,7 @@ PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)  # the order of numbers.VOCAB_SPECIALS
 HEATMAP_FILE = "attention.png"
 CURVES_FILE = "training_curves.png"
 RUN_SUBDIR = "run"  # the Trainer's run directory inside out_dir: train.jsonl, checkpoints/
+DEMO_MARK = ".aiayn-demo"  # in run/: the demo wrote this folder, and may replace it
 # The demo's search, also its checkpoints' decoding settings (`aiayn translate`): greedy, and
 # German never needs more than 2 tokens per English one, plus 3 (the source's </s> counted).
 DEMO_DECODE = {"beam_size": 1, "max_len_a": 2, "max_len_b": 3}
@@ -317,9 +320,44 @@ def run_demo(out_dir: Path, cfg: DemoConfig | None = None, progress: bool = True
     cfg = cfg or DemoConfig()
     out_dir = Path(out_dir)
     run_dir = out_dir / RUN_SUBDIR
-    if run_dir.exists():
-        # The trainer appends to train.jsonl and keeps old checkpoints: start clean.
-        shutil.rmtree(run_dir)
+    _check_replaceable(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run_lock.hold(run_dir)  # a second demo into the same --out is refused
+    try:
+        return _run_demo(out_dir, run_dir, cfg, progress)
+    finally:
+        run_lock.release(run_dir)
+
+
+def _check_replaceable(run_dir: Path) -> None:
+    """Refuse to replace a `run/` that is not a demo's: it may be someone's training run."""
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir} is a file; the demo writes its run there: pass another --out")
+    if (run_dir / DEMO_MARK).is_file() or not any(run_dir.iterdir()):
+        return
+    for checkpoint in ckpt.list_checkpoints(run_dir / "checkpoints"):
+        try:  # a demo's from before the mark: its checkpoints record the demo's settings
+            if "demo" in json.loads((checkpoint / ckpt.CONFIG_FILE).read_text(encoding="utf-8")):
+                return
+        except (OSError, ValueError):
+            continue
+    raise ConfigError(
+        f"{run_dir} holds files that no demo wrote (a training run?), and the demo replaces "
+        f"its {RUN_SUBDIR}/ folder: pass another --out"
+    )
+
+
+def _run_demo(out_dir: Path, run_dir: Path, cfg: DemoConfig, progress: bool) -> DemoResult:
+    # The trainer appends to train.jsonl and keeps old checkpoints: start clean. The folder
+    # itself stays: this process holds it (aiayn.run_lock).
+    for child in run_dir.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+    (run_dir / DEMO_MARK).write_text("written by aiayn demo, which replaces this folder\n")
     started = time.perf_counter()
 
     splits = numbers.make_splits(cfg.n_train, cfg.n_valid, cfg.n_test, seed=cfg.seed)

@@ -458,7 +458,7 @@ def train_pretrain(
 
     tokenizer_path = run_dir / TOKENIZER_FILE
     if not (resume and tokenizer_path.is_file()):  # saved only now: a refused run writes nothing
-        run_dir.mkdir(parents=True, exist_ok=True)
+        exp.claim_run_dir()
         tokenizer.save(tokenizer_path)
 
     model_cfg = exp.model_config(vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)

@@ -166,7 +166,7 @@ def train_seq2seq(
     valid_ids = fit(encode_pairs(tokenizer, valid_pairs), model_cfg, "valid")
 
     if new_tokenizer:  # saved only now, so that a run refused for its data writes nothing
-        run_dir.mkdir(parents=True, exist_ok=True)
+        exp.claim_run_dir()
         tokenizer.save(tokenizer_path)
 
     torch.manual_seed(exp.train.seed)
