@@ -271,7 +271,13 @@ def test_run_dir_inside_a_file(tmp_path, capsys, toy_config):
 
 
 @pytest.mark.parametrize(
-    "setting, value, was", [("model.d_model", "48", "32"), ("data.vocab_size", "90", "100")]
+    "setting, value, was",
+    [
+        ("model.d_model", "48", "32"),
+        ("data.vocab_size", "90", "100"),
+        ("train.max_tokens", "128", "256"),
+        ("train.lr_scale", "0.5", "1.0"),
+    ],
 )
 def test_resume_with_another_setting_names_it_and_writes_nothing(
     run_copy, capsys, setting, value, was
@@ -344,23 +350,16 @@ def test_resume_from_a_truncated_checkpoint_says_how_to_go_back_one(run_copy, ca
 
 
 def test_resume_with_another_seed(run_copy, capsys):
-    before = snapshot(run_copy)
-    assert_refused(
-        run(
-            [
-                "train",
-                run_copy.parent / "toy.yaml",
-                "--run_dir",
-                run_copy,
-                "--resume",
-                "--quiet",
-                "--train.seed",
-                "2",
-            ],
-            capsys,
-        ),  # fmt: skip
+    """Compared with config.yaml first; without it, the checkpoint's own record refuses."""
+    resume = ["train", run_copy.parent / "toy.yaml", "--run_dir", run_copy, "--resume"]
+    for message in (
+        f"--resume: train.seed is 2 here but 1 in {run_copy / 'config.yaml'}",
         "was trained with seed 1 but this run uses 2; resume with the same train.seed",
-    )
+    ):
+        if "config.yaml" not in message:
+            (run_copy / "config.yaml").unlink()
+        before = snapshot(run_copy)
+        assert_refused(run([*resume, "--quiet", "--train.seed", "2"], capsys), message)
     assert snapshot(run_copy) == before
 
 

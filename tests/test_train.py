@@ -155,6 +155,26 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     assert second.stream.epoch >= 1
 
 
+def test_a_run_resumed_between_two_log_records_logs_what_the_uninterrupted_one_does(tmp_path):
+    """The record of step 8 averages the loss of steps 5-8; resumed from step 6, the loss of
+    steps 5 and 6 comes from the checkpoint."""
+    straight = make_trainer(tmp_path / "a", 8, copy_examples())
+    straight.cfg.log_every, straight.cfg.save_every = 4, 2
+    straight.fit(progress=False)
+    resumed = make_trainer(tmp_path / "b", 8, copy_examples())
+    resumed.cfg.log_every = 4
+    resumed.resume(ckpt.checkpoint_path(straight.checkpoint_root, 6))
+    resumed.fit(progress=False)
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")[-1:]
+
+
+def test_max_epochs_stops_at_the_end_of_the_epoch(tmp_path):
+    trainer = make_trainer(tmp_path, 1000, copy_examples(), max_epochs=1)
+    trainer.fit(progress=False)
+    assert trainer.step == len(trainer.sampler)  # one batch a step, every batch once
+    assert trainer.stream.epochs_done == 1 and trainer.stream.epoch == 0
+
+
 def test_resume_on_other_training_data_is_refused(tmp_path):
     """The stream's position is a batch number in one cut of the data: in other data, or with
     another max_tokens, it names other batches, or none."""

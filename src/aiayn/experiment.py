@@ -35,11 +35,28 @@ from aiayn.train import Distributed, TrainConfig, Trainer, resolve_device, start
 logger = logging.getLogger(__name__)
 
 TASKS = ("translation", "classification", "summarization", "pretrain")
-# What --resume may change: where the same data now lives (data), and how attention is
-# computed rather than what (model). Any other change to these sections is another experiment.
+# What --resume may change: where the same data now lives (data), how attention is computed
+# rather than what (model), and when training stops, logs, validates and saves, and on what
+# hardware (train). Any other change to these sections is another experiment.
 RESUME_MAY_CHANGE = {
     "data": frozenset({"root", "path", "embeddings_file"}),
     "model": frozenset({"attention"}),
+    "train": frozenset(
+        {
+            "max_steps",
+            "max_epochs",
+            "max_time_s",
+            "log_every",
+            "eval_every",
+            "save_every",
+            "keep_last",
+            "max_bad_steps",
+            "device",
+            "precision",
+            "compile",
+            "fsdp",
+        }
+    ),  # fmt: skip
 }
 SECTIONS = ("task", "run_dir", "model", "data", "train", "decode", "head", "finetune")
 # Tasks that can start from pre-trained weights (`aiayn finetune --from`, `finetune.source`).
@@ -234,9 +251,9 @@ class Experiment:
     def check_resumes(
         self, sections: dict[str, ConfigSection], derived: tuple[str, ...] = ()
     ) -> None:
-        """Refuse to resume the run in run_dir with another task, another model or other
-        settings in `sections` (data; a classifier's head) than its config.yaml records: its
-        checkpoints would train on, silently, with them."""
+        """Refuse to resume the run in run_dir with another task, another model, other training
+        settings or other settings in `sections` (data; a classifier's head) than its
+        config.yaml records: its checkpoints would train on, silently, with them."""
         path = self.run_dir / "config.yaml"
         try:
             run = parse_yaml(path.read_text(encoding="utf-8"))
@@ -252,7 +269,7 @@ class Experiment:
             )
         now: dict[str, dict[str, Any]] = {}
         then: dict[str, dict[str, Any]] = {}
-        for name, section in sections.items():
+        for name, section in {**sections, "train": self.train}.items():
             if not isinstance(run.get(name), dict):
                 continue
             known = {f.name for f in dataclasses.fields(section)}
@@ -310,8 +327,8 @@ class Experiment:
         """
         if resume:
             trainer.resume()
-        else:
-            self.write_config(run_config)
+        # Written again on resume: what may change (RESUME_MAY_CHANGE) is recorded.
+        self.write_config(run_config)
         result = trainer.fit(progress=progress)
         if trainer.dist.is_main:  # the process that wrote train.jsonl draws it, once
             self.plot_curves()

@@ -12,7 +12,9 @@ The points are where a crash costs the most:
 - ``step``: inside an optimiser step, after the backward pass and before the update;
 - ``eval``: during a validation, after its metrics are computed and before they are saved;
 - ``checkpoint-write``: inside the checkpoint writer, after the weights and optimiser state are
-  in the temporary directory and before it is renamed into place.
+  in the temporary directory and before it is renamed into place;
+- ``best-pointer``: after a checkpoint with the best validation so far is saved, before
+  ``best.json`` names it.
 
 ``tests/test_faults.py`` uses it to kill real ``aiayn train`` runs and resume them. Without the
 variable `maybe_fail` is one dictionary lookup: nothing to pay in normal runs.
@@ -27,7 +29,7 @@ import signal
 from aiayn.errors import ConfigError
 
 ENV_VAR = "AIAYN_FAULT"
-POINTS = ("step", "eval", "checkpoint-write")
+POINTS = ("step", "eval", "checkpoint-write", "best-pointer")
 ACTIONS = ("kill", "enospc")
 
 # How often each point has been reached in this process (only counted while ENV_VAR is set).

@@ -376,6 +376,11 @@ class BatchStream:
         self.consumed += 1
         return self._order[self.consumed - 1]
 
+    @property
+    def epochs_done(self) -> int:
+        """Whole passes over the data so far (the last batch of an epoch completes it)."""
+        return self.epoch + (self.consumed == len(self._order))
+
     def state_dict(self) -> dict[str, int]:
         """The position (and the batches an epoch, which `Trainer.resume` checks)."""
         return {
@@ -453,6 +458,8 @@ class Trainer:
         self.step, self.stream = 0, BatchStream(sampler)
         self.lr = 0.0  # the rate of the latest step (eq. 3 times train.lr_scale)
         self.best_value: float | None = None
+        # (loss summed, target tokens) of the steps since the last log record.
+        self._log_window: tuple[float, int] = (0.0, 0)
         self.train_model = self._wrap(model)
         self._stop_signal: int | None = None
         # Wall seconds spent in fit() (validation included), carried across --resume: the
@@ -516,8 +523,13 @@ class Trainer:
     def checkpoint_root(self) -> Path:
         return self.run_dir / "checkpoints"
 
-    def save(self) -> Path | None:
-        """Checkpoint the current step (main process only); returns its directory."""
+    def save(self, best: bool = False) -> Path | None:
+        """Checkpoint the current step (main process only); returns its directory.
+
+        `best`: this step has the best validation so far; `best.json` names it before older
+        checkpoints are pruned, so that no moment exists where the best is neither recorded
+        nor kept (and `resume` repairs a kill between the two writes: `is_best`).
+        """
         model, optimizer = self.model, self.optimizer
         if self.fsdp:  # gathered on rank 0: every process takes part
             model, optimizer = sharding.full_state(self.model, self.optimizer)
@@ -534,6 +546,10 @@ class Trainer:
             "data": self.stream.state_dict(),
             "sampler_seed": self.sampler.seed,
             "best_value": self.best_value,
+            "is_best": best,
+            # The training loss summed since the last log record: the next record of a resumed
+            # run is then the uninterrupted run's.
+            "log_window": list(self._log_window),
             "rng": rng[0],
             "rng_by_rank": rng,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -558,9 +574,18 @@ class Trainer:
                 else "no checkpoint was saved yet: start the run again"
             )
             raise TrainingError(f"training stopped at step {self.step}: {exc}; {then}") from exc
-        best = ckpt.read_best_pointer(self.checkpoint_root)
+        if best:
+            maybe_fail("best-pointer")  # tests: a kill between the two writes
+            try:
+                ckpt.write_best_pointer(path, metric=self.best_metric, value=self.best_value)
+            except CheckpointError as exc:
+                raise TrainingError(
+                    f"training stopped at step {self.step}: {exc}; {path.name} is saved: "
+                    "continue from it with --resume"
+                ) from exc
+        kept = ckpt.read_best_pointer(self.checkpoint_root)
         ckpt.prune_checkpoints(
-            self.checkpoint_root, self.cfg.keep_last, keep=[best] if best else []
+            self.checkpoint_root, self.cfg.keep_last, keep=[kept] if kept else []
         )
         return path
 
@@ -619,6 +644,11 @@ class Trainer:
             )
         self.stream = BatchStream(self.sampler, **position)
         self.best_value = state.get("best_value")
+        if state.get("is_best") and self.dist.is_main:
+            # Killed between saving this best checkpoint and recording it as the best.
+            if ckpt.read_best_pointer(self.checkpoint_root) != path:
+                ckpt.write_best_pointer(path, metric=self.best_metric, value=self.best_value)
+        self._log_window = tuple(state.get("log_window", (0.0, 0)))
         self.elapsed_before = float(state.get("elapsed_s", 0.0))
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -808,14 +838,14 @@ class Trainer:
         improved = value is not None and self._is_better(value)
         if improved:
             self.best_value = value  # before saving, so a resumed run compares against it
-        path = self.save()
         if metrics:
+            # Logged before the checkpoint: a kill before it is saved resumes from the one
+            # before, which drops this record and validates this step again.
             self._log({"step": self.step, **metrics, "elapsed_s": self.elapsed_s})
             logger.info(
                 "step %d: %s", self.step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
             )
-        if improved and path is not None:
-            ckpt.write_best_pointer(path, metric=self.best_metric, value=value)
+        self.save(best=improved)
         if self.dist.world_size > 1:
             dist.barrier()
         return metrics
@@ -853,8 +883,8 @@ class Trainer:
             return f"step {self.step}, train.max_steps {cfg.max_steps}"
         if cfg.max_time_s is not None and self.elapsed_s >= cfg.max_time_s:
             return f"{self.elapsed_s:.0f} s of training, train.max_time_s {cfg.max_time_s:g}"
-        if cfg.max_epochs is not None and self.stream.epoch >= cfg.max_epochs:
-            return f"epoch {self.stream.epoch}, train.max_epochs {cfg.max_epochs}"
+        if cfg.max_epochs is not None and self.stream.epochs_done >= cfg.max_epochs:
+            return f"epoch {self.stream.epochs_done}, train.max_epochs {cfg.max_epochs}"
         return None
 
     def _done(self) -> bool:
@@ -882,13 +912,16 @@ class Trainer:
             desc="train",
         )
         self._fit_start = time.perf_counter()
-        window_loss, window_tokens, window_start, bad_in_a_row = 0.0, 0, time.perf_counter(), 0
+        # The log window's loss and tokens are self._log_window (saved in checkpoints); the
+        # tokens and seconds that give its speed are this process's own.
+        window_start, timed_tokens, bad_in_a_row = time.perf_counter(), 0, 0
+        validate = False  # whether the latest step was validated (and so saved)
         pending: list[tuple[int, Tensor, int, Tensor]] = []  # steps whose results are unread
 
         def settle() -> bool:
             """Read the pending steps' results (one wait for the device); whether the last
             step's update was applied. Stops training after max_bad_steps skipped in a row."""
-            nonlocal window_loss, window_tokens, bad_in_a_row
+            nonlocal timed_tokens, bad_in_a_row
             values = torch.stack([torch.stack([loss, ok.float()]) for _, loss, _, ok in pending])
             applied = True
             for (step, _, n_tokens, _), (loss, ok) in zip(pending, values.tolist(), strict=True):
@@ -904,8 +937,9 @@ class Trainer:
                         )
                     continue
                 bad_in_a_row = 0
-                window_loss += loss
-                window_tokens += n_tokens
+                summed, tokens = self._log_window
+                self._log_window = (summed + loss, tokens + n_tokens)
+                timed_tokens += n_tokens
             pending.clear()
             return applied
 
@@ -929,28 +963,35 @@ class Trainer:
                     continue  # the last step was skipped: no log, validation or save for it
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                     elapsed = time.perf_counter() - window_start
+                    summed, tokens = self._log_window
                     record = {
                         "step": self.step,
                         "epoch": self.stream.epoch,
-                        "loss": window_loss / max(window_tokens, 1),
+                        "loss": summed / max(tokens, 1),
                         "lr": self.lr,  # eq. (3) times train.lr_scale, before group multipliers
-                        "tokens_per_s": window_tokens * self.dist.world_size / max(elapsed, 1e-9),
+                        "tokens_per_s": timed_tokens * self.dist.world_size / max(elapsed, 1e-9),
                         "elapsed_s": self.elapsed_s,
                     }
                     self._log(record)
                     bar.set_postfix(
                         loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}"
                     )
-                    window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+                    self._log_window, timed_tokens, window_start = (0.0, 0), 0, time.perf_counter()
+                validate = cfg.eval_every and self.step % cfg.eval_every == 0 and not self._done()
+                if validate:
+                    # Also when a stop signal came: a run resumed after this step would never
+                    # validate it (and it may be the best).
+                    metrics = self._evaluate_and_save() or metrics
                 if self._stop_signal is not None:
                     break
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and not self._done():
-                    metrics = self._evaluate_and_save() or metrics
-                elif cfg.save_every and self.step % cfg.save_every == 0 and not self._done():
-                    self.save()
+                if not validate and cfg.save_every and self.step % cfg.save_every == 0:
+                    if not self._done():
+                        self.save()
             if self._stop_signal is not None:
                 bar.close()
-                path = self.save()
+                # Saved already if this step was validated.
+                path = ckpt.checkpoint_path(self.checkpoint_root, self.step) if validate else None
+                path = path or self.save()
                 raise TrainingStopped(
                     f"stopped by signal {self._stop_signal} at step {self.step}; checkpoint "
                     f"{path} saved: continue with --resume",
