@@ -587,3 +587,38 @@ def test_checkpoint_loading_never_calls_torch_load(
 
     monkeypatch.setattr(torch, "load", forbidden)
     load_checkpoint(path, model=TinyModel(), optimizer=torch.optim.Adam(TinyModel().parameters()))
+
+
+def test_remove_leftovers_keeps_the_only_copy_of_a_checkpoint(tmp_path):
+    """What killed saves and prunes leave is deleted, but for a checkpoint set aside for its
+    replacement when the replacement never arrived."""
+    model = torch.nn.Linear(2, 2)
+    for step in (2, 4):
+        save_checkpoint(checkpoint_path(tmp_path, step), model=model, config={})
+    leftovers = [".step_00000006.tmp-11", ".step_00000002.del-12", ".step_00000004.old-13"]
+    for name in [*leftovers, ".step_00000008.old-14"]:
+        (tmp_path / name).mkdir()
+    (tmp_path / ".best.json.tmp-15").write_text("{")
+    removed = ckpt.remove_leftovers(tmp_path)
+    assert sorted(p.name for p in removed) == sorted([*leftovers, ".best.json.tmp-15"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".step_00000008.old-14",  # step_00000008 is missing: this is its one copy
+        "step_00000002",
+        "step_00000004",
+    ]
+
+
+def test_a_full_disk_inside_the_safetensors_writer_is_a_checkpoint_error(tmp_path, monkeypatch):
+    """safetensors raises its own error for a failed write; it reads as every other one."""
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError(
+            "Error while serializing: IoError(Os { code: 28, ... }) (os error 28)"
+        )
+
+    monkeypatch.setattr(ckpt, "save_file", full)
+    target = checkpoint_path(tmp_path, 2)
+    with pytest.raises(CheckpointError, match="no space left on device while writing .*model"):
+        save_checkpoint(target, model=torch.nn.Linear(2, 2), config={})
+    assert list(tmp_path.iterdir()) == []  # the temporary folder is gone too

@@ -173,6 +173,8 @@ def test_sigkill_at_a_fault_point_then_resume_gives_the_same_weights(
         assert (new_run.run_dir / "checkpoints" / hidden[0] / ckpt.MODEL_FILE).is_file()
         assert not (new_run.run_dir / "checkpoints" / hidden[0] / ckpt.CONFIG_FILE).exists()
     resume_and_compare(new_run, reference)
+    # The resumed run deleted what the killed save left.
+    assert sorted((new_run.run_dir / "checkpoints").glob(".*")) == []
 
 
 @pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow)])

@@ -168,6 +168,18 @@ def test_a_run_resumed_between_two_log_records_logs_what_the_uninterrupted_one_d
     assert losses(tmp_path / "b") == losses(tmp_path / "a")[-1:]
 
 
+def test_a_log_that_cannot_be_written_stops_training_in_one_line(tmp_path):
+    trainer = make_trainer(tmp_path, 4, copy_examples())
+    trainer.cfg.save_every = 2
+    (tmp_path / "train.jsonl").mkdir()  # where the log goes: open() fails
+    with pytest.raises(TrainingError) as info:
+        trainer.fit(progress=False)
+    assert str(info.value) == (
+        f"training stopped at step 1: cannot write the log: Is a directory while writing "
+        f"{tmp_path / 'train.jsonl'}; no checkpoint was saved yet: start the run again"
+    )
+
+
 def test_max_epochs_stops_at_the_end_of_the_epoch(tmp_path):
     trainer = make_trainer(tmp_path, 1000, copy_examples(), max_epochs=1)
     trainer.fit(progress=False)

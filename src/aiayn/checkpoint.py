@@ -84,8 +84,10 @@ __all__ = [
     "load_model_state_dict",
     "load_torch_state_dict",
     "model_section",
+    "os_error_message",
     "prune_checkpoints",
     "read_best_pointer",
+    "remove_leftovers",
     "restore_rng_state",
     "save_checkpoint",
     "write_best_pointer",
@@ -383,7 +385,14 @@ def _write_safetensors(
 ) -> None:
     metadata = {"format": "pt", _FORMAT_KEY: str(FORMAT_VERSION), _ALIASES_KEY: json.dumps(aliases)}
     with _naming_file(path):
-        save_file(tensors, str(path), metadata=metadata)
+        try:
+            save_file(tensors, str(path), metadata=metadata)
+        except SafetensorError as exc:
+            # safetensors reports a failed write (a full disk) as its own error, "... (os
+            # error 28)": an OSError again, so that the save fails as every other write does.
+            found = re.search(r"os error (\d+)", str(exc))
+            code = int(found.group(1)) if found else errno.EIO
+            raise OSError(code, os.strerror(code), str(path)) from exc
         atomic.fsync_file(path)
 
 
@@ -398,7 +407,8 @@ def _remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _os_error_message(error: OSError) -> str:
+def os_error_message(error: OSError) -> str:
+    """A failed write in words, with what to do about a full disk or a missing permission."""
     place = f" while writing {error.filename}" if error.filename else ""
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
         return (
@@ -435,7 +445,7 @@ def _atomic_directory(target: Path) -> Iterator[Path]:
     except OSError as e:
         _remove_tree(tmp)
         raise CheckpointError(
-            f"checkpoint {target} was not saved: {_os_error_message(e)}; "
+            f"checkpoint {target} was not saved: {os_error_message(e)}; "
             "the previous checkpoint at that path, if any, is unchanged"
         ) from e
     except BaseException:
@@ -893,7 +903,7 @@ def write_best_pointer(
         atomic.fsync_dir(pointer.parent)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"cannot record the best checkpoint: {_os_error_message(e)}") from e
+        raise CheckpointError(f"cannot record the best checkpoint: {os_error_message(e)}") from e
     return pointer
 
 
@@ -946,11 +956,37 @@ def prune_checkpoints(ckpt_root: Path, keep_last: int, keep: Iterable[Path] = ()
             os.rename(checkpoint, doomed)
         except OSError as e:
             raise CheckpointError(
-                f"cannot delete old checkpoint {checkpoint}: {_os_error_message(e)}"
+                f"cannot delete old checkpoint {checkpoint}: {os_error_message(e)}"
             ) from e
         _remove_tree(doomed)
         removed.append(checkpoint)
         logger.debug("deleted old checkpoint %s", checkpoint)
+    return removed
+
+
+def remove_leftovers(ckpt_root: Path) -> list[Path]:
+    """Delete what killed saves and prunes left in ``ckpt_root``; returns the deleted paths.
+
+    A save killed before its rename leaves ``.<name>.tmp-<pid>`` (half a checkpoint), a prune
+    killed mid-delete ``.<name>.del-<pid>``: never listed or loaded, they only take disk
+    space. ``.<name>.old-<pid>`` is deleted only when ``<name>`` is a complete checkpoint
+    again: otherwise it is the one copy of that checkpoint (see `load_checkpoint`). Call it
+    only where no other process is saving into ``ckpt_root`` (the training that holds the
+    run directory: `aiayn.run_lock`).
+    """
+    if not ckpt_root.is_dir():
+        return []
+    removed = []
+    for path in sorted(ckpt_root.glob(".*")):
+        name, _, kind = path.name[1:].rpartition(".")
+        if kind.startswith(("tmp-", "del-")) or (
+            kind.startswith("old-") and is_checkpoint(ckpt_root / name)
+        ):
+            if path.is_dir():
+                _remove_tree(path)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
     return removed
 
 

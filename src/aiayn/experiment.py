@@ -325,6 +325,9 @@ class Experiment:
 
         Every task ends its training function with this; returns the Trainer's `TrainResult`.
         """
+        if trainer.dist.is_main:
+            for path in ckpt.remove_leftovers(self.run_dir / "checkpoints"):
+                logger.info("deleted %s, left by an interrupted save", path.name)
         if resume:
             trainer.resume()
         # Written again on resume: what may change (RESUME_MAY_CHANGE) is recorded.
@@ -340,7 +343,7 @@ class Experiment:
         log = self.run_dir / "train.jsonl"
         try:
             return training_curves(log, self.run_dir / "curves.png", title=str(self.run_dir))
-        except DataError as exc:
+        except (DataError, OSError) as exc:  # a full disk here loses a picture, not the run
             logger.warning("no training curves: %s", exc)
             return None
 

@@ -567,22 +567,13 @@ class Trainer:
             )
         except CheckpointError as exc:
             # Stop rather than train on without a way back: say what survived and how to go on.
-            latest = ckpt.latest_checkpoint(self.checkpoint_root)
-            then = (
-                f"{latest.name} is intact: continue from it with --resume"
-                if latest is not None
-                else "no checkpoint was saved yet: start the run again"
-            )
-            raise TrainingError(f"training stopped at step {self.step}: {exc}; {then}") from exc
+            raise TrainingError(self._stopped_because(str(exc))) from exc
         if best:
             maybe_fail("best-pointer")  # tests: a kill between the two writes
             try:
                 ckpt.write_best_pointer(path, metric=self.best_metric, value=self.best_value)
             except CheckpointError as exc:
-                raise TrainingError(
-                    f"training stopped at step {self.step}: {exc}; {path.name} is saved: "
-                    "continue from it with --resume"
-                ) from exc
+                raise TrainingError(self._stopped_because(str(exc))) from exc
         kept = ckpt.read_best_pointer(self.checkpoint_root)
         ckpt.prune_checkpoints(
             self.checkpoint_root, self.cfg.keep_last, keep=[kept] if kept else []
@@ -722,9 +713,26 @@ class Trainer:
     def _log(self, record: dict[str, Any]) -> None:
         if not self.dist.is_main:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as exc:
+            reason = ckpt.os_error_message(
+                exc if exc.filename else OSError(exc.errno, exc.strerror, str(self.log_path))
+            )
+            raise TrainingError(self._stopped_because(f"cannot write the log: {reason}")) from exc
+
+    def _stopped_because(self, reason: str) -> str:
+        """The message of a training stopped by a failed write: what failed, and how to go on
+        from what survived."""
+        latest = ckpt.latest_checkpoint(self.checkpoint_root)
+        then = (
+            f"{latest.name} is intact: continue from it with --resume"
+            if latest is not None
+            else "no checkpoint was saved yet: start the run again"
+        )
+        return f"training stopped at step {self.step}: {reason}; {then}"
 
     # ------------------------------------------------------------------ one step
     def _next_batches(self) -> list[Any]:
