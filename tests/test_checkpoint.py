@@ -622,3 +622,33 @@ def test_a_full_disk_inside_the_safetensors_writer_is_a_checkpoint_error(tmp_pat
     with pytest.raises(CheckpointError, match="no space left on device while writing .*model"):
         save_checkpoint(target, model=torch.nn.Linear(2, 2), config={})
     assert list(tmp_path.iterdir()) == []  # the temporary folder is gone too
+
+
+def test_a_checkpoint_pruned_while_it_is_read_is_looked_up_again(tmp_path):
+    """`translate --checkpoint RUN` while RUN trains: the checkpoint it picked can be pruned
+    before its files are read; the run's checkpoint is then picked again."""
+    import shutil
+
+    from aiayn.tasks.translation import load_resolved
+
+    for step in (2, 4):
+        save_checkpoint(
+            checkpoint_path(tmp_path / "checkpoints", step), model=torch.nn.Linear(2, 2), config={}
+        )
+    picked = []
+
+    def load(found):
+        picked.append(found.name)
+        if len(picked) == 1:
+            shutil.rmtree(found)  # what the training's prune does meanwhile
+            raise CheckpointError(f"{found} has no tokenizer.json")
+        return found
+
+    assert load_resolved(tmp_path, load).name == "step_00000002"
+    assert picked == ["step_00000004", "step_00000002"]
+
+    def damaged(found):
+        raise CheckpointError(f"{found} is damaged")
+
+    with pytest.raises(CheckpointError, match="step_00000002 is damaged"):  # still there
+        load_resolved(tmp_path, damaged)

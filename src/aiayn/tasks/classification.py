@@ -52,7 +52,7 @@ from aiayn.finetune import FinetuneConfig, encoder_config, load_source, prepare
 from aiayn.heads import POOLINGS, SequenceClassifier
 from aiayn.metrics import classification_scores
 from aiayn.model import Transformer
-from aiayn.tasks.translation import resolve_checkpoint, task_model
+from aiayn.tasks.translation import load_resolved, task_model
 from aiayn.train import Distributed, Trainer, resolve_device, resolve_precision
 
 logger = logging.getLogger(__name__)
@@ -575,7 +575,10 @@ class Classifier(ProbabilityClassifier):
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu") -> Classifier:
         """Load a checkpoint directory, or a run directory (its best, else latest, checkpoint)."""
-        path = resolve_checkpoint(path)
+        return load_resolved(path, lambda found: cls._load(found, device))
+
+    @classmethod
+    def _load(cls, path: Path, device: str) -> Classifier:
         run = ckpt.load_checkpoint(path).config
         if run.get("task") != "classification":
             raise CheckpointError(

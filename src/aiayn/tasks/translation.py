@@ -7,10 +7,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
@@ -170,7 +170,10 @@ class Translator:
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu") -> Translator:
         """Load a checkpoint directory, or a run directory (its best, else its latest checkpoint)."""
-        path = resolve_checkpoint(path)
+        return load_resolved(path, lambda found: cls._load(found, device))
+
+    @classmethod
+    def _load(cls, path: Path, device: str) -> Translator:
         run = ckpt.load_checkpoint(path).config
         if run.get("task") != cls.TASK:
             raise CheckpointError(
@@ -298,6 +301,26 @@ def resolve_checkpoint(path: str | Path) -> Path:
             "checkpoint folder (with model.safetensors) or the run_dir of a training run"
         )
     return found
+
+
+T = TypeVar("T")
+
+
+def load_resolved(path: str | Path, load: Callable[[Path], T]) -> T:
+    """`load` of the checkpoint `path` names (`resolve_checkpoint`). A run still training may
+    prune that checkpoint (keep_last) while it is read: then the run's checkpoint is looked
+    up again, rather than failing with a message about the files that vanished."""
+    for _ in range(3):
+        found = resolve_checkpoint(path)
+        try:
+            return load(found)
+        except (CheckpointError, OSError):
+            if found.is_dir():  # still there: the error is the checkpoint's own
+                raise
+    raise CheckpointError(
+        f"the checkpoints of {path} were deleted three times while being read: a training "
+        "in it is pruning them; wait for it to end, or pass one checkpoint it keeps (best.json)"
+    )
 
 
 def task_model(run: dict[str, Any]) -> str:
