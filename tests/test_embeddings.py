@@ -138,7 +138,11 @@ def test_row_with_the_wrong_dimension_names_file_and_line(tmp_path):
 def test_word2vec_text_row_against_the_header(tmp_path):
     path = tmp_path / "v.txt"
     path.write_text("2 3\ncat 1 2 3\ndog 4 5 6 7\n", encoding="utf-8")
-    with pytest.raises(DataError, match=r"line 3 has 4 values after the word, expected 3"):
+    with pytest.raises(DataError, match=r"line 3 has 4 values after the word, expected 3 \(the h"):
+        read_vectors(path)
+    # Every row against its header: text still, not binary (it read garbage vectors as binary).
+    path.write_text("2 5\ncat 1 2 3 4\ndog 4 5 6 7\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"line 2 has 4 values after the word, expected 5 \(the h"):
         read_vectors(path)
 
 

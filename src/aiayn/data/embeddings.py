@@ -83,13 +83,16 @@ def _open(path: Path) -> BinaryIO:
 
 def _detect(second: bytes, header: tuple[int, int] | None) -> str:
     """Tell the three formats apart: no ``N D`` header is GloVe; with one, word2vec text when
-    the second line parses as a word and ``D`` numbers, else binary (``second`` may be cut
-    short)."""
+    the second line is text, a word and numbers, else binary (``second`` may be cut short).
+
+    The numbers are not counted against ``D`` here: a text file whose rows do not match its
+    header is refused by the reader, which says so, instead of being read as binary garbage.
+    """
     if header is None:
         return "glove"
     try:  # the word2vec text format's second line is "word v1 ... vD"
         fields = second.decode("utf-8").split()
-        if len(fields) == header[1] + 1:
+        if len(fields) >= 2:
             [float(v) for v in fields[1:]]
             return "word2vec"
     except (UnicodeDecodeError, ValueError):
@@ -225,7 +228,7 @@ def _read_text(
             if len(fields) != dim + 1:
                 raise DataError(
                     f"{path}: line {lineno} has {len(fields) - 1} values after the word, "
-                    f"expected {dim} (the dimension of line {2 if header else 1}); "
+                    f"expected {dim} ({'the header on line 1 says so' if header else 'as line 1'}); "
                     "the file is damaged or mixes dimensions"
                 )
             n += 1
