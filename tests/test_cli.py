@@ -4,6 +4,7 @@ and every bad input gives one clear line and a non-zero exit."""
 import argparse
 import gzip
 import io
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -150,6 +151,13 @@ def test_train_translate_evaluate_average_resume(tmp_path, capsys, monkeypatch):
     assert code == 0, err
     assert out.startswith("BLEU ") and "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp" in out
     assert len(hyps.read_text().splitlines()) == 10
+    # --ref again: both references count (it was the last one alone).
+    code, out, err = run(["evaluate", "--checkpoint", run_dir, "--src", src, "--ref", ref,
+                          "--ref", hyps, "--beam-size", "1", "--json"], capsys)  # fmt: skip
+    assert code == 0, err
+    scores = json.loads(out)
+    assert "nrefs:2" in scores["signature"] and scores["references"] == 2
+    assert scores["bleu"] == pytest.approx(100.0)  # the hypotheses are one reference
 
     averaged = tmp_path / "averaged"
     code, out, err = run(

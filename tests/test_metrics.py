@@ -62,6 +62,21 @@ def test_bleu_lowercase_and_tokenize_are_passed_on() -> None:
     assert "case:lc" in result.signature and "tok:intl" in result.signature
 
 
+def test_several_references_are_sacrebleus_multi_reference_scores() -> None:
+    second = HYPOTHESES[:4] + REFERENCES[4:]  # four sentences exactly right
+    result = corpus_bleu(HYPOTHESES, REFERENCES, more_references=[second])
+    assert result.bleu == pytest.approx(
+        sacrebleu.corpus_bleu(HYPOTHESES, [REFERENCES, second]).score
+    )
+    assert result.chrf == pytest.approx(
+        sacrebleu.corpus_chrf(HYPOTHESES, [REFERENCES, second]).score
+    )
+    assert result.bleu > corpus_bleu(HYPOTHESES, REFERENCES).bleu
+    assert "nrefs:2" in result.signature
+    with pytest.raises(DataError, match="got 10 predictions but 5 references"):
+        corpus_bleu(HYPOTHESES, REFERENCES, more_references=[second[:5]])
+
+
 def test_bleu_known_values() -> None:
     assert corpus_bleu(REFERENCES, REFERENCES).bleu == pytest.approx(100.0)
     assert corpus_bleu(REFERENCES, REFERENCES).chrf == pytest.approx(100.0)

@@ -251,7 +251,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from aiayn.data.corpus import read_parallel
     from aiayn.metrics import corpus_bleu
 
-    pairs = read_parallel(args.src, args.ref)
+    pairs = read_parallel(args.src, args.ref[0])
+    more = [read_parallel(args.src, ref) for ref in args.ref[1:]]  # each aligned with --src
     _check_output(args.output)
     translator = _translator(args)
     hyps = translator.translate(
@@ -262,7 +263,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     )
     if args.output:
         _write_output(hyps, args.output)
-    result = corpus_bleu(hyps, [r for _, r in pairs])
+    result = corpus_bleu(
+        hyps, [r for _, r in pairs], more_references=[[r for _, r in p] for p in more]
+    )
     if args.json:
         print(
             json.dumps(
@@ -272,6 +275,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                     "signature": result.signature,
                     "chrf_signature": result.chrf_signature,
                     "sentences": len(pairs),
+                    "references": len(args.ref),
                 }
             )
         )
@@ -562,7 +566,13 @@ def build_parser() -> argparse.ArgumentParser:
     decoding_options(p)
     no_repeat_option(p)
     p.add_argument("--src", required=True, help="source sentences, one a line (plain or .gz)")
-    p.add_argument("--ref", required=True, help="reference translations, line-aligned with --src")
+    p.add_argument(
+        "--ref",
+        required=True,
+        action="append",
+        help="reference translations, line-aligned with --src; repeat --ref for several "
+        "references per sentence (multi-reference BLEU and chrF)",
+    )
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
 
     p = sub.add_parser(

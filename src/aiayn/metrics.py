@@ -62,10 +62,11 @@ def corpus_bleu(
     hypotheses: list[str],
     references: list[str],
     *,
+    more_references: Sequence[Sequence[str]] = (),
     lowercase: bool = False,
     tokenize: str = "13a",
 ) -> BleuResult:
-    """Corpus BLEU and chrF with sacrebleu, one reference per hypothesis.
+    """Corpus BLEU and chrF with sacrebleu, against one reference per hypothesis or more.
 
     Pass detokenized text (what a reader would see), not subwords: sacrebleu applies its own
     tokenizer, which is what makes the score comparable across papers. The defaults (cased,
@@ -75,6 +76,9 @@ def corpus_bleu(
     Args:
         hypotheses: System outputs, one string per segment.
         references: References, aligned with ``hypotheses``.
+        more_references: Further reference streams, each aligned with ``hypotheses``
+            (multi-reference BLEU: an n-gram counts up to its most frequent use in any one
+            reference); the signature's ``nrefs`` says how many.
         lowercase: Lowercase both sides before scoring (BLEU only; chrF is always cased).
         tokenize: A sacrebleu tokenizer name (``13a``, ``intl``, ``zh``, ``char``, ``none``...).
 
@@ -84,8 +88,9 @@ def corpus_bleu(
     Raises:
         DataError: if the lists differ in length or are empty.
     """
-    _check_pairs(hypotheses, references, "BLEU")
-    refs = [list(references)]  # sacrebleu takes a list of reference *streams*
+    refs = [list(stream) for stream in (references, *more_references)]  # sacrebleu's streams
+    for stream in refs:
+        _check_pairs(hypotheses, stream, "BLEU")
     bleu = BLEU(lowercase=lowercase, tokenize=tokenize)
     chrf = CHRF()
     return BleuResult(
