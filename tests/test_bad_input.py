@@ -175,6 +175,25 @@ def test_validation_files_of_different_lengths(tmp_path, capsys, toy_config, toy
     )
 
 
+def test_pairs_with_an_empty_side_are_dropped_with_a_count(tmp_path, caplog, toy_corpus):
+    """As summarization does: an empty target teaches a model to stop at once."""
+    from aiayn.tasks.translation import TranslationData
+
+    lines = toy_corpus["train_tgt"].read_text(encoding="utf-8").splitlines()
+    lines[3] = lines[10] = ""
+    target = tmp_path / "holes.tgt"
+    target.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    data = TranslationData(format="text", train_src=str(toy_corpus["train_src"]),
+                           train_tgt=str(target), valid_src=str(toy_corpus["valid_src"]),
+                           valid_tgt=str(toy_corpus["valid_tgt"]))  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="aiayn"):
+        pairs = data.read("train")
+    assert len(pairs) == 298 and all(s and t for s, t in pairs)
+    assert [r.getMessage() for r in caplog.records] == [
+        "train: dropped 2 of 300 pairs with an empty source or target"
+    ]
+
+
 def long_line_config(tmp_path, toy_config, toy_corpus, policy: str) -> Path:
     """The toy corpus with training line 18 replaced by one of 100,000 characters."""
     lines = toy_corpus["train_src"].read_text(encoding="utf-8").splitlines()

@@ -119,6 +119,23 @@ def check_run(exp: Experiment, resume: bool, data: ConfigSection) -> None:
     resolve_precision(exp.train.precision, resolve_device(exp.train.device, Distributed.from_env()))
 
 
+def drop_empty(
+    pairs: list[tuple[str, str]], split: str, sides: str = "source or target"
+) -> list[tuple[str, str]]:
+    """The pairs with text on both sides; says how many were dropped (an empty target would
+    teach the model to stop at once; an empty source, to write from nothing)."""
+    kept = [(s, t) for s, t in pairs if s.strip() and t.strip()]
+    if len(kept) < len(pairs):
+        logger.warning(
+            "%s: dropped %d of %d pairs with an empty %s",
+            split,
+            len(pairs) - len(kept),
+            len(pairs),
+            sides,
+        )
+    return kept
+
+
 def train_seq2seq(
     exp: Experiment,
     train_pairs: Sequence[tuple[str, str]],

@@ -31,7 +31,7 @@ from aiayn.errors import ConfigError, DataError
 from aiayn.experiment import Experiment
 from aiayn.metrics import rouge
 from aiayn.model import Transformer
-from aiayn.tasks.seq2seq import check_run, train_seq2seq
+from aiayn.tasks.seq2seq import check_run, drop_empty, train_seq2seq
 from aiayn.tasks.translation import DecodeConfig, Translator
 
 logger = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ class SummarizationData(ConfigSection):
             name = self.hf_name or ""
             config = self.hf_config or (HF_PRESETS[name][2] if name in HF_PRESETS else None)
             pairs = corpus.load_hf_dataset(name, hf_split, *self.fields(), config)
-        pairs = drop_empty(pairs, split)
+        pairs = drop_empty(pairs, split, "document or summary")
         limit = {"train": self.max_train_examples, "valid": self.max_valid_examples}.get(split)
         return pairs[:limit] if limit is not None else pairs
 
@@ -267,19 +267,6 @@ def split_records(
         len(split["test"]),
     )
     return split
-
-
-def drop_empty(pairs: list[tuple[str, str]], split: str) -> list[tuple[str, str]]:
-    """The pairs whose document and target both hold text; says how many were dropped."""
-    kept = [(d, t) for d, t in pairs if d.strip() and t.strip()]
-    if len(kept) < len(pairs):
-        logger.warning(
-            "%s: dropped %d of %d pairs with an empty document or summary",
-            split,
-            len(pairs) - len(kept),
-            len(pairs),
-        )
-    return kept
 
 
 # --------------------------------------------------------------------------- lead-N baseline

@@ -24,7 +24,7 @@ from aiayn.errors import CheckpointError, ConfigError, DataError
 from aiayn.experiment import Experiment
 from aiayn.metrics import corpus_bleu
 from aiayn.model import Transformer, recording_attention
-from aiayn.tasks.seq2seq import TOKENIZER_FILE, check_run, train_seq2seq
+from aiayn.tasks.seq2seq import TOKENIZER_FILE, check_run, drop_empty, train_seq2seq
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +103,7 @@ class TranslationData(ConfigSection):
             pairs = corpus.load_hf_dataset(
                 self.hf_name, hf_split, self.src_field, self.tgt_field, self.hf_config
             )
+        pairs = drop_empty(pairs, split)
         return pairs[:limit] if limit is not None else pairs
 
 
