@@ -380,6 +380,11 @@ def test_summarize_bad_input(trained, tmp_path, capsys, monkeypatch):
     one_line_error(
         *run([*ckpt, "--input", docs, "--ref", ref], capsys)[::2], "2 documents but 1 references"
     )
+    ref.write_text("one\n\n")
+    one_line_error(
+        *run(["summarize", "--lead", "1", "--input", docs, "--ref", ref], capsys)[::2],
+        "ref.txt line 2 is an empty reference",
+    )
     one_line_error(
         *run([*ckpt, "--input", tmp_path / "none.txt"], capsys)[::2], "none.txt", "does not exist"
     )

@@ -347,6 +347,12 @@ def cmd_summarize(args: argparse.Namespace, overrides: Sequence[str] = ()) -> in
                     f"{len(documents)} documents but {len(references)} references in "
                     f"{args.ref}: give one reference summary per document, line by line"
                 )
+            empty = [i for i, r in enumerate(references, start=1) if not r]
+            if empty:  # it would score 0 and count, as --split's data would not
+                raise DataError(
+                    f"{args.ref} line {empty[0]} is an empty reference: give every document "
+                    "its reference summary, or leave the document out"
+                )
     if summarizer is None:
         outputs = [lead_n(d, args.lead) for d in documents]
     else:
