@@ -3,6 +3,7 @@ loading pre-trained weights, freezing, and per-group learning rates."""
 
 import gzip
 import json
+import logging
 import random
 import sys
 import types
@@ -217,6 +218,20 @@ def toy_run(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     return run_dir, folder
+
+
+def test_a_text_longer_than_the_runs_max_len_is_classified_from_its_start_with_a_warning(
+    one_thread, toy_run, caplog
+):
+    run_dir, _ = toy_run
+    classifier = Classifier.from_checkpoint(run_dir)
+    long = " ".join(["superb"] * (classifier.max_len + 10))
+    with caplog.at_level(logging.WARNING, logger="aiayn"):
+        classifier.predict([long, "superb"])
+    assert [r.getMessage() for r in caplog.records] == [
+        f"1 of 2 texts are longer than the run's max_len {classifier.max_len} tokens: each is "
+        f"classified from its first {classifier.max_len - 1}"
+    ]
 
 
 def test_train_classify_eval_through_the_cli(one_thread, toy_run, capsys, monkeypatch, tmp_path):

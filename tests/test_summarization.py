@@ -471,7 +471,12 @@ def test_train_refuses_bad_summarization_data(toy_bbc, tmp_path, capsys):
     assert not (tmp_path / "r").exists()  # refused runs write nothing
 
 
-def test_max_src_len_cuts_inputs_at_decoding(trained):
+def test_max_src_len_cuts_inputs_at_decoding_and_says_so(trained, caplog):
     summarizer = summ.Summarizer.from_checkpoint(trained)
     assert summarizer.max_src_len == 40
-    assert len(summarizer.encode(["bank " * 200])[0]) == 41  # 40 ids + </s>
+    with caplog.at_level(logging.WARNING, logger="aiayn"):
+        rows = summarizer.encode(["bank " * 200, "bank"])
+    assert [len(r) for r in rows] == [41, 2]  # 40 ids + </s>
+    assert [r.getMessage() for r in caplog.records] == [
+        "1 of 2 inputs are longer than 40 tokens and were cut to their first 40"
+    ]

@@ -607,7 +607,16 @@ class Classifier(ProbabilityClassifier):
 
     def probabilities(self, texts: Sequence[str]) -> Tensor:
         """(N, C) class probabilities."""
-        rows, _ = self.encoder.encode(texts, self.max_len)
+        rows, n_cut = self.encoder.encode(texts, self.max_len)
+        if n_cut:  # the model never saw more than this: say that it did not read it all
+            logger.warning(
+                "%d of %d texts are longer than the run's max_len %d tokens: each is "
+                "classified from its first %d",
+                n_cut,
+                len(texts),
+                self.max_len,
+                self.max_len - 1,
+            )
         return predict_ids(self.model, rows, self.max_tokens)
 
 

@@ -313,8 +313,9 @@ class Summarizer(Translator):
         decode: DecodeConfig,
         max_src_len: int | None = None,
         data: SummarizationData | None = None,
+        warn_cut: bool = True,
     ) -> None:
-        super().__init__(model, tokenizer, decode, max_src_len)
+        super().__init__(model, tokenizer, decode, max_src_len, warn_cut)
         self.data = data
 
     @classmethod
@@ -384,7 +385,7 @@ def train_summarization(
     rouge_pairs = valid_pairs[: data.rouge_examples]
 
     def score(model: Transformer, tokenizer: Tokenizer) -> dict[str, float]:
-        summarizer = Summarizer(model, tokenizer, decode, data.max_src_len, data)
+        summarizer = Summarizer(model, tokenizer, decode, data.max_src_len, data, warn_cut=False)
         hyps = summarizer.summarize([d for d, _ in rouge_pairs], beam_size=decode.eval_beam_size)
         return rouge_f1(hyps, [t for _, t in rouge_pairs])
 

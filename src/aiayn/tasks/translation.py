@@ -147,7 +147,8 @@ class Translator:
     Any encoder-decoder task decodes this way; a subclass names its task in `TASK` (checked
     when a checkpoint is loaded) and may build itself from the run's config in `from_run`.
     `max_src_len` cuts longer sources to their first ids (default: what the model's positions
-    allow).
+    allow), with a warning that counts them unless `warn_cut` is False (validation during
+    training, whose data the run has already counted).
     """
 
     TASK: ClassVar[str] = "translation"
@@ -158,8 +159,10 @@ class Translator:
         tokenizer: Tokenizer,
         decode: DecodeConfig,
         max_src_len: int | None = None,
+        warn_cut: bool = True,
     ) -> None:
         self.model, self.tokenizer, self.decode = model, tokenizer, decode
+        self.warn_cut = warn_cut
         limit = model.cfg.max_len - 1
         self.max_src_len = limit if max_src_len is None else min(max_src_len, limit)
 
@@ -200,10 +203,17 @@ class Translator:
     def encode(self, sentences: Sequence[str]) -> list[list[int]]:
         """Token ids + EOS for each sentence, cut to its first `max_src_len` ids."""
         limit = self.max_src_len
-        return [
-            ids[:limit] + [self.tokenizer.eos_id]
-            for ids in self.tokenizer.encode_batch(list(sentences))
-        ]
+        encoded = self.tokenizer.encode_batch(list(sentences))
+        n_cut = sum(len(ids) > limit for ids in encoded)
+        if n_cut and self.warn_cut:  # what the model could not read is not in its output
+            logger.warning(
+                "%d of %d inputs are longer than %d tokens and were cut to their first %d",
+                n_cut,
+                len(encoded),
+                limit,
+                limit,
+            )
+        return [ids[:limit] + [self.tokenizer.eos_id] for ids in encoded]
 
     def translate(
         self,
@@ -378,7 +388,7 @@ def train_translation(
         return train_ids
 
     def score(model: Transformer, tokenizer: Tokenizer) -> dict[str, float]:
-        translator = Translator(model, tokenizer, decode)
+        translator = Translator(model, tokenizer, decode, warn_cut=False)
         bleu, chrf = bleu_of(translator, valid_pairs, decode.eval_beam_size)
         return {"bleu": bleu, "chrf": chrf}
 
