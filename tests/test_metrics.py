@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import sacrebleu
 import torch
@@ -113,6 +115,19 @@ def test_rouge_hand_computed() -> None:
     assert scores["rougeL"] == pytest.approx(100 * 2 / 3)
     # Averaged over examples: (100 + 0) / 2.
     assert rouge(["a b", "x y"], ["a b", "p q"])["rouge1"] == pytest.approx(50.0)
+
+
+def test_rouge_warns_where_its_tokenizer_drops_the_letters(caplog) -> None:
+    """rouge-score keeps a-z and 0-9: identical Japanese texts score 0."""
+    with caplog.at_level(logging.WARNING, logger="aiayn"):
+        assert rouge(["日本語の文です。"], ["日本語の文です。"])["rouge1"] == 0.0
+        english = "The café was fine. " + "The coffee was good. " * 10  # 1 of 184 letters
+        rouge([english], [english])  # no warning
+    assert [r.getMessage() for r in caplog.records] == [
+        "ROUGE: 100% of the references' letters are not a-z, and rouge-score's tokenizer "
+        "drops them: the scores measure the rest only (they mislead for languages other "
+        "than English)"
+    ]
 
 
 def test_rouge_uses_stemming() -> None:

@@ -251,12 +251,21 @@ def test_sentence_splitter_and_lead_n():
 def test_rouge_matches_rouge_score_itself():
     predictions = ["Profits rose at the bank", "The team lost its match", "Phone sales fell"]
     references = ["Bank profits rising", "Team loses the big match", "Sales of phones fall sharply"]
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True)
     own = [scorer.score(r, p) for p, r in zip(predictions, references, strict=True)]
     ours = rouge_f1(predictions, references)
-    assert set(ours) == {"rouge1", "rouge2", "rougeL"}
+    assert set(ours) == {"rouge1", "rouge2", "rougeL", "rougeLsum"}
     for key in ours:
         assert ours[key] == pytest.approx(100 * sum(s[key].fmeasure for s in own) / 3)
+    # ROUGE-Lsum over sentences: rouge-score's own, given one sentence a line.
+    prediction = "Profits rose. The bank grew."
+    reference = "The bank grew fast. Profits rose at the bank."
+    lsum = scorer.score(
+        "The bank grew fast.\nProfits rose at the bank.", "Profits rose.\nThe bank grew."
+    )
+    ours = rouge_f1([prediction], [reference])
+    assert ours["rougeLsum"] == pytest.approx(100 * lsum["rougeLsum"].fmeasure)
+    assert ours["rougeLsum"] > ours["rougeL"]  # the sentence order no longer counts
     # Stemming on: "phones" and "phone" match, so the third pair shares two unigrams.
     assert ours["rouge1"] > 0 and own[2]["rouge1"].fmeasure == pytest.approx(2 * 2 / (3 + 5))
 

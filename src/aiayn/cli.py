@@ -375,7 +375,8 @@ def cmd_summarize(args: argparse.Namespace, overrides: Sequence[str] = ()) -> in
     else:
         print(
             f"ROUGE-1 {scores['rouge1']:.2f}  ROUGE-2 {scores['rouge2']:.2f}  "
-            f"ROUGE-L {scores['rougeL']:.2f}  ({system}, {len(documents)} documents; "
+            f"ROUGE-L {scores['rougeL']:.2f}  ROUGE-Lsum {scores['rougeLsum']:.2f}  "
+            f"({system}, {len(documents)} documents; "
             "rouge-score F1, Porter stemmer)"
         )
     return 0

@@ -20,6 +20,8 @@ from torch import Tensor
 
 from aiayn.errors import DataError
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "BleuResult",
     "classification_scores",
@@ -105,6 +107,9 @@ def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
     """ROUGE-1, ROUGE-2, ROUGE-L and ROUGE-Lsum F-measures, averaged over examples.
 
     Uses Google's ``rouge-score`` with the Porter stemmer (the usual summarization setting).
+    Its tokenizer lowercases and keeps only ``a-z`` and ``0-9``: any other letter (``ü``,
+    ``é``, every non-Latin script) is dropped, so the scores fit English and mislead for
+    other languages; a warning says so when more than 1% of the letters are dropped.
     ``rougeL`` treats each text as one sequence; ``rougeLsum`` is summary-level ROUGE-L, which
     splits both texts into sentences on newlines, so it only differs from ``rougeL`` when the
     texts contain one sentence per line (join sentences with ``"\\n"`` to get it). The average
@@ -124,6 +129,14 @@ def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
     from rouge_score import rouge_scorer
 
     _check_pairs(predictions, references, "ROUGE")
+    dropped = _share_of_letters_dropped(references)
+    if dropped > 0.01:
+        logger.warning(
+            "ROUGE: %.0f%% of the references' letters are not a-z, and rouge-score's "
+            "tokenizer drops them: the scores measure the rest only (they mislead for "
+            "languages other than English)",
+            100 * dropped,
+        )
     keys = ["rouge1", "rouge2", "rougeL", "rougeLsum"]
     # rouge-score logs "Using default tokenizer." at INFO through absl at every scorer.
     logging.getLogger("absl").setLevel(logging.WARNING)
@@ -135,6 +148,17 @@ def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
         for key in keys:
             totals[key] += scores[key].fmeasure
     return {key: 100.0 * total / len(predictions) for key, total in totals.items()}
+
+
+def _share_of_letters_dropped(texts: Sequence[str]) -> float:
+    """The share of the letters in `texts` that rouge-score's tokenizer drops (not a-z)."""
+    letters = dropped = 0
+    for text in texts:
+        for char in text:
+            if char.isalpha():
+                letters += 1
+                dropped += not char.isascii()
+    return dropped / letters if letters else 0.0
 
 
 def classification_scores(

@@ -330,9 +330,19 @@ class Summarizer(Translator):
 
 
 def rouge_f1(predictions: list[str], references: list[str]) -> dict[str, float]:
-    """ROUGE-1, ROUGE-2, ROUGE-L F1 x 100 (rouge-score, Porter stemmer), mean over documents."""
-    scores = rouge(predictions, references)
-    return {key: scores[key] for key in ("rouge1", "rouge2", "rougeL")}
+    """ROUGE-1, ROUGE-2, ROUGE-L and ROUGE-Lsum F1 x 100 (rouge-score, Porter stemmer), mean
+    over documents.
+
+    ROUGE-L is the longest common subsequence of the two texts as one sequence; ROUGE-Lsum,
+    the summary-level variant that summarization papers report for multi-sentence summaries,
+    takes the union of the LCS of every reference sentence with the prediction's sentences.
+    Both texts are split into sentences by `split_sentences` for it (rouge-score splits on
+    newlines only). The other scores do not depend on the split.
+    """
+    return rouge(
+        ["\n".join(split_sentences(p)) for p in predictions],
+        ["\n".join(split_sentences(r)) for r in references],
+    )
 
 
 # --------------------------------------------------------------------------- training
