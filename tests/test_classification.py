@@ -5,6 +5,7 @@ import gzip
 import json
 import logging
 import random
+import shutil
 import sys
 import types
 from pathlib import Path
@@ -705,6 +706,38 @@ def test_finetune_through_the_cli_from_an_aiayn_run(one_thread, toy_run, tmp_pat
     run_config = json.loads((tuned_dir / "config.json").read_text())
     assert run_config["model"]["dropout"] == 0.1 and run_config["model"]["d_model"] == 32
     assert run_config["finetune"]["source"] == str(source_dir)
+
+
+def test_a_finetuning_run_resumes_without_its_source(one_thread, toy_run, tmp_path, capsys):
+    """Its weights are in its checkpoints, its tokenizer and architecture in its run folder:
+    a source moved away since does not stop --resume, which ends where it would have."""
+    source_dir, folder = toy_run
+    source = tmp_path / "source"
+    shutil.copytree(source_dir, source)
+
+    def tune(name: str, steps: int, *extra: str) -> None:
+        config = toy_config(
+            tmp_path, folder, tmp_path / name,
+            finetune={"freeze_layers": 1, "body_lr_scale": 0.5},
+            train={"max_steps": steps, "eval_every": 2, "save_every": 2},
+        )  # fmt: skip
+        values = yaml.safe_load(config.read_text())
+        values["model"] = {"dropout": 0.1}  # the architecture comes from the source
+        config.write_text(yaml.safe_dump(values), encoding="utf-8")
+        code, _, err = run(["finetune", "--from", source, config, "--quiet", *extra], capsys)
+        assert code == 0, err
+
+    tune("straight", 6)
+    tune("resumed", 4)
+    shutil.rmtree(source)
+    tune("resumed", 6, "--resume")
+    final = [
+        ckpt.latest_checkpoint(tmp_path / name / "checkpoints") for name in ("straight", "resumed")
+    ]
+    assert [p.name for p in final] == ["step_00000006"] * 2
+    straight, resumed = (ckpt.load_model_state_dict(p) for p in final)
+    for name, value in straight.items():
+        assert torch.equal(resumed[name], value), name
 
 
 def minilm_dir() -> Path | None:

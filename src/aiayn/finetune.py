@@ -233,4 +233,9 @@ def prepare(model: nn.Module, source: Source, cfg: FinetuneConfig) -> dict[str, 
         len(report["unused"]),
         len(frozen),
     )
+    return lr_scales(cfg)
+
+
+def lr_scales(cfg: FinetuneConfig) -> dict[str, float]:
+    """The Trainer's learning-rate multipliers of a fine-tuning run: the body's, if not 1."""
     return {BODY_PREFIX: cfg.body_lr_scale} if cfg.body_lr_scale != 1.0 else {}

@@ -38,17 +38,19 @@ from typing import Any, ClassVar
 import tokenizers
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import Tensor
 
 from aiayn import atomic
 from aiayn import checkpoint as ckpt
-from aiayn.config import ConfigSection, TransformerConfig
+from aiayn.config import ConfigSection, TransformerConfig, parse_yaml
 from aiayn.data import corpus
 from aiayn.data.batching import DeviceBatch, TokenBatchSampler, pad_ids
 from aiayn.data.tokenizer import SPECIAL_TOKENS, Tokenizer
 from aiayn.errors import CheckpointError, ConfigError, DataError
 from aiayn.experiment import Experiment
-from aiayn.finetune import FinetuneConfig, encoder_config, load_source, prepare
+from aiayn.finetune import FinetuneConfig, encoder_config, freeze, load_source, prepare
+from aiayn.finetune import lr_scales as finetune_lr_scales
 from aiayn.heads import POOLINGS, SequenceClassifier
 from aiayn.metrics import classification_scores
 from aiayn.model import Transformer
@@ -676,6 +678,20 @@ def read_splits(data: ClassificationData) -> Splits:
     return Splits(train, valid, test)
 
 
+def _resumed_finetune(exp: Experiment) -> tuple[TextEncoder, TransformerConfig] | None:
+    """The tokenizer and model config of the fine-tuning run in exp.run_dir (the model section
+    of its config.yaml, with this config's dropouts), or None where either is missing."""
+    tokenizer_path = exp.run_dir / TOKENIZER_FILE
+    try:
+        run = parse_yaml((exp.run_dir / "config.yaml").read_text(encoding="utf-8"))
+        model_cfg = TransformerConfig.from_dict(run["model"]).replace(**exp.model)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError, ConfigError):
+        return None
+    if not tokenizer_path.is_file():
+        return None
+    return TextEncoder.load(tokenizer_path), model_cfg
+
+
 def train_classification(
     exp: Experiment, *, resume: bool = False, progress: bool = True
 ) -> dict[str, Any]:
@@ -699,7 +715,10 @@ def train_classification(
             "word2vec file with --data.embeddings_file"
         )
 
-    source = load_source(tune.source) if tune.source is not None else None
+    # A fine-tuning run resumed takes its tokenizer and architecture from its own run
+    # directory (the weights are in its checkpoint): the source may have moved since.
+    resumed = _resumed_finetune(exp) if resume and tune.source is not None else None
+    source = load_source(tune.source) if tune.source is not None and resumed is None else None
     splits = read_splits(data)
     labels = data.labels or sorted({ex.label.strip() for ex in splits.train})
     if data.labels is None:
@@ -710,7 +729,9 @@ def train_classification(
     y_test = label_ids(splits.test, labels) if splits.test else []
 
     tokenizer_path = run_dir / TOKENIZER_FILE
-    if source is not None:
+    if resumed is not None:
+        encoder, model_cfg = resumed
+    elif source is not None:
         encoder = TextEncoder.load(source.tokenizer_path)
         model_cfg = encoder_config(source, exp.model)
         if encoder.vocab_size != model_cfg.src_vocab_size:
@@ -764,7 +785,13 @@ def train_classification(
     model = SequenceClassifier(
         Transformer(model_cfg), n_classes=len(labels), pooling=head.pooling, dropout=head.dropout
     )
-    lr_scales = prepare(model, source, tune) if source is not None else {}
+    if source is not None:
+        lr_scales = prepare(model, source, tune)
+    elif resumed is not None:  # prepare's freezing and rates, without its weights
+        freeze(model, tune)
+        lr_scales = finetune_lr_scales(tune)
+    else:
+        lr_scales = {}
     if reads_vectors:
         from aiayn.data.embeddings import init_model_embeddings, token_counts
 
