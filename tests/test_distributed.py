@@ -132,9 +132,15 @@ def stale_copy_worker(rank: int, world: int, port: int, run_dir: str) -> None:
     if rank == 1:
         shutil.rmtree(ckpt.checkpoint_path(f"{mine}/checkpoints", STEPS))
     again = make_trainer(mine, STEPS + 2, copy_examples(), dropout=0.0)
+    write_outcome(run_dir, rank, again.resume)
+
+
+def write_outcome(run_dir: str, rank: int, attempt) -> None:
+    """Write what became of `attempt()` to run_dir-outcome-RANK.txt, "done" or its
+    CheckpointError, for the test to read; then leave the process group."""
     try:
-        again.resume()
-        outcome = "resumed"
+        attempt()
+        outcome = "done"
     except CheckpointError as exc:
         outcome = str(exc)
     with open(f"{run_dir}-outcome-{rank}.txt", "w", encoding="utf-8") as f:
@@ -165,14 +171,7 @@ def missing_run_worker(rank: int, world: int, port: int, run_dir: str) -> None:
     torch.set_num_threads(1)
     mine = run_dir if rank == 0 else f"{run_dir}-missing"
     exp = Experiment.from_dict({"task": "translation", "run_dir": mine, "train": {"device": "cpu"}})
-    try:
-        exp.check_run_dir(resume=True)
-        outcome = "checked"
-    except CheckpointError as exc:
-        outcome = str(exc)
-    with open(f"{run_dir}-outcome-{rank}.txt", "w", encoding="utf-8") as f:
-        f.write(outcome)
-    torch.distributed.destroy_process_group()
+    write_outcome(run_dir, rank, lambda: exp.check_run_dir(resume=True))
 
 
 @pytest.mark.skipif(
