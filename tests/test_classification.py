@@ -756,6 +756,7 @@ def test_minilm_import_and_classifier_head(one_thread):
 
     source = load_source(minilm_dir())
     assert source.kind == "hf_bert" and source.model_cfg.d_model == 384
+    assert source.dropped == ("pooler.dense.weight", "pooler.dense.bias")  # counted as unused
     cfg = encoder_config(source, {"dropout": 0.0, "attention_dropout": 0.0})
     model = SequenceClassifier(Transformer(cfg), n_classes=2).eval()
     scales = prepare(model, source, FinetuneConfig(source="m", body_lr_scale=0.1))

@@ -76,6 +76,9 @@ class Source:
     model_cfg: TransformerConfig
     state: dict[str, Tensor]
     tokenizer_path: Path
+    # Tensors of the source's own file that `state` leaves out (a BERT's pooler): no model
+    # here has a place for them.
+    dropped: tuple[str, ...] = ()
 
 
 def check_model_section(model: dict[str, Any]) -> None:
@@ -152,6 +155,10 @@ def _load_hf_bert(path: Path) -> Source:
         model_cfg=model.cfg,
         state={name: t.detach().clone() for name, t in model.state_dict().items()},
         tokenizer_path=Path(meta["tokenizer_file"]),
+        dropped=(
+            *(["pooler.dense.weight", "pooler.dense.bias"] if meta["pooler"] else []),
+            *meta["unused"],
+        ),
     )
 
 
@@ -230,7 +237,7 @@ def prepare(model: nn.Module, source: Source, cfg: FinetuneConfig) -> dict[str, 
         len(report["loaded"]),
         ", ".join(report["new"]) or "none",
         ", ".join(head) or "none",
-        len(report["unused"]),
+        len(report["unused"]) + len(source.dropped),
         len(frozen),
     )
     return lr_scales(cfg)

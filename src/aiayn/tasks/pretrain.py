@@ -9,14 +9,15 @@
     denoise  T5 span corruption: an encoder-decoder model; ~15% of tokens in spans of mean
              length 3, each replaced by a sentinel <extra_id_i> in the source, the target is
              the spans after their sentinels. Per-document chunks. Metrics: val_loss,
-             val_accuracy (target tokens).
+             val_accuracy (target tokens), span_accuracy (the spans' tokens only).
     causal   GPT: a decoder-only model (n_encoder_layers: 0), next-token prediction on the
              concatenated documents cut into blocks. Metrics: val_loss, perplexity.
 
 Masks and spans are drawn per batch from a generator seeded by (train.seed, epoch, batch
 position in the epoch), so a run is reproducible and `--resume` continues exactly; the
-validation corruption is fixed (seeded by train.seed alone), so validation metrics compare
-across steps.
+validation corruption is fixed, each held-out example's from its own index and a constant
+seed (`Pretraining.fixed_batch`), so validation metrics compare across steps and across runs
+(another train.seed or train.max_tokens).
 
 Checkpoints are ordinary Trainer checkpoints of the model with `tokenizer.json` beside them:
 the state dict carries the `Transformer`'s own parameter names; only the masked-LM head's
@@ -265,38 +266,73 @@ class Objective:
 
     # ------------------------------------------------------------------ batches
     def batch(self, examples: Sequence[Sequence[int]], generator: torch.Generator):
-        """A batch of the examples, corrupted with draws from `generator`."""
+        """A training batch of the examples, corrupted with draws from `generator`."""
+        return self._corrupted(examples, [generator] * len(examples), whole_batch=True)
+
+    def fixed_batch(self, examples: Sequence[Sequence[int]], keys: Sequence[int]):
+        """A validation batch: each example corrupted from a generator of its own key (its
+        index among the held-out examples) and a constant seed, so that its masks or spans
+        are the same whatever the run's train.seed, batch size and batch neighbours, and
+        validation metrics compare across runs as well as across steps."""
+        generators = [batch_generator(VALID_SPLIT_SEED, -1, key) for key in keys]
+        return self._corrupted(examples, generators, whole_batch=False)
+
+    def _corrupted(
+        self,
+        examples: Sequence[Sequence[int]],
+        generators: Sequence[torch.Generator],
+        whole_batch: bool,
+    ):
+        """The batch, example i corrupted with draws from generators[i]; `whole_batch`: the
+        masked LM draws the padded batch's masks at once from generators[0] (training's
+        masks, which resumed runs must draw again exactly), else row by row."""
         tok = self.tokenizer
         if self.name == "mlm":
-            ids = pad_ids([[*x, tok.eos_id] for x in examples], tok.pad_id)
-            inputs, labels = mask_tokens(
-                ids,
-                mask_id=tok.token_to_id(MASK),
-                special_ids=tok.special_ids,
-                vocab_size=tok.vocab_size,
-                pad_id=tok.pad_id,
-                mask_prob=self.data.mask_prob,
-                generator=generator,
-            )
+            rows = [[*x, tok.eos_id] for x in examples]
+            if whole_batch:
+                inputs, labels = self._mask(pad_ids(rows, tok.pad_id), generators[0])
+            else:
+                masked = [
+                    self._mask(torch.tensor([row]), g)
+                    for row, g in zip(rows, generators, strict=True)
+                ]
+                inputs = pad_ids([m[0][0].tolist() for m in masked], tok.pad_id)
+                labels = pad_ids([m[1][0].tolist() for m in masked], tok.pad_id)
             chosen = labels.ne(tok.pad_id).flatten().nonzero().squeeze(1)
             return MaskedLMBatch(inputs, labels, chosen, chosen.numel())
         if self.name == "causal":
             ids = pad_ids([list(x) for x in examples], tok.pad_id)
             tgt_in, tgt_out = ids[:, :-1], ids[:, 1:]
             return CausalLMBatch(tgt_in, tgt_out, int(tgt_out.ne(tok.pad_id).sum()))
-        sentinels = [tok.token_to_id(sentinel(i)) for i in range(self.data.n_sentinels)]
         pairs = [
             corrupt_spans(
                 x,
-                sentinels,
+                self.sentinel_ids(),
                 noise_density=self.data.noise_density,
                 mean_span_length=self.data.mean_span_length,
-                generator=generator,
+                generator=g,
             )
-            for x in examples
+            for x, g in zip(examples, generators, strict=True)
         ]
         src, tgt_in, tgt_out = collate(pairs, tok.pad_id, tok.bos_id, tok.eos_id)
         return Seq2SeqBatch(src, tgt_in, tgt_out, int(tgt_out.ne(tok.pad_id).sum()))
+
+    def _mask(self, ids: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """BERT's corruption of padded ids (B, S): inputs and labels, each (B, S)."""
+        tok = self.tokenizer
+        return mask_tokens(
+            ids,
+            mask_id=tok.token_to_id(MASK),
+            special_ids=tok.special_ids,
+            vocab_size=tok.vocab_size,
+            pad_id=tok.pad_id,
+            mask_prob=self.data.mask_prob,
+            generator=generator,
+        )
+
+    def sentinel_ids(self) -> list[int]:
+        """The ids of <extra_id_0>, <extra_id_1>, ... (the denoising objective's)."""
+        return [self.tokenizer.token_to_id(sentinel(i)) for i in range(self.data.n_sentinels)]
 
     def batch_maker(self, examples: list[list[int]], seed: int) -> Callable[[list[int]], Any]:
         def make(indices: list[int]):
@@ -330,17 +366,26 @@ class Objective:
         return loss
 
     def evaluator(
-        self, examples: list[list[int]], seed: int, max_tokens: int
+        self, examples: list[list[int]], max_tokens: int
     ) -> Callable[[nn.Module], dict[str, float]]:
-        """Validation on fixed batches (corrupted once, from train.seed): loss and accuracy."""
+        """Validation on fixed batches (`fixed_batch`, corrupted once): loss and accuracy.
+
+        The denoising objective also reports `span_accuracy`: over the spans' own tokens,
+        without the sentinels and </s> that make up about a third of its targets and that
+        come in a fixed order (`val_accuracy` counts them).
+        """
         sampler = TokenBatchSampler(self.lengths(examples), max_tokens, shuffle=False)
-        generator = batch_generator(seed, -1)
-        batches = [self.batch([examples[i] for i in b], generator) for b in sampler.batches(0)]
+        batches = [self.fixed_batch([examples[i] for i in b], b) for b in sampler.batches(0)]
         pad = self.tokenizer.pad_id
+        given = (
+            torch.tensor([*self.sentinel_ids(), self.tokenizer.eos_id])
+            if self.name == "denoise"
+            else None
+        )
 
         def evaluate(model: nn.Module) -> dict[str, float]:
             device = next(model.parameters()).device
-            total, correct, tokens = 0.0, 0, 0
+            total, correct, tokens, span_correct, span_tokens = 0.0, 0, 0, 0, 0
             for batch in batches:
                 batch = batch.to(device)
                 logits, targets = self.logits_and_targets(model, batch)
@@ -350,15 +395,21 @@ class Objective:
                 total += float(
                     label_smoothed_nll(logits[None], targets[None], pad, 0.0, fused=False)
                 )
-                correct += int((logits.argmax(-1).eq(targets) & scored).sum())
+                hits = logits.argmax(-1).eq(targets) & scored
+                correct += int(hits.sum())
                 tokens += int(scored.sum())
+                if given is not None:
+                    spans = scored & ~torch.isin(targets, given.to(device))
+                    span_correct += int((hits & spans).sum())
+                    span_tokens += int(spans.sum())
             val_loss = total / max(tokens, 1)
             accuracy = correct / max(tokens, 1)
             if self.name == "mlm":
                 return {"val_loss": val_loss, "mlm_accuracy": accuracy}
             if self.name == "causal":
                 return {"val_loss": val_loss, "perplexity": math.exp(min(val_loss, 50.0))}
-            return {"val_loss": val_loss, "val_accuracy": accuracy}
+            span_accuracy = span_correct / max(span_tokens, 1)
+            return {"val_loss": val_loss, "val_accuracy": accuracy, "span_accuracy": span_accuracy}
 
         return evaluate
 
@@ -479,7 +530,7 @@ def train_pretrain(
         run_dir=run_dir,
         run_config=run_config,
         d_model=model_cfg.d_model,
-        evaluate=objective.evaluator(valid_examples, seed, exp.train.max_tokens),
+        evaluate=objective.evaluator(valid_examples, exp.train.max_tokens),
         best_metric="val_loss",
         higher_is_better=False,
         extra_files={TOKENIZER_FILE: tokenizer_path},
