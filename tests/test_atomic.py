@@ -26,7 +26,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary_file(tmp_path):
 
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
-def test_written_files_get_the_permissions_a_plain_open_gives(tmp_path):
+def test_written_files_get_the_permissions_a_plain_open_leaves(tmp_path):
     # tempfile.mkstemp makes private files (0600); a run's tokenizer.json and a command's
     # --output written through one were unreadable by the rest of the user's group.
     old = os.umask(0o022)
@@ -37,3 +37,7 @@ def test_written_files_get_the_permissions_a_plain_open_gives(tmp_path):
         os.umask(old)
     for name in ("out.txt", "tokenizer.json"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+    # A file replaced keeps its own: a private one stays private.
+    (tmp_path / "out.txt").chmod(0o600)
+    atomic.write_text(tmp_path / "out.txt", "y\n")
+    assert stat.S_IMODE((tmp_path / "out.txt").stat().st_mode) == 0o600

@@ -447,6 +447,22 @@ def test_a_second_training_in_the_folder_of_a_running_one_is_refused(run_copy, c
     assert code == 0, err
 
 
+def test_the_python_api_lets_go_of_the_run_folder(run_copy):
+    """A session that trained (or was refused) must not keep the folder from `aiayn train`."""
+    from aiayn import run_lock
+    from aiayn.tasks.translation import train_translation
+
+    config = run_copy.parent / "toy.yaml"
+    exp = Experiment.from_yaml(config, ["--run_dir", str(run_copy)])
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train_translation(exp, progress=False)  # refused after taking the folder
+    assert run_copy.resolve() not in run_lock._held
+    exp = Experiment.from_yaml(config, ["--run_dir", str(run_copy), "--train.max_steps", "3"])
+    train_translation(exp, resume=True, progress=False)
+    assert run_copy.resolve() not in run_lock._held
+    holding(run_copy).communicate("")  # another process takes it
+
+
 def test_demo_refuses_to_replace_a_run_folder_it_did_not_write(run_copy, capsys):
     """The demo replaces --out's run/ folder: only a demo's, not a training run's."""
     before = snapshot(run_copy)

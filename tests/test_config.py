@@ -108,7 +108,8 @@ def test_bad_yaml(text, message):
 
 def test_floats_in_exponent_notation_are_numbers_in_files_and_overrides(tmp_path):
     """PyYAML reads YAML 1.1, where 1e-9 (no dot) is a string: a config or an override
-    `--train.lr_scale 1e-9` was refused as "must be a number"."""
+    `--train.lr_scale 1e-9` was refused as "must be a number". Where a string belongs, the
+    same text stays a string."""
     from aiayn.experiment import Experiment
 
     path = tmp_path / "exp.yaml"
@@ -118,10 +119,11 @@ def test_floats_in_exponent_notation_are_numbers_in_files_and_overrides(tmp_path
         encoding="utf-8",
     )
     exp = Experiment.from_yaml(path, ["--train.weight_decay", "1e-9", "--train.adam_eps=1E-7"])
-    assert exp.model["layer_norm_eps"] == 1e-5 and exp.train.lr_scale == 0.2
-    assert exp.train.weight_decay == 1e-9 and exp.train.adam_eps == 1e-7
+    assert exp.model_config(vocab_size=16, pad_id=0).layer_norm_eps == 1e-5
+    assert exp.train.lr_scale == 0.2 and exp.train.weight_decay == 1e-9
+    assert exp.train.adam_eps == 1e-7
     with pytest.raises(ConfigError, match="adam_eps > 0"):  # a number, out of range
         Experiment.from_yaml(path, ["--train.adam_eps", "-1e-8"])
-    # Words that only look like numbers stay words.
-    exp = Experiment.from_yaml(path, ["--run_dir", "1e"])
-    assert exp.run_dir.name == "1e"
+    with pytest.raises(ConfigError, match="must be a number, got '1e'"):
+        Experiment.from_yaml(path, ["--train.lr_scale", "1e"])
+    assert Experiment.from_yaml(path, ["--run_dir", "1e3"]).run_dir.name == "1e3"

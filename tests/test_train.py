@@ -1,6 +1,7 @@
 """The training loop: the paper's schedule and loss, exact resume, determinism, non-finite steps."""
 
 import json
+import logging
 import math
 import shutil
 
@@ -19,6 +20,7 @@ from aiayn.train import (
     TrainConfig,
     Trainer,
     TrainingError,
+    TrainingStopped,
     label_smoothed_nll,
     learning_rate,
     precision_advice,
@@ -189,12 +191,58 @@ def test_max_epochs_stops_at_the_end_of_the_epoch(tmp_path):
 
 def test_resume_on_other_training_data_is_refused(tmp_path):
     """The stream's position is a batch number in one cut of the data: in other data, or with
-    another max_tokens, it names other batches, or none."""
+    another max_tokens, it names other batches, or none (an IndexError once)."""
     make_trainer(tmp_path, 4, copy_examples()).fit(progress=False)
     for examples, max_tokens in ((copy_examples()[:48], 64), (copy_examples(), 128)):
         again = make_trainer(tmp_path, 8, examples, max_tokens=max_tokens)
         with pytest.raises(CheckpointError, match=r"data cut into \d+ batches an epoch, but"):
             again.resume()
+    # Other examples cut into as many batches: the data's digest tells them apart.
+    other = make_trainer(tmp_path, 8, copy_examples(seed=3))
+    assert len(other.sampler) == len(make_trainer(tmp_path, 8, copy_examples()).sampler)
+    with pytest.raises(CheckpointError, match="was trained on other training data"):
+        other.resume()
+    # A checkpoint of an older aiayn records neither: a position past the end is still caught.
+    state_path = ckpt.latest_checkpoint(tmp_path / "checkpoints") / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    for key in ("batches_per_epoch", "data_digest"):
+        del state["data"][key]
+    state["data"]["consumed"] = 40
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match="data cut into at least 40 batches an epoch"):
+        make_trainer(tmp_path, 8, copy_examples()[:24]).resume()
+
+
+def test_resume_with_another_grad_accum_goes_on_with_a_warning(tmp_path, caplog):
+    """What keeps a step's batch when the number of processes changes (N x 1 = 1 x N)."""
+    make_trainer(tmp_path, 4, copy_examples()).fit(progress=False)
+    again = make_trainer(tmp_path, 6, copy_examples(), grad_accum=2)
+    with caplog.at_level(logging.WARNING, logger="aiayn"):
+        assert again.resume() == 4
+    assert [r.getMessage() for r in caplog.records] == [
+        "resuming a run saved with 1 processes x grad_accum 1 on 1 x 2: the data order "
+        "continues, but the result will not be bit-identical, and each step takes another "
+        "number of batches"
+    ]
+
+
+def test_a_stop_after_a_skipped_step_saves_the_step_it_names(tmp_path):
+    """Step 10 is validated (and saved); step 11's loss is infinite, so the update is skipped,
+    and a stop signal arrives during it: the checkpoint the message names must exist."""
+    trainer = make_trainer(tmp_path, 11, copy_examples())
+    trainer.cfg.eval_every = 5
+    loss_fn = trainer.loss_fn
+
+    def loss(model, batch):
+        if trainer.step == 10:
+            trainer._stop_signal = 15  # as the SIGTERM handler does
+            return loss_fn(model, batch) * float("inf")
+        return loss_fn(model, batch)
+
+    trainer.loss_fn = loss
+    with pytest.raises(TrainingStopped) as info:
+        trainer.fit(progress=False)
+    assert info.value.checkpoint.name == "step_00000011" and info.value.checkpoint.is_dir()
 
 
 def test_same_seed_same_losses(tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +25,8 @@ def replacing(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path to write; when the block ends without error, it becomes ``path``.
 
     The temporary file is a hidden sibling of ``path`` (so the final rename stays within one
-    filesystem). On success it is fsynced and renamed over ``path``; on any error, including
+    filesystem), with the permissions of the file it replaces (a new file: 0666 less the
+    umask). On success it is fsynced and renamed over ``path``; on any error, including
     KeyboardInterrupt, it is removed and ``path`` is left as it was. The parent folder must
     exist.
 
@@ -33,9 +35,13 @@ def replacing(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     target = Path(path)
     tmp = target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    # Not tempfile.mkstemp: its files are private (0600), and the file the user keeps should
-    # get the usual permissions (0666 less the umask), as a plain open() would give it.
+    # Not tempfile.mkstemp: its files are private (0600). The file keeps the permissions a
+    # plain open() would leave: an existing file's own, a new one 0666 less the umask.
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        os.chmod(tmp, stat.S_IMODE(target.stat().st_mode))
+    except FileNotFoundError:
+        pass
     try:
         yield tmp
         fsync_file(tmp)

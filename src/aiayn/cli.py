@@ -100,14 +100,10 @@ def _train_task(exp):
 
 
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
-    from aiayn import run_lock
     from aiayn.experiment import Experiment
 
     exp = Experiment.from_yaml(args.config, overrides)
-    try:
-        metrics = _train_task(exp)(exp, resume=args.resume, progress=not args.quiet)
-    finally:
-        run_lock.release(exp.run_dir)  # held since its check (aiayn.run_lock)
+    metrics = _train_task(exp)(exp, resume=args.resume, progress=not args.quiet)
     if _rank() == 0:  # under torchrun the other processes have no metrics to report
         summary = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items())
         print(f"finished {exp.run_dir}: {summary}")

@@ -29,6 +29,10 @@ Activation = Literal["relu", "gelu", "silu"]
 AttentionImpl = Literal["sdpa", "reference"]
 
 
+# A number in exponent notation without a dot, which YAML 1.1 leaves a string: 1e-9, -2E+4.
+_EXPONENT_NUMBER = re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$")
+
+
 class ConfigSection:
     """Shared behaviour of the config dataclasses: typed fields, dict and YAML round trips.
 
@@ -55,6 +59,10 @@ class ConfigSection:
             if annotation == "int" and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ConfigError(f"{where} must be an integer, got {value!r}")
             if annotation == "float":
+                if isinstance(value, str) and _EXPONENT_NUMBER.match(value):
+                    # PyYAML reads YAML 1.1, where a float needs a dot: `lr_scale: 1e-9` (and
+                    # the override --train.lr_scale 1e-9) arrive as the string "1e-9".
+                    value = float(value)
                 if isinstance(value, bool) or not isinstance(value, int | float):
                     raise ConfigError(f"{where} must be a number, got {value!r}")
                 # YAML reads .nan and .inf as floats; no setting means anything by them, and
@@ -112,31 +120,10 @@ class ConfigSection:
         return cls.from_dict(load_yaml_mapping(text, what=cls.SECTION))
 
 
-class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, reading numbers as YAML 1.2 does: PyYAML follows YAML 1.1, where
-    a float needs a dot, so `lr_scale: 1e-9` would be the string "1e-9"."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-
-def parse_yaml(text: str) -> Any:
-    """One YAML document (a config file, an override's value) with `_Loader`'s numbers.
-
-    Raises:
-        yaml.YAMLError: the text is not valid YAML.
-    """
-    return yaml.load(text, Loader=_Loader)  # a SafeLoader: builds no Python objects
-
-
 def load_yaml_mapping(text: str, what: str) -> dict[str, Any]:
     """Parse YAML text that must hold a mapping (an empty document is an empty mapping)."""
     try:
-        values = parse_yaml(text)
+        values = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         detail = " ".join(str(exc).split())
         raise ConfigError(f"{what} is not valid YAML: {detail}") from exc

@@ -17,22 +17,25 @@ config.yaml records (`Experiment.check_resumes`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch.distributed as dist
 import yaml
 
 from aiayn import atomic, run_lock
 from aiayn import checkpoint as ckpt
-from aiayn.config import ConfigSection, TransformerConfig, load_yaml_mapping, parse_yaml
+from aiayn.config import ConfigSection, TransformerConfig, load_yaml_mapping
 from aiayn.errors import CheckpointError, ConfigError, DataError
 from aiayn.train import Distributed, TrainConfig, Trainer, resolve_device, start_process_group
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 TASKS = ("translation", "classification", "summarization", "pretrain")
 # What --resume may change: where the same data now lives (data), how attention is computed
@@ -55,8 +58,9 @@ RESUME_MAY_CHANGE = {
             "precision",
             "compile",
             "fsdp",
+            "grad_accum",  # with the number of processes: N x 1 batches a step is 1 x N
         }
-    ),  # fmt: skip
+    ),
 }
 SECTIONS = ("task", "run_dir", "model", "data", "train", "decode", "head", "finetune")
 # Tasks that can start from pre-trained weights (`aiayn finetune --from`, `finetune.source`).
@@ -256,7 +260,7 @@ class Experiment:
         config.yaml records: its checkpoints would train on, silently, with them."""
         path = self.run_dir / "config.yaml"
         try:
-            run = parse_yaml(path.read_text(encoding="utf-8"))
+            run = yaml.safe_load(path.read_text(encoding="utf-8"))
         except (OSError, yaml.YAMLError, UnicodeDecodeError):
             return  # no record to compare with: the checkpoint's own checks still apply
         if not isinstance(run, dict):
@@ -348,6 +352,21 @@ class Experiment:
             return None
 
 
+def releases_run_dir(train: Callable[..., T]) -> Callable[..., T]:
+    """A task's training function that lets go of its run directory when it returns or
+    raises (`aiayn.run_lock`): a Python session may train again, or leave `aiayn train` its
+    folder, once a run is over. Its first argument is the `Experiment`."""
+
+    @functools.wraps(train)
+    def wrapper(exp: Experiment, *args: Any, **kwargs: Any) -> T:
+        try:
+            return train(exp, *args, **kwargs)
+        finally:
+            run_lock.release(exp.run_dir)
+
+    return wrapper
+
+
 def _located(value: Any) -> Any:
     """A data setting without the paths in it: a list of sources compares without theirs."""
     if isinstance(value, list):
@@ -393,7 +412,7 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> None:
                 f"unknown config section {path[0]!r} in {flag}; allowed: {', '.join(SECTIONS)}"
             )
         try:
-            value = parse_yaml(raw)
+            value = yaml.safe_load(raw)
         except yaml.YAMLError as exc:
             if raw.lstrip().startswith(("[", "{")):  # meant as a YAML list or mapping
                 detail = " ".join(str(exc).split())

@@ -29,11 +29,17 @@ __all__ = ["hold", "release"]
 _held: dict[Path, int] = {}
 
 
-def hold(run_dir: Path) -> None:
+TRAINING_ADVICE = (
+    "wait for it to end (then continue it with --resume), or pass --run_dir with another folder"
+)
+
+
+def hold(run_dir: Path, advice: str = TRAINING_ADVICE) -> None:
     """Hold the existing folder `run_dir` for this process (nothing to do if it already does).
 
     Raises:
-        ConfigError: another process holds it: a training is running there.
+        ConfigError: another process holds it: a training is running there (the message
+            ends with `advice`, what to do).
     """
     key = Path(run_dir).resolve()
     if key in _held or fcntl is None:
@@ -44,10 +50,7 @@ def hold(run_dir: Path) -> None:
     except OSError as exc:
         os.close(fd)
         if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise ConfigError(
-                f"another aiayn process is training in {run_dir}: wait for it to end (then "
-                "continue it with --resume), or pass --run_dir with another folder"
-            ) from None
+            raise ConfigError(f"another aiayn process is training in {run_dir}: {advice}") from None
         return  # a filesystem without flock: train unguarded rather than not at all
     _held[key] = fd
 

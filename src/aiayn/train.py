@@ -387,6 +387,7 @@ class BatchStream:
             "epoch": self.epoch,
             "consumed": self.consumed,
             "batches_per_epoch": len(self.sampler),
+            "data_digest": self.sampler.digest(),
         }
 
 
@@ -554,6 +555,7 @@ class Trainer:
             "rng_by_rank": rng,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "world_size": self.dist.world_size,
+            "grad_accum": self.cfg.grad_accum,
             "elapsed_s": self.elapsed_s,
         }
         try:
@@ -611,12 +613,18 @@ class Trainer:
         if self.fsdp:
             sharding.load_full_state(self.model, model.loaded, self.optimizer, optimizer.loaded)
         state = loaded.trainer_state
-        if state.get("world_size", 1) != self.dist.world_size:
+        then = (state.get("world_size", 1), state.get("grad_accum", self.cfg.grad_accum))
+        if then != (self.dist.world_size, self.cfg.grad_accum):
+            # N processes x grad_accum batches make a step: N x 1 is 1 x N, to rounding.
             logger.warning(
-                "resuming a run saved with %s processes on %s: the data order continues, "
-                "but the result will not be bit-identical",
-                state.get("world_size", 1),
+                "resuming a run saved with %s processes x grad_accum %s on %s x %s: the data "
+                "order continues, but the result will not be bit-identical%s",
+                *then,
                 self.dist.world_size,
+                self.cfg.grad_accum,
+                ""
+                if then[0] * then[1] == self.dist.world_size * self.cfg.grad_accum
+                else ", and each step takes another number of batches",
             )
         if state.get("sampler_seed") != self.sampler.seed:
             raise CheckpointError(
@@ -625,14 +633,8 @@ class Trainer:
             )
         self.step = int(state["step"])
         position = dict(state["data"])
-        per_epoch = position.pop("batches_per_epoch", None)  # absent from older checkpoints
-        if per_epoch is not None and per_epoch != len(self.sampler):
-            # The stream's position (batch `consumed` of `epoch`) means nothing in other data.
-            raise CheckpointError(
-                f"--resume: {path.name} was trained on data cut into {per_epoch} batches an "
-                f"epoch, but this run's training data gives {len(self.sampler)}: the data or "
-                "train.max_tokens changed; resume with the run's own, or start a new run"
-            )
+        self._check_same_data(path, position.pop("batches_per_epoch", None),
+                              position.pop("data_digest", None), int(position["consumed"]))  # fmt: skip
         self.stream = BatchStream(self.sampler, **position)
         self.best_value = state.get("best_value")
         if state.get("is_best") and self.dist.is_main:
@@ -656,6 +658,31 @@ class Trainer:
         self._truncate_log(self.step)
         logger.info("resumed from %s at step %d", path, self.step)
         return self.step
+
+    def _check_same_data(
+        self, path: Path, per_epoch: int | None, digest: str | None, consumed: int
+    ) -> None:
+        """Refuse to resume on other training data: the stream's position (batch `consumed`
+        of an epoch) would name other batches, or none. Older checkpoints record neither the
+        batches an epoch nor the data's digest: then only a position past the end is caught."""
+        then = (
+            per_epoch
+            if per_epoch is not None
+            else (consumed if consumed > len(self.sampler) else None)
+        )
+        if then is not None and then != len(self.sampler):
+            raise CheckpointError(
+                f"--resume: {path.name} was trained on data cut into "
+                f"{'at least ' if per_epoch is None else ''}{then} batches an epoch, but this "
+                f"run's training data gives {len(self.sampler)}: the data, its settings or "
+                "train.max_tokens changed; resume with the run's own, or start a new run"
+            )
+        if digest is not None and digest != self.sampler.digest():
+            raise CheckpointError(
+                f"--resume: {path.name} was trained on other training data (its examples' "
+                "lengths differ from this run's): the data or its settings changed; resume "
+                "with the run's own, or start a new run"
+            )
 
     def _check_every_process_resumes(self, path: Path | None) -> None:
         """Refuse, in every process, to resume from checkpoints of different steps: each
@@ -953,6 +980,7 @@ class Trainer:
 
         with self._graceful_stop():
             while not self._done():
+                validate = False
                 pending.append((self.step + 1, *self.train_step()))
                 bar.update(1)
                 boundary = (

@@ -10,6 +10,7 @@ into the padded tensors the model takes.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
@@ -111,6 +112,7 @@ class TokenBatchSampler:
         self.max_tokens = max_tokens
         self.shuffle = shuffle
         self.seed = seed
+        self._digest: str | None = None
         self._longest = lens.max(dim=1).values  # (N,) padded size per example per side
         self._total = lens.sum(dim=1)  # (N,) secondary sort key
         n_oversize = int((self._longest > max_tokens).sum())
@@ -127,6 +129,14 @@ class TokenBatchSampler:
         self._epoch = 0
         self._resume_from = 0  # batches to skip at the start of the next iteration
         self._consumed = 0  # batches yielded so far in this epoch (skipped ones included)
+
+    def digest(self) -> str:
+        """A short hash of every example's lengths, in order: it changes with the data (or
+        the tokenizer), so a checkpoint can tell whether it is resumed on what it trained on."""
+        if self._digest is None:  # once: every checkpoint records it
+            lengths = torch.stack([self._longest, self._total]).numpy().tobytes()
+            self._digest = hashlib.blake2b(lengths, digest_size=8).hexdigest()
+        return self._digest
 
     def _make_batches(self, order: torch.Tensor) -> list[list[int]]:
         """Cut ``order`` (example indices, sorted by length) greedily into batches."""

@@ -43,12 +43,12 @@ from torch import Tensor
 
 from aiayn import atomic
 from aiayn import checkpoint as ckpt
-from aiayn.config import ConfigSection, TransformerConfig, parse_yaml
+from aiayn.config import ConfigSection, TransformerConfig
 from aiayn.data import corpus
 from aiayn.data.batching import DeviceBatch, TokenBatchSampler, pad_ids
 from aiayn.data.tokenizer import SPECIAL_TOKENS, Tokenizer
 from aiayn.errors import CheckpointError, ConfigError, DataError
-from aiayn.experiment import Experiment
+from aiayn.experiment import Experiment, releases_run_dir
 from aiayn.finetune import FinetuneConfig, encoder_config, freeze, load_source, prepare
 from aiayn.finetune import lr_scales as finetune_lr_scales
 from aiayn.heads import POOLINGS, SequenceClassifier
@@ -231,8 +231,9 @@ def read_table_examples(path: Path, text_field: str, label_field: str) -> list[E
                     "(or --text-field / --label-field)"
                 )
         text, label = record[text_field], record[label_field]
-        # Stripped as `classify --input` strips its lines: the same sentence, the same ids.
-        text = (text if isinstance(text, str) else str(text)).strip()
+        # Not stripped here: runs resume on the ids they were trained on. A tokenizer that
+        # aiayn trains strips a text's ends itself, as `classify --input` strips its lines.
+        text = text if isinstance(text, str) else str(text)
         examples.append(Example(text, str(label), f"{path}:{lineno}"))
     return examples
 
@@ -683,7 +684,7 @@ def _resumed_finetune(exp: Experiment) -> tuple[TextEncoder, TransformerConfig] 
     of its config.yaml, with this config's dropouts), or None where either is missing."""
     tokenizer_path = exp.run_dir / TOKENIZER_FILE
     try:
-        run = parse_yaml((exp.run_dir / "config.yaml").read_text(encoding="utf-8"))
+        run = yaml.safe_load((exp.run_dir / "config.yaml").read_text(encoding="utf-8"))
         model_cfg = TransformerConfig.from_dict(run["model"]).replace(**exp.model)
     except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError, ConfigError):
         return None
@@ -692,6 +693,7 @@ def _resumed_finetune(exp: Experiment) -> tuple[TextEncoder, TransformerConfig] 
     return TextEncoder.load(tokenizer_path), model_cfg
 
 
+@releases_run_dir
 def train_classification(
     exp: Experiment, *, resume: bool = False, progress: bool = True
 ) -> dict[str, Any]:

@@ -322,7 +322,7 @@ def run_demo(out_dir: Path, cfg: DemoConfig | None = None, progress: bool = True
     run_dir = out_dir / RUN_SUBDIR
     _check_replaceable(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    run_lock.hold(run_dir)  # a second demo into the same --out is refused
+    run_lock.hold(run_dir, "wait for that demo to end, or pass another --out")
     try:
         return _run_demo(out_dir, run_dir, cfg, progress)
     finally:

@@ -52,7 +52,7 @@ from aiayn.data.pretraining import (
 )
 from aiayn.data.tokenizer import MASK, Tokenizer, sentinel
 from aiayn.errors import ConfigError, DataError
-from aiayn.experiment import Experiment
+from aiayn.experiment import Experiment, releases_run_dir
 from aiayn.lm_heads import CausalLanguageModel, MaskedLanguageModel
 from aiayn.model import Transformer
 from aiayn.tasks.seq2seq import Seq2SeqBatch
@@ -479,6 +479,7 @@ def build_tokenizer(data: PretrainData, texts: list[str], run_dir: Path, resume:
 # --------------------------------------------------------------------------- training
 
 
+@releases_run_dir
 def train_pretrain(
     exp: Experiment, *, resume: bool = False, progress: bool = True
 ) -> dict[str, Any]:

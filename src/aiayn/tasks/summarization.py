@@ -28,7 +28,7 @@ from aiayn.config import ConfigSection, TransformerConfig
 from aiayn.data import corpus
 from aiayn.data.tokenizer import Tokenizer
 from aiayn.errors import ConfigError, DataError
-from aiayn.experiment import Experiment
+from aiayn.experiment import Experiment, releases_run_dir
 from aiayn.metrics import rouge
 from aiayn.model import Transformer
 from aiayn.tasks.seq2seq import check_run, drop_empty, train_seq2seq
@@ -322,7 +322,8 @@ class Summarizer(Translator):
     def from_run(cls, model: Transformer, tokenizer: Tokenizer, run: dict[str, Any]) -> Summarizer:
         data = SummarizationData.from_dict(run.get("data", {}))
         decode = DecodeConfig.from_dict(run.get("decode", {}))
-        return cls(model, tokenizer, decode, data.max_src_len, data)
+        # The configured data.max_src_len cuts most documents, as in training: no warning.
+        return cls(model, tokenizer, decode, data.max_src_len, data, warn_cut=False)
 
     # One summary per document: the translator's decoding, under the task's name (the same
     # options: beam_size, length_penalty, max_len, no_repeat_ngram_size; defaults: the run's).
@@ -360,6 +361,7 @@ def truncate_pairs(
     return [(src[:max_src_len], tgt[:max_tgt_len]) for src, tgt in examples], n_src, n_tgt
 
 
+@releases_run_dir
 def train_summarization(
     exp: Experiment, *, resume: bool = False, progress: bool = True
 ) -> dict[str, Any]:

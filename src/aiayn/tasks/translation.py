@@ -21,7 +21,7 @@ from aiayn.data.batching import fit_to_max_len, pad_ids
 from aiayn.data.tokenizer import Tokenizer
 from aiayn.decoding import translate_ids
 from aiayn.errors import CheckpointError, ConfigError, DataError
-from aiayn.experiment import Experiment
+from aiayn.experiment import Experiment, releases_run_dir
 from aiayn.metrics import corpus_bleu
 from aiayn.model import Transformer, recording_attention
 from aiayn.tasks.seq2seq import TOKENIZER_FILE, check_run, drop_empty, train_seq2seq
@@ -147,8 +147,9 @@ class Translator:
     Any encoder-decoder task decodes this way; a subclass names its task in `TASK` (checked
     when a checkpoint is loaded) and may build itself from the run's config in `from_run`.
     `max_src_len` cuts longer sources to their first ids (default: what the model's positions
-    allow), with a warning that counts them unless `warn_cut` is False (validation during
-    training, whose data the run has already counted).
+    allow), with a warning that counts them; with `warn_cut` False the count is logged as
+    information (validation during training, whose data the run has already counted, and a
+    summarizer, whose configured data.max_src_len cuts most documents by design).
     """
 
     TASK: ClassVar[str] = "translation"
@@ -205,8 +206,9 @@ class Translator:
         limit = self.max_src_len
         encoded = self.tokenizer.encode_batch(list(sentences))
         n_cut = sum(len(ids) > limit for ids in encoded)
-        if n_cut and self.warn_cut:  # what the model could not read is not in its output
-            logger.warning(
+        if n_cut:  # what the model could not read is not in its output
+            logger.log(
+                logging.WARNING if self.warn_cut else logging.INFO,
                 "%d of %d inputs are longer than %d tokens and were cut to their first %d",
                 n_cut,
                 len(encoded),
@@ -357,6 +359,7 @@ def bleu_of(
 # --------------------------------------------------------------------------- training
 
 
+@releases_run_dir
 def train_translation(
     exp: Experiment, *, resume: bool = False, progress: bool = True
 ) -> dict[str, Any]:
