@@ -24,8 +24,10 @@ steps for every sentence:
 * beam: L - 1 tokens, then eos forced at step L, so that every beam of every sentence
   finishes at the same step and neither search can stop early. aiayn: ``min_len = max_len =
   L - 1`` (eos banned below L - 1 tokens; at its limit the search allows only eos). HF:
-  ``min_new_tokens=L-1, max_new_tokens=L, forced_eos_token_id=eos``. Both rank by
-  log-probability; with equal lengths neither length penalty changes the ranking.
+  ``min_new_tokens=L-1, max_new_tokens=L, forced_eos_token_id=eos``. With equal lengths
+  neither length penalty changes the ranking, but HF's forced eos scores log-probability 0
+  where aiayn scores eos's own, so the beams kept at the last step may differ (the work does
+  not: L steps of K beams on both sides).
 
 Both sides ban pad and bos (aiayn.decoding always does; HF through ``bad_words_ids``).
 
@@ -35,8 +37,8 @@ benchmark that compares different work is worthless. A
 row may differ only where the two candidates' logits are within float32 rounding of each
 other (a tie, broken differently); such rows are counted and reported, any other difference
 stops the run. Output lengths are checked after every timed case too. Beam outputs are
-compared and the agreement reported, not required (near-ties among 2K candidates are more
-frequent).
+compared and the agreement reported, not required (the forced eos's score above, and
+near-ties among 2K candidates).
 
 **Interleaved** (``--interleave N``, what the CPU suite uses): after the cases above, every
 implementation decodes one batch in turn, N times, and each is reported as the median over

@@ -297,21 +297,61 @@ def test_marian_greedy_equals_hf_generate(marian_pair) -> None:
     assert {len(out) for out in actual} != {MAX_NEW}, "some outputs should end with eos"
 
 
+class EosAtLimit(transformers.LogitsProcessor):
+    """At an output's last place, only eos, with its own log-probability: aiayn's rule at its
+    length limit. HF's forced_eos_token_id gives the forced eos log-probability 0 instead, so
+    a hypothesis that ends there would rank above what it is worth."""
+
+    def __init__(self, eos: int, length: int) -> None:
+        self.eos, self.length = eos, length  # the length of input_ids (start token included)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if input_ids.size(-1) != self.length:
+            return scores
+        only = torch.full_like(scores, float("-inf"))
+        only[:, self.eos] = scores[:, self.eos]
+        return only
+
+
 def test_marian_beam_equals_hf_generate(marian_pair) -> None:
     """Plain log-probability ranking on both sides: our alpha = 0, HF's length_penalty = 0
-    (HF divides by len**alpha, aiayn by Wu et al.'s ((5 + len) / 6)**alpha), and HF stops a
-    source at num_beams finished hypotheses (early_stopping=True), as aiayn.decoding does."""
+    (HF divides by len**alpha, aiayn by Wu et al.'s ((5 + len) / 6)**alpha); HF stops a
+    source at num_beams finished hypotheses (early_stopping=True), as aiayn.decoding does;
+    and an eos at the length limit is scored alike (`EosAtLimit`). The n-best lists, with
+    their scores, are the same."""
     ours, metadata, theirs = marian_pair
     src = _sources(metadata["pad_id"])
-    ids = dict(bos_id=metadata["bos_id"], eos_id=metadata["eos_id"], pad_id=metadata["pad_id"])
-    hypotheses = beam_search(
-        TransformerDecoder(ours), src, beam_size=4, length_penalty=0.0, max_len=MAX_NEW, **ids
+    eos = metadata["eos_id"]
+    ids = dict(bos_id=metadata["bos_id"], eos_id=eos, pad_id=metadata["pad_id"])
+    hypotheses = beam_search(TransformerDecoder(ours), src, beam_size=4, length_penalty=0.0,
+                             max_len=MAX_NEW, n_best=4, **ids)  # fmt: skip
+    with torch.no_grad():
+        generated = theirs.generate(
+            input_ids=src,
+            attention_mask=src.ne(metadata["pad_id"]),
+            do_sample=False,
+            num_beams=4,
+            num_return_sequences=4,
+            length_penalty=0.0,
+            early_stopping=True,
+            max_new_tokens=MAX_NEW + 1,
+            forced_eos_token_id=None,
+            logits_processor=transformers.LogitsProcessorList([EosAtLimit(eos, 1 + MAX_NEW)]),
+            bad_words_ids=[[metadata["pad_id"]]],
+            eos_token_id=eos,
+            pad_token_id=metadata["pad_id"],
+            decoder_start_token_id=metadata["decoder_start_id"],
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    expected = _hf_outputs(generated.sequences)
+    assert [h.tokens for hyps in hypotheses for h in hyps] == expected
+    torch.testing.assert_close(
+        torch.tensor([h.log_prob for hyps in hypotheses for h in hyps]),
+        generated.sequences_scores.float(),
+        rtol=1e-4,
+        atol=1e-4,
     )
-    actual = [hyps[0].tokens for hyps in hypotheses]
-    expected = _hf_generate(
-        theirs, src, metadata, num_beams=4, length_penalty=0.0, early_stopping=True
-    )
-    assert actual == expected
 
 
 def test_marian_round_trip(marian_pair, tmp_path: Path) -> None:
@@ -332,15 +372,26 @@ def test_marian_round_trip(marian_pair, tmp_path: Path) -> None:
         torch.testing.assert_close(again.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
 
 
-def test_native_model_exports_to_marian(tmp_path: Path) -> None:
-    """An aiayn-trained model (paper sinusoids, ReLU, no logits bias) runs in HF unchanged."""
-    cfg = TransformerConfig.from_preset("tiny", vocab_size=60, d_ff=48)
+@pytest.mark.parametrize(
+    ("shared", "tied"), [(True, True), (True, False), (False, True), (False, False)]
+)
+def test_native_model_exports_to_marian(tmp_path: Path, shared: bool, tied: bool) -> None:
+    """An aiayn-trained model (paper sinusoids, ReLU, no logits bias) runs in HF unchanged,
+    its embeddings shared or not, its output tied or not (shared and untied wrote only HF's
+    shared matrix, and HF filled its encoder's and decoder's at random)."""
+    cfg = TransformerConfig.from_preset(
+        "tiny", vocab_size=60, d_ff=48, shared_vocab=shared, tie_embeddings=tied
+    )
     torch.manual_seed(0)
     ours = Transformer(cfg).eval()
     _randomise(ours, seed=3)
     bos, eos, pad = 1, 2, 0
     to_hf_marian(ours, tmp_path, eos_id=eos, decoder_start_id=bos)
     theirs = transformers.MarianMTModel.from_pretrained(tmp_path).eval()
+    again, metadata = from_hf_marian(tmp_path)  # and back, every tensor, nothing left over
+    assert metadata["unused"] == []
+    for name, tensor in ours.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
     src = torch.tensor([[5, 9, 14, 7, 11, eos], [8, 13, eos, pad, pad, pad]])
     tgt = torch.tensor([[bos, 4, 6, 21, 9], [bos, 30, 31, 32, 33]])
     with torch.no_grad():

@@ -731,7 +731,8 @@ def static_decoding_of(model: Transformer) -> StaticDecoding:
 
 
 def release_static_decoding(model: Transformer) -> None:
-    """Drop the graphs and caches :func:`static_decoding_of` kept on the model (GPU memory)."""
+    """Drop the graphs, caches and CPU copy of the decoder that :func:`static_decoding_of`
+    kept on the model (GPU memory; weights changed in a way PyTorch does not record)."""
     model.__dict__.pop("_static_decoding", None)
 
 
@@ -772,7 +773,10 @@ def translate_ids(
         static: use :mod:`aiayn.static_decoding` (the same search with fixed shapes: one CUDA
             graph launch per step on a GPU, the decoder's frozen copy on a CPU); default: when
             the model is on CUDA or a CPU, not sharded (FSDP), and no n-gram blocking is asked
-            for (it does not do that).
+            for (it does not do that). The CPU copy is remade when the model's parameters
+            change as PyTorch records it (an optimiser step, `load_state_dict`, in-place ops)
+            or at sampled values; a write through `.data` at a value it does not sample goes
+            unseen: after such a change, call `release_static_decoding(model)`.
 
     Returns:
         B lists of output token ids, without bos and eos: the best hypothesis of each source.

@@ -685,10 +685,22 @@ def from_hf_marian(model_dir: str | Path) -> tuple[Transformer, dict[str, Any]]:
         "pad_id": pad_id,
         "max_len": cfg.max_len,
         "generation": generation,
-        "unused": sorted(set(tensors) - set(expected)),
+        "unused": sorted(
+            name
+            for name in set(tensors) - set(expected)
+            # A shared, untied model's copies of the shared matrix (what to_hf_marian writes).
+            if not (
+                cfg.shared_vocab
+                and name in _SHARED_COPIES
+                and torch.equal(tensors[name], tensors["model.shared.weight"])
+            )
+        ),  # fmt: skip
         "config": config,
     }
     return model.eval(), metadata
+
+
+_SHARED_COPIES = ("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight")
 
 
 def to_hf_marian(
@@ -747,6 +759,11 @@ def to_hf_marian(
     for our_name, their_name in names.items():
         # Tied names map to one HF tensor, written once; HF re-ties on load.
         tensors.setdefault(their_name, ours[our_name])
+    if cfg.shared_vocab and not cfg.tie_embeddings:
+        # HF ties its encoder's and decoder's input embeddings to `shared` only along with the
+        # output: untied, it loads them as tensors of their own, which must be written.
+        for name in _SHARED_COPIES:
+            tensors[name] = ours["src_embed.lut.weight"]
     if cfg.output_bias:
         tensors["final_logits_bias"] = ours["generator.bias"][None, :]
     else:
