@@ -41,3 +41,12 @@ def test_written_files_get_the_permissions_a_plain_open_leaves(tmp_path):
     (tmp_path / "out.txt").chmod(0o600)
     atomic.write_text(tmp_path / "out.txt", "y\n")
     assert stat.S_IMODE((tmp_path / "out.txt").stat().st_mode) == 0o600
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_a_read_only_file_is_replaced_and_stays_read_only(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("old\n")
+    path.chmod(0o444)
+    atomic.write_text(path, "new\n")
+    assert path.read_text() == "new\n" and stat.S_IMODE(path.stat().st_mode) == 0o444

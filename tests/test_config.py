@@ -127,3 +127,6 @@ def test_floats_in_exponent_notation_are_numbers_in_files_and_overrides(tmp_path
     with pytest.raises(ConfigError, match="must be a number, got '1e'"):
         Experiment.from_yaml(path, ["--train.lr_scale", "1e"])
     assert Experiment.from_yaml(path, ["--run_dir", "1e3"]).run_dir.name == "1e3"
+    assert Experiment.from_yaml(path, ["--train.lr_scale", "1_0e-3"]).train.lr_scale == 0.01
+    with pytest.raises(ConfigError, match="must be a number"):
+        Experiment.from_yaml(path, ["--train.lr_scale", "1e-3x"])

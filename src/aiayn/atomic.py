@@ -39,11 +39,11 @@ def replacing(path: str | os.PathLike[str]) -> Iterator[Path]:
     # plain open() would leave: an existing file's own, a new one 0666 less the umask.
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
-        os.chmod(tmp, stat.S_IMODE(target.stat().st_mode))
-    except FileNotFoundError:
-        pass
-    try:
         yield tmp
+        try:  # after writing: a read-only original would make the copy unwritable
+            os.chmod(tmp, stat.S_IMODE(target.stat().st_mode))
+        except FileNotFoundError:
+            pass
         fsync_file(tmp)
         os.replace(tmp, target)
     except BaseException:

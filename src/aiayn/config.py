@@ -30,7 +30,7 @@ AttentionImpl = Literal["sdpa", "reference"]
 
 
 # A number in exponent notation without a dot, which YAML 1.1 leaves a string: 1e-9, -2E+4.
-_EXPONENT_NUMBER = re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$")
+_EXPONENT_NUMBER = re.compile(r"^[-+]?[0-9]+(\.[0-9]*)?[eE][-+]?[0-9]+$")
 
 
 class ConfigSection:
@@ -59,10 +59,10 @@ class ConfigSection:
             if annotation == "int" and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ConfigError(f"{where} must be an integer, got {value!r}")
             if annotation == "float":
-                if isinstance(value, str) and _EXPONENT_NUMBER.match(value):
+                if isinstance(value, str) and _EXPONENT_NUMBER.match(value.replace("_", "")):
                     # PyYAML reads YAML 1.1, where a float needs a dot: `lr_scale: 1e-9` (and
                     # the override --train.lr_scale 1e-9) arrive as the string "1e-9".
-                    value = float(value)
+                    value = float(value.replace("_", ""))  # YAML 1.1 ignores underscores
                 if isinstance(value, bool) or not isinstance(value, int | float):
                     raise ConfigError(f"{where} must be a number, got {value!r}")
                 # YAML reads .nan and .inf as floats; no setting means anything by them, and
