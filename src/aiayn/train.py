@@ -576,10 +576,7 @@ class Trainer:
                 ckpt.write_best_pointer(path, metric=self.best_metric, value=self.best_value)
             except CheckpointError as exc:
                 raise TrainingError(self._stopped_because(str(exc))) from exc
-        kept = ckpt.read_best_pointer(self.checkpoint_root)
-        ckpt.prune_checkpoints(
-            self.checkpoint_root, self.cfg.keep_last, keep=[kept] if kept else []
-        )
+        ckpt.prune_checkpoints(self.checkpoint_root, self.cfg.keep_last)  # keeps best.json's
         return path
 
     def resume(self, path: Path | None = None) -> int:
@@ -665,17 +662,18 @@ class Trainer:
         """Refuse to resume on other training data: the stream's position (batch `consumed`
         of an epoch) would name other batches, or none. Older checkpoints record neither the
         batches an epoch nor the data's digest: then only a position past the end is caught."""
-        then = (
-            per_epoch
-            if per_epoch is not None
-            else (consumed if consumed > len(self.sampler) else None)
-        )
-        if then is not None and then != len(self.sampler):
+        batches = len(self.sampler)
+        if per_epoch is not None and per_epoch != batches:
+            found = f"{per_epoch}"
+        elif per_epoch is None and consumed > batches:  # an older checkpoint
+            found = f"at least {consumed}"
+        else:
+            found = None
+        if found is not None:
             raise CheckpointError(
-                f"--resume: {path.name} was trained on data cut into "
-                f"{'at least ' if per_epoch is None else ''}{then} batches an epoch, but this "
-                f"run's training data gives {len(self.sampler)}: the data, its settings or "
-                "train.max_tokens changed; resume with the run's own, or start a new run"
+                f"--resume: {path.name} was trained on data cut into {found} batches an "
+                f"epoch, but this run's training data gives {batches}: the data, its settings "
+                "or train.max_tokens changed; resume with the run's own, or start a new run"
             )
         if digest is not None and digest != self.sampler.digest():
             raise CheckpointError(

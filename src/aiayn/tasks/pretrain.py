@@ -16,7 +16,7 @@
 Masks and spans are drawn per batch from a generator seeded by (train.seed, epoch, batch
 position in the epoch), so a run is reproducible and `--resume` continues exactly; the
 validation corruption is fixed, each held-out example's from its own index and a constant
-seed (`Pretraining.fixed_batch`), so validation metrics compare across steps and across runs
+seed (`Objective.fixed_batch`), so validation metrics compare across steps and across runs
 (another train.seed or train.max_tokens).
 
 Checkpoints are ordinary Trainer checkpoints of the model with `tokenizer.json` beside them:
@@ -304,10 +304,11 @@ class Objective:
             ids = pad_ids([list(x) for x in examples], tok.pad_id)
             tgt_in, tgt_out = ids[:, :-1], ids[:, 1:]
             return CausalLMBatch(tgt_in, tgt_out, int(tgt_out.ne(tok.pad_id).sum()))
+        sentinels = self.sentinel_ids()
         pairs = [
             corrupt_spans(
                 x,
-                self.sentinel_ids(),
+                sentinels,
                 noise_density=self.data.noise_density,
                 mean_span_length=self.data.mean_span_length,
                 generator=g,
