@@ -394,6 +394,52 @@ def test_objective_trains_through_the_cli_and_saves_a_plain_transformer(
         assert tok.token_to_id(sentinel(0)) == 4
 
 
+def test_generate_continues_prompts_from_a_causal_checkpoint(tiny_text, tmp_path, capsys):
+    """`aiayn generate` on a causal run: samples per prompt, reproducible by seed and
+    whatever other prompts come along, greedy at temperature 0, text or JSON lines."""
+    run_dir = tmp_path / "run"
+    assert run(train_args("causal", run_dir, 16, tiny_text), capsys)[0] == 0
+    base = ["generate", "--checkpoint", run_dir, "--quiet", "--device", "cpu",
+            "--max-new-tokens", "12"]  # fmt: skip
+
+    def texts(*argv):
+        code, out, err = run([*base, *argv, "--jsonl"], capsys)
+        assert code == 0 and err == "", err
+        return [json.loads(line) for line in out.splitlines()]
+
+    both = texts("--prompt", "the cat", "--prompt", "", "--num-samples", "3", "--seed", "4")
+    assert [(r["prompt"], r["sample"]) for r in both] == [
+        ("the cat", 0), ("the cat", 1), ("the cat", 2), ("", 0), ("", 1), ("", 2),
+    ]  # fmt: skip
+    assert all(r["text"].startswith("the cat") for r in both[:3])
+    assert len({r["text"] for r in both[:3]}) > 1  # drawn, not all alike
+    assert texts("--prompt", "", "--num-samples", "3", "--seed", "4") == both[3:]
+    assert texts("--prompt", "", "--num-samples", "3", "--seed", "5") != both[3:]
+    greedy = texts("--prompt", "a big", "--num-samples", "2", "--temperature", "0")
+    assert greedy[0]["text"] == greedy[1]["text"]
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the cat\n\n")
+    output = tmp_path / "out.txt"
+    code, out, err = run([*base, "--input", prompts, "--num-samples", "3", "--seed", "4",
+                          "--output", output], capsys)  # fmt: skip
+    assert code == 0 and out == "", err
+    separator = "\n---\n"
+    assert output.read_text() == separator.join(r["text"] for r in both) + "\n"
+
+    mlm_dir = tmp_path / "mlm"
+    assert run(train_args("mlm", mlm_dir, 4, tiny_text), capsys)[0] == 0
+    for argv, message in [
+        (["--checkpoint", mlm_dir], "holds a 'mlm' pre-training model, not a causal language"),
+        (["--top-p", "0"], "top_p must be in (0, 1]"),
+        (["--num-samples", "0"], "num_samples must be >= 1"),
+        (["--input", prompts], "give prompts with --prompt or with --input, not both"),
+    ]:
+        code, out, err = run([*base, "--prompt", "the", *argv], capsys)
+        assert code == 1 and out == "" and err.count("\n") == 1, err
+        assert err.startswith("error: ") and message in err, err
+
+
 def test_resume_is_exact_for_masked_lm(tiny_text, tmp_path, capsys):
     extra = ["--model.dropout", "0.1"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"

@@ -80,6 +80,41 @@ def test_round_trip_on_multi30k_val(tok):
     assert exact / len(val) >= 0.99
 
 
+def test_a_line_break_is_a_token_of_its_own():
+    """A line's last word is the token it is at the end of a text (a prompt "ROMEO:" ends as
+    the training text's "ROMEO:" line does), and the next line's first word has no space."""
+    speech = "ROMEO:\nWhat say you, my lord?\n\nJULIET:\n  Nothing at all."
+    tok = Tokenizer.train([speech] * 20 + ["What say you"] * 5, 120)
+    assert "\n" in tok.backend.get_vocab()
+    assert tok.tokens("ROMEO:\nWhat say") == ["▁ROMEO:", "\n", "What", "▁say"]
+    head = tok.encode("ROMEO:")
+    assert tok.encode("ROMEO:\nWhat say you")[: len(head)] == head
+    assert tok.decode(tok.encode(speech)) == speech  # blank lines and indents round-trip
+    assert tok.decode(tok.encode(" ROMEO:\n")) == "ROMEO:"  # stripped at both ends
+
+
+def test_a_text_without_line_breaks_is_split_as_before():
+    """The line-break split changes nothing for one-line texts: the vocabulary and the ids are
+    those of the pipeline before it (Metaspace adding the "▁" itself), built here by hand."""
+    import tokenizers
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+    texts = lines("train.de.gz", 2000) + lines("train.en.gz", 2000)
+    before = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+    before.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Strip()])
+    before.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    before.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    special = ["<pad>", "<s>", "</s>", "<unk>"]
+    before.train_from_iterator(
+        texts, trainers.BpeTrainer(vocab_size=1500, special_tokens=special, show_progress=False)
+    )
+    now = Tokenizer.train(texts, 1500)
+    assert now.backend.get_vocab() == before.get_vocab()
+    val = [" " + t for t in lines("val.en.gz", 200) + lines("val.de.gz", 200)]
+    assert now.encode_batch(val) == [e.ids for e in before.encode_batch(val)]
+    assert now.decode_batch(now.encode_batch(val)) == before.decode_batch(now.encode_batch(val))
+
+
 def test_save_load_equal(tok, tmp_path):
     path = tmp_path / "sub" / "tokenizer.json"
     tok.save(path)

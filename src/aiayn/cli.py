@@ -1,5 +1,5 @@
 """The `aiayn` command: demo, info, train, finetune, translate, evaluate, classify, summarize,
-average, embeddings.
+generate, average, embeddings.
 
 Every user error ends as one line, `error: <what is wrong and what to do>`, and exit status 1
 (2 for a malformed command line); `--debug` shows the traceback instead.
@@ -416,6 +416,35 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from aiayn.tasks.generation import TextGenerator
+
+    _check_output(args.output)
+    if args.prompt is not None and args.input is not None:
+        raise ConfigError("give prompts with --prompt or with --input, not both")
+    generator = TextGenerator.from_checkpoint(args.checkpoint, device=_device(args.device))
+    prompts = args.prompt if args.prompt is not None else _read_input(args.input)
+    samples = generator.generate(
+        prompts,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        num_samples=args.num_samples,
+        seed=args.seed,
+    )
+    if args.jsonl:
+        lines = [
+            json.dumps({"prompt": prompt, "sample": i, "text": text}, ensure_ascii=False)
+            for prompt, texts in zip(prompts, samples, strict=True)
+            for i, text in enumerate(texts)
+        ]
+    else:  # a text may hold line breaks: a line of its own between two texts
+        lines = [SAMPLE_SEPARATOR.join(text for texts in samples for text in texts)]
+    _write_output(lines, args.output)
+    return 0
+
+
 def cmd_average(args: argparse.Namespace) -> int:
     from aiayn import checkpoint as ckpt
 
@@ -477,6 +506,7 @@ def cmd_embeddings(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parser
 
 
+SAMPLE_SEPARATOR = "\n---\n"  # between two texts of `aiayn generate`
 DEVICE_HELP = "auto (a CUDA GPU if one is visible, else the CPU), cpu or cuda (default: auto)"
 
 
@@ -645,6 +675,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print --eval's scores as JSON")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
 
+    p = sub.add_parser(
+        "generate",
+        parents=[common],
+        help="continue prompts with a pre-trained causal language model (sampling)",
+        description="Continue each prompt (--prompt, or one a line from --input or stdin) "
+        "with text drawn from a causal language model (aiayn train "
+        "configs/pretrain_causal.yaml). Texts are separated by a line '---' (or one JSON "
+        "object a line with --jsonl).",
+    )
+    p.add_argument(
+        "--checkpoint", required=True, help="a checkpoint folder, or a run folder (its best)"
+    )
+    p.add_argument(
+        "--prompt",
+        action="append",
+        default=None,
+        help="a text to continue; repeat for several; '' starts a document from nothing",
+    )
+    p.add_argument("--input", default=None, help="prompts, one a line (default: stdin)")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=100, help="most tokens added (default 100)"
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="divide the logits by this (default 1; 0: always the most probable token)",
+    )
+    p.add_argument("--top-k", type=int, default=0, help="draw from the k most probable (0: off)")
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="draw from the smallest set of tokens holding this probability (1: off)",
+    )
+    p.add_argument("--num-samples", type=int, default=1, help="texts per prompt (default 1)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="random seed: the same texts for the same seed"
+    )
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--output", default=None, help="write the texts here instead of stdout")
+    p.add_argument(
+        "--jsonl", action="store_true", help='one {"prompt", "sample", "text"} object a line'
+    )
+
     p = sub.add_parser("average", parents=[common], help="average checkpoints (§6.1: the last 5)")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--checkpoints", nargs="+", help="checkpoint folders to average")
@@ -701,6 +776,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "average": cmd_average,
         "embeddings": cmd_embeddings,
         "classify": cmd_classify,
+        "generate": cmd_generate,
     }
     try:
         if args.command == "train":

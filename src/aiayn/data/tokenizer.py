@@ -4,10 +4,12 @@ The paper (§5.1) encodes WMT En-De with a shared source-target BPE vocabulary o
 tokens; :meth:`Tokenizer.train` builds such a joint vocabulary when given source and target
 texts together.
 
-Pipeline: NFKC normalisation and the text's leading and trailing whitespace stripped ->
-Metaspace pre-tokenisation (spaces become ``▁`` and start the following word, as in
-SentencePiece) -> BPE -> Metaspace decoding. Because the space is part of the token, decoding
-restores the exact text ("A man, in a hat." round-trips), with no detokeniser heuristics.
+Pipeline: NFKC normalisation, the text's leading and trailing whitespace stripped, and its
+spaces made ``▁``, one more in front -> split at line breaks (each one a token) and before each
+``▁`` (the space starts the following word, as in SentencePiece) -> BPE -> Metaspace decoding.
+Because the space is part of the token, decoding restores the exact text ("A man, in a hat."
+round-trips, line breaks too), with no detokeniser heuristics. (Tokenizers trained before
+2026-11-28 kept a line break inside the word before it: "▁ROMEO:\n".)
 Stripping makes " a text " and "a text" the same ids, so a line read with its trailing space
 (every SST-2 sentence has one) and the same line typed in are classified alike. (Tokenizers
 trained before the strip was added keep their own normalisation.) Characters never seen in training map to ``<unk>``, which decoding
@@ -131,8 +133,26 @@ class Tokenizer:
         texts = _training_texts(texts, vocab_size, min_frequency, len(SPECIAL_TOKENS) + len(extra))
 
         tok = tokenizers.Tokenizer(models.BPE(unk_token=UNK))
-        tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Strip()])
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=_SPACE, prepend_scheme="always")
+        # The text gets its leading "▁" and its spaces as "▁" when it is normalised, not
+        # when it is split, so that a word after a line break has none: "ROMEO:\nWhat" is
+        # "▁ROMEO:", "\n", "What", the line's end the same token as the text's end, and
+        # it decodes back without a space after the line break. (Metaspace's own
+        # prepend_scheme "first" would do it too, but goes by offsets in the original text,
+        # which the strip moves.) A text without line breaks is split as before.
+        tok.normalizer = normalizers.Sequence(
+            [
+                normalizers.NFKC(),
+                normalizers.Strip(),
+                normalizers.Prepend(_SPACE),
+                normalizers.Replace(" ", _SPACE),
+            ]
+        )
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex("\n"), behavior="isolated"),  # a line break alone
+                pre_tokenizers.Metaspace(replacement=_SPACE, prepend_scheme="never"),
+            ]
+        )
         tok.decoder = decoders.Metaspace(replacement=_SPACE, prepend_scheme="always")
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,
