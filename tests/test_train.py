@@ -3,6 +3,7 @@
 import json
 import logging
 import math
+import os
 import shutil
 
 import pytest
@@ -179,6 +180,19 @@ def test_a_log_that_cannot_be_written_stops_training_in_one_line(tmp_path):
     assert str(info.value) == (
         f"training stopped at step 1: cannot write the log: Is a directory while writing "
         f"{tmp_path / 'train.jsonl'}; no checkpoint was saved yet: start the run again"
+    )
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_a_full_disk_under_the_log_names_the_log(tmp_path):
+    """A failed write(2) names no file; the message must still say which one."""
+    trainer = make_trainer(tmp_path, 4, copy_examples())
+    (tmp_path / "train.jsonl").symlink_to("/dev/full")  # every write: ENOSPC
+    with pytest.raises(TrainingError) as info:
+        trainer.fit(progress=False)
+    assert str(info.value).startswith(
+        f"training stopped at step 1: cannot write the log: no space left on device while "
+        f"writing {tmp_path / 'train.jsonl'}; free disk space"
     )
 
 

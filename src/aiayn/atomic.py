@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["fsync_dir", "fsync_file", "replacing", "write_text"]
+__all__ = ["fsync_dir", "fsync_file", "naming_file", "replacing", "write_text"]
 
 
 @contextmanager
@@ -56,6 +56,21 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically (see `replacing`)."""
     with replacing(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+@contextmanager
+def naming_file(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Attach ``path`` to an OSError raised in the block that lacks a file name.
+
+    write(2) errors (a full disk) name no file, and a message without one does not say which
+    write failed.
+    """
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise
 
 
 def fsync_file(path: Path) -> None:

@@ -356,17 +356,6 @@ def _json_bytes(obj: Any, what: str) -> bytes:
 # --------------------------------------------------------------------------------------------
 
 
-@contextmanager
-def _naming_file(path: Path) -> Iterator[None]:
-    """Attach ``path`` to an OSError that lacks a file name (write(2) errors do)."""
-    try:
-        yield
-    except OSError as e:
-        if e.filename is None:
-            e.filename = str(path)
-        raise
-
-
 def _write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to a new file and fsync it."""
     with open(path, "wb") as f:
@@ -376,7 +365,7 @@ def _write_bytes(path: Path, data: bytes) -> None:
 
 
 def _write_file(path: Path, data: bytes) -> None:
-    with _naming_file(path):
+    with atomic.naming_file(path):
         _write_bytes(path, data)
 
 
@@ -384,7 +373,7 @@ def _write_safetensors(
     path: Path, tensors: dict[str, torch.Tensor], aliases: Mapping[str, str]
 ) -> None:
     metadata = {"format": "pt", _FORMAT_KEY: str(FORMAT_VERSION), _ALIASES_KEY: json.dumps(aliases)}
-    with _naming_file(path):
+    with atomic.naming_file(path):
         try:
             save_file(tensors, str(path), metadata=metadata)
         except SafetensorError as exc:
@@ -397,7 +386,7 @@ def _write_safetensors(
 
 
 def _copy_file(source: Path, destination: Path) -> None:
-    with _naming_file(destination):
+    with atomic.naming_file(destination):
         shutil.copyfile(source, destination)
         atomic.fsync_file(destination)
 

@@ -739,13 +739,12 @@ class Trainer:
         if not self.dist.is_main:
             return
         try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            with atomic.naming_file(self.log_path):
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                with open(self.log_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
         except OSError as exc:
-            reason = ckpt.os_error_message(
-                exc if exc.filename else OSError(exc.errno, exc.strerror, str(self.log_path))
-            )
+            reason = ckpt.os_error_message(exc)
             raise TrainingError(self._stopped_because(f"cannot write the log: {reason}")) from exc
 
     def _stopped_because(self, reason: str) -> str:
