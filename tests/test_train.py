@@ -227,6 +227,24 @@ def test_resume_on_other_training_data_is_refused(tmp_path):
         make_trainer(tmp_path, 8, copy_examples()[:24]).resume()
 
 
+def test_the_best_of_a_checkpoint_without_a_data_digest_is_dropped_only_where_asked(tmp_path):
+    """Pre-training's validation changed when checkpoints began to record the data's digest;
+    translation's did not, and its best value of an older checkpoint still counts."""
+    make_trainer(tmp_path, 4, copy_examples()).fit(progress=False)
+    state_path = ckpt.latest_checkpoint(tmp_path / "checkpoints") / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    state["best_value"] = 1.5
+    for digest in (state["data"]["data_digest"], None):
+        if digest is None:
+            del state["data"]["data_digest"]
+        state_path.write_text(json.dumps(state))
+        for stale in (False, True):
+            again = make_trainer(tmp_path, 8, copy_examples())
+            again.stale_best_without_digest = stale
+            again.resume()
+            assert again.best_value == (None if stale and digest is None else 1.5)
+
+
 def test_resume_with_another_grad_accum_goes_on_with_a_warning(tmp_path, caplog):
     """What keeps a step's batch when the number of processes changes (N x 1 = 1 x N)."""
     make_trainer(tmp_path, 4, copy_examples()).fit(progress=False)
