@@ -258,6 +258,24 @@ def test_resume_with_another_grad_accum_goes_on_with_a_warning(tmp_path, caplog)
     ]
 
 
+def test_resume_with_another_grad_accum_of_a_checkpoint_that_does_not_record_it(tmp_path, caplog):
+    """Checkpoints of an older aiayn record no grad_accum in their trainer state: the run
+    config saved with them (a task's, with its train section) still has it."""
+    first = make_trainer(tmp_path, 4, copy_examples(), grad_accum=2)
+    first.run_config = {**first.run_config, "train": first.cfg.to_dict()}  # as a task's is
+    first.fit(progress=False)
+    state_path = ckpt.latest_checkpoint(tmp_path / "checkpoints") / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    del state["grad_accum"]
+    state_path.write_text(json.dumps(state))
+    for grad_accum, warned in ((2, []), (1, ["1 processes x grad_accum 2 on 1 x 1"])):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="aiayn"):
+            make_trainer(tmp_path, 8, copy_examples(), grad_accum=grad_accum).resume()
+        said = [r.getMessage() for r in caplog.records]
+        assert [m.split("saved with ")[1].split(":")[0] for m in said] == warned, said
+
+
 def test_a_stop_after_a_skipped_step_saves_the_step_it_names(tmp_path):
     """Step 10 is validated (and saved); step 11's loss is infinite, so the update is skipped,
     and a stop signal arrives during it: the checkpoint the message names must exist."""

@@ -616,7 +616,7 @@ class Trainer:
         if self.fsdp:
             sharding.load_full_state(self.model, model.loaded, self.optimizer, optimizer.loaded)
         state = loaded.trainer_state
-        then = (state.get("world_size", 1), state.get("grad_accum", self.cfg.grad_accum))
+        then = (state.get("world_size", 1), self._saved_grad_accum(loaded))
         if then != (self.dist.world_size, self.cfg.grad_accum):
             # N processes x grad_accum batches make a step: N x 1 is 1 x N, to rounding.
             logger.warning(
@@ -675,6 +675,16 @@ class Trainer:
         self._truncate_log(self.step)
         logger.info("resumed from %s at step %d", path, self.step)
         return self.step
+
+    def _saved_grad_accum(self, loaded: ckpt.Checkpoint) -> int:
+        """The grad_accum `loaded` was saved with. Its trainer state records it since
+        2026-11-28; an older checkpoint has it in the run config saved with it (the train
+        section a task's config gives); failing both, this run's is assumed."""
+        if "grad_accum" in loaded.trainer_state:
+            return loaded.trainer_state["grad_accum"]
+        train = loaded.config.get("train")
+        saved = train.get("grad_accum") if isinstance(train, dict) else None
+        return saved if isinstance(saved, int) else self.cfg.grad_accum
 
     def _check_same_data(
         self, path: Path, per_epoch: int | None, digest: str | None, consumed: int
