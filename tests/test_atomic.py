@@ -50,3 +50,20 @@ def test_a_read_only_file_is_replaced_and_stays_read_only(tmp_path):
     path.chmod(0o444)
     atomic.write_text(path, "new\n")
     assert path.read_text() == "new\n" and stat.S_IMODE(path.stat().st_mode) == 0o444
+
+
+def test_naming_file_names_the_file_of_an_error_that_names_none(tmp_path):
+    # write(2) errors (a full disk) name no file; an error that names one keeps its own.
+    with pytest.raises(OSError) as info, atomic.naming_file(tmp_path / "log"):
+        raise OSError(28, "No space left on device")
+    assert info.value.filename == str(tmp_path / "log")
+    with pytest.raises(OSError) as info, atomic.naming_file(tmp_path / "log"):
+        raise OSError(13, "Permission denied", str(tmp_path / "other"))
+    assert info.value.filename == str(tmp_path / "other")
+
+
+def test_is_temporary_knows_the_temporary_files_of_replacing_and_no_other(tmp_path):
+    with atomic.replacing(tmp_path / "best.json") as tmp:
+        assert atomic.is_temporary(tmp)
+    for name in ("best.json", ".best.json", ".notes.tmp", ".best.json.tmp-15", "a.1-0a1b2c3d.tmp"):
+        assert not atomic.is_temporary(tmp_path / name), name

@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from aiayn import atomic
 from aiayn import checkpoint as ckpt
 from aiayn.checkpoint import (
     Checkpoint,
@@ -603,6 +604,54 @@ def test_remove_leftovers_keeps_the_only_copy_of_a_checkpoint(tmp_path):
     assert sorted(p.name for p in removed) == sorted([*leftovers, ".best.json.tmp-15"])
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         ".step_00000008.old-14",  # step_00000008 is missing: this is its one copy
+        "step_00000002",
+        "step_00000004",
+    ]
+
+
+def test_remove_leftovers_deletes_the_temporary_file_of_a_killed_best_json_write(tmp_path):
+    """best.json is written through `atomic.replacing`: a kill before its rename leaves that
+    temporary file. Everything else (the pointer, checkpoints, a user's hidden files) stays."""
+    model = torch.nn.Linear(2, 2)
+    best = save_checkpoint(checkpoint_path(tmp_path, 2), model=model, config={})
+    write_best_pointer(best, metric="val_loss", value=1.5)
+    (tmp_path / ".notes.tmp").write_text("mine")
+    (tmp_path / ".best.json.swp").write_text("an editor's")
+    # A write entered and never finished, as a kill leaves it (the block is never left).
+    write = atomic.replacing(tmp_path / "best.json")
+    leftover = write.__enter__()
+    leftover.write_text('{"checkpoint": "step_')
+    assert leftover.name.startswith(".best.json.")
+    assert ckpt.remove_leftovers(tmp_path) == [leftover]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".best.json.swp",
+        ".notes.tmp",
+        "best.json",
+        "step_00000002",
+    ]
+    assert read_best_pointer(tmp_path) == best
+
+
+def test_a_failed_best_json_write_names_it_and_keeps_the_previous_pointer(tmp_path, monkeypatch):
+    model = torch.nn.Linear(2, 2)
+    first, second = (
+        save_checkpoint(checkpoint_path(tmp_path, s), model=model, config={}) for s in (2, 4)
+    )
+    write_best_pointer(first, metric="val_loss", value=1.5)
+
+    def full(path):  # a full disk: write(2) errors name no file
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(atomic, "fsync_file", full)
+    with pytest.raises(CheckpointError) as raised:
+        write_best_pointer(second, metric="val_loss", value=1.2)
+    assert str(raised.value).startswith(
+        "cannot record the best checkpoint: no space left on device while writing "
+        f"{tmp_path / 'best.json'}; free disk space"
+    )
+    assert read_best_pointer(tmp_path) == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "best.json",
         "step_00000002",
         "step_00000004",
     ]

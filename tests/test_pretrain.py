@@ -2,6 +2,7 @@
 `aiayn train`, checkpoints a plain Transformer loads, exact resume, configs and bad input."""
 
 import json
+import logging
 import math
 import random
 from pathlib import Path
@@ -459,6 +460,30 @@ def test_resume_is_exact_for_masked_lm(tiny_text, tmp_path, capsys):
         torch.rand(4, generator=batch_generator(1, 0, 0)),
         torch.rand(4, generator=batch_generator(1, 0, 1)),
     )
+
+
+def test_resume_of_a_checkpoint_older_than_per_example_masks_sets_the_best_afresh(
+    tiny_text, tmp_path, capsys, caplog
+):
+    """Before validation masks were each example's own, checkpoints recorded no data digest:
+    their best val_loss was measured on other masks, and must not outrank the new ones."""
+    run_dir, root = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    assert run(train_args("mlm", run_dir, 4, tiny_text), capsys)[0] == 0
+    old = ckpt.latest_checkpoint(root)
+    state_path = old / ckpt.TRAINER_STATE_FILE
+    state = json.loads(state_path.read_text())
+    del state["data"]["data_digest"]
+    state["best_value"] = 0.0  # better than any val_loss to come: only a reset lets one win
+    state_path.write_text(json.dumps(state))
+    with caplog.at_level(logging.WARNING, logger="aiayn"):
+        code, _, err = run([*train_args("mlm", run_dir, 8, tiny_text), "--resume"], capsys)
+    assert code == 0, err
+    assert f"{old.name} was saved by an older aiayn, whose validation measured val_loss " in (
+        caplog.text
+    )
+    assert ckpt.read_best_pointer(root).name == "step_00000008"
+    (val_loss,) = [r["val_loss"] for r in log_records(run_dir) if "val_loss" in r][-1:]
+    assert json.loads((root / ckpt.BEST_POINTER_FILE).read_text())["value"] == val_loss
 
 
 def test_keyed_batches_are_required():

@@ -3,6 +3,7 @@
 import json
 import logging
 import math
+import os
 import shutil
 
 import pytest
@@ -182,6 +183,19 @@ def test_a_log_that_cannot_be_written_stops_training_in_one_line(tmp_path):
     )
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_a_full_disk_under_the_log_names_the_log(tmp_path):
+    """A failed write(2) names no file; the message must still say which one."""
+    trainer = make_trainer(tmp_path, 4, copy_examples())
+    (tmp_path / "train.jsonl").symlink_to("/dev/full")  # every write: ENOSPC
+    with pytest.raises(TrainingError) as info:
+        trainer.fit(progress=False)
+    assert str(info.value).startswith(
+        f"training stopped at step 1: cannot write the log: no space left on device while "
+        f"writing {tmp_path / 'train.jsonl'}; free disk space"
+    )
+
+
 def test_max_epochs_stops_at_the_end_of_the_epoch(tmp_path):
     trainer = make_trainer(tmp_path, 1000, copy_examples(), max_epochs=1)
     trainer.fit(progress=False)
@@ -213,6 +227,24 @@ def test_resume_on_other_training_data_is_refused(tmp_path):
         make_trainer(tmp_path, 8, copy_examples()[:24]).resume()
 
 
+def test_the_best_of_a_checkpoint_without_a_data_digest_is_dropped_only_where_asked(tmp_path):
+    """Pre-training's validation changed when checkpoints began to record the data's digest;
+    translation's did not, and its best value of an older checkpoint still counts."""
+    make_trainer(tmp_path, 4, copy_examples()).fit(progress=False)
+    state_path = ckpt.latest_checkpoint(tmp_path / "checkpoints") / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    state["best_value"] = 1.5
+    for digest in (state["data"]["data_digest"], None):
+        if digest is None:
+            del state["data"]["data_digest"]
+        state_path.write_text(json.dumps(state))
+        for stale in (False, True):
+            again = make_trainer(tmp_path, 8, copy_examples())
+            again.stale_best_without_digest = stale
+            again.resume()
+            assert again.best_value == (None if stale and digest is None else 1.5)
+
+
 def test_resume_with_another_grad_accum_goes_on_with_a_warning(tmp_path, caplog):
     """What keeps a step's batch when the number of processes changes (N x 1 = 1 x N)."""
     make_trainer(tmp_path, 4, copy_examples()).fit(progress=False)
@@ -224,6 +256,24 @@ def test_resume_with_another_grad_accum_goes_on_with_a_warning(tmp_path, caplog)
         "continues, but the result will not be bit-identical, and each step takes another "
         "number of batches"
     ]
+
+
+def test_resume_with_another_grad_accum_of_a_checkpoint_that_does_not_record_it(tmp_path, caplog):
+    """Checkpoints of an older aiayn record no grad_accum in their trainer state: the run
+    config saved with them (a task's, with its train section) still has it."""
+    first = make_trainer(tmp_path, 4, copy_examples(), grad_accum=2)
+    first.run_config = {**first.run_config, "train": first.cfg.to_dict()}  # as a task's is
+    first.fit(progress=False)
+    state_path = ckpt.latest_checkpoint(tmp_path / "checkpoints") / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    del state["grad_accum"]
+    state_path.write_text(json.dumps(state))
+    for grad_accum, warned in ((2, []), (1, ["1 processes x grad_accum 2 on 1 x 1"])):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="aiayn"):
+            make_trainer(tmp_path, 8, copy_examples(), grad_accum=grad_accum).resume()
+        said = [r.getMessage() for r in caplog.records]
+        assert [m.split("saved with ")[1].split(":")[0] for m in said] == warned, said
 
 
 def test_a_stop_after_a_skipped_step_saves_the_step_it_names(tmp_path):

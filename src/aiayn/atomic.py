@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import secrets
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["fsync_dir", "fsync_file", "replacing", "write_text"]
+__all__ = ["fsync_dir", "fsync_file", "is_temporary", "naming_file", "replacing", "write_text"]
+
+# The name of `replacing`'s temporary file: ".<name>.<pid>-<8 hex digits>.tmp".
+_TEMPORARY_NAME = re.compile(r"\..+\.\d+-[0-9a-f]{8}\.tmp")
 
 
 @contextmanager
@@ -52,10 +56,35 @@ def replacing(path: str | os.PathLike[str]) -> Iterator[Path]:
     fsync_dir(target.parent)
 
 
+def is_temporary(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is named as `replacing`'s temporary files are.
+
+    Only a kill (between creating the file and renaming it) leaves one behind once its
+    process has ended: what cleans up after killed runs (`aiayn.checkpoint.remove_leftovers`)
+    finds them by this name.
+    """
+    return _TEMPORARY_NAME.fullmatch(Path(path).name) is not None
+
+
 def write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically (see `replacing`)."""
     with replacing(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+@contextmanager
+def naming_file(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Attach ``path`` to an OSError raised in the block that lacks a file name.
+
+    write(2) errors (a full disk) name no file, and a message without one does not say which
+    write failed.
+    """
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise
 
 
 def fsync_file(path: Path) -> None:

@@ -356,17 +356,6 @@ def _json_bytes(obj: Any, what: str) -> bytes:
 # --------------------------------------------------------------------------------------------
 
 
-@contextmanager
-def _naming_file(path: Path) -> Iterator[None]:
-    """Attach ``path`` to an OSError that lacks a file name (write(2) errors do)."""
-    try:
-        yield
-    except OSError as e:
-        if e.filename is None:
-            e.filename = str(path)
-        raise
-
-
 def _write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to a new file and fsync it."""
     with open(path, "wb") as f:
@@ -376,7 +365,7 @@ def _write_bytes(path: Path, data: bytes) -> None:
 
 
 def _write_file(path: Path, data: bytes) -> None:
-    with _naming_file(path):
+    with atomic.naming_file(path):
         _write_bytes(path, data)
 
 
@@ -384,7 +373,7 @@ def _write_safetensors(
     path: Path, tensors: dict[str, torch.Tensor], aliases: Mapping[str, str]
 ) -> None:
     metadata = {"format": "pt", _FORMAT_KEY: str(FORMAT_VERSION), _ALIASES_KEY: json.dumps(aliases)}
-    with _naming_file(path):
+    with atomic.naming_file(path):
         try:
             save_file(tensors, str(path), metadata=metadata)
         except SafetensorError as exc:
@@ -397,7 +386,7 @@ def _write_safetensors(
 
 
 def _copy_file(source: Path, destination: Path) -> None:
-    with _naming_file(destination):
+    with atomic.naming_file(destination):
         shutil.copyfile(source, destination)
         atomic.fsync_file(destination)
 
@@ -884,7 +873,8 @@ def write_best_pointer(
 ) -> Path:
     """Record ``checkpoint`` as the best of its run in ``best.json`` next to it; return that file.
 
-    The pointer is replaced atomically, so readers see the old or the new best, never half.
+    The pointer is replaced atomically (`atomic.replacing`), so readers see the old or the new
+    best, never half.
     """
     checkpoint = Path(checkpoint)
     if not is_checkpoint(checkpoint):
@@ -896,13 +886,11 @@ def write_best_pointer(
         "metric": metric,
         "value": value,
     }
-    tmp = pointer.with_name(f".{BEST_POINTER_FILE}.tmp-{os.getpid()}")
+    contents = _json_bytes(data, "best pointer")
     try:
-        _write_file(tmp, _json_bytes(data, "best pointer"))
-        os.replace(tmp, pointer)
-        atomic.fsync_dir(pointer.parent)
+        with atomic.naming_file(pointer), atomic.replacing(pointer) as tmp:
+            tmp.write_bytes(contents)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise CheckpointError(f"cannot record the best checkpoint: {os_error_message(e)}") from e
     return pointer
 
@@ -968,19 +956,22 @@ def remove_leftovers(ckpt_root: Path) -> list[Path]:
     """Delete what killed saves and prunes left in ``ckpt_root``; returns the deleted paths.
 
     A save killed before its rename leaves ``.<name>.tmp-<pid>`` (half a checkpoint), a prune
-    killed mid-delete ``.<name>.del-<pid>``: never listed or loaded, they only take disk
-    space. ``.<name>.old-<pid>`` is deleted only when ``<name>`` is a complete checkpoint
-    again: otherwise it is the one copy of that checkpoint (see `load_checkpoint`). Call it
-    only where no other process is saving into ``ckpt_root`` (the training that holds the
-    run directory: `aiayn.run_lock`).
+    killed mid-delete ``.<name>.del-<pid>``, a write of ``best.json`` the temporary file of
+    `atomic.replacing` (``.best.json.tmp-<pid>`` in older versions): never listed or loaded,
+    they only take disk space. ``.<name>.old-<pid>`` is deleted only when ``<name>`` is a
+    complete checkpoint again: otherwise it is the one copy of that checkpoint (see
+    `load_checkpoint`). Call it only where no other process is saving into ``ckpt_root``
+    (the training that holds the run directory: `aiayn.run_lock`).
     """
     if not ckpt_root.is_dir():
         return []
     removed = []
     for path in sorted(ckpt_root.glob(".*")):
         name, _, kind = path.name[1:].rpartition(".")
-        if kind.startswith(("tmp-", "del-")) or (
-            kind.startswith("old-") and is_checkpoint(ckpt_root / name)
+        if (
+            kind.startswith(("tmp-", "del-"))
+            or atomic.is_temporary(path)
+            or (kind.startswith("old-") and is_checkpoint(ckpt_root / name))
         ):
             if path.is_dir():
                 _remove_tree(path)

@@ -237,8 +237,8 @@ class Experiment:
                 f"run_dir {self.run_dir} cannot be written: {existing} is read-only; "
                 "pass --run_dir with a folder you can write"
             )
-        if self.run_dir.is_dir() and Distributed.from_env().is_main:
-            run_lock.hold(self.run_dir)  # before the checks below: a running run has no end yet
+        if self.run_dir.is_dir():
+            self._hold_run_dir()  # before the checks below: a running run has no end yet
         has_checkpoints = ckpt.latest_checkpoint(self.run_dir / "checkpoints") is not None
         if resume and not has_checkpoints:
             raise CheckpointError(
@@ -315,6 +315,11 @@ class Experiment:
                 other one first past `check_run_dir`).
         """
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._hold_run_dir()
+
+    def _hold_run_dir(self) -> None:
+        """Hold the existing run_dir (`aiayn.run_lock`) in the main process: the processes of
+        one torchrun job share the folder, and each would refuse the others."""
         if Distributed.from_env().is_main:
             run_lock.hold(self.run_dir)
 

@@ -414,6 +414,10 @@ class Trainer:
             fine-tune a pre-trained body ten times slower than a new head; the longest
             matching prefix wins, and other parameters get 1.0. Each optimiser param group
             carries its multiplier as "lr_scale", applied to eq. (3)'s rate every step.
+        stale_best_without_digest: `evaluate` measured otherwise before checkpoints recorded
+            the data's digest (pre-training, whose validation masks then came from train.seed
+            and the batching): `resume` drops the best value of such an older checkpoint,
+            which new validations cannot be compared with, and the next one sets it afresh.
     """
 
     def __init__(
@@ -432,6 +436,7 @@ class Trainer:
         higher_is_better: bool = False,
         extra_files: dict[str, Path] | None = None,
         lr_scales: dict[str, float] | None = None,
+        stale_best_without_digest: bool = False,
     ) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.dist = Distributed.from_env()
@@ -454,6 +459,7 @@ class Trainer:
         )
         self.extra_files = extra_files or {}
         self.lr_scales = dict(lr_scales or {})
+        self.stale_best_without_digest = stale_best_without_digest
         self.optimizer = self._make_optimizer()
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.step, self.stream = 0, BatchStream(sampler)
@@ -610,7 +616,7 @@ class Trainer:
         if self.fsdp:
             sharding.load_full_state(self.model, model.loaded, self.optimizer, optimizer.loaded)
         state = loaded.trainer_state
-        then = (state.get("world_size", 1), state.get("grad_accum", self.cfg.grad_accum))
+        then = (state.get("world_size", 1), self._saved_grad_accum(loaded))
         if then != (self.dist.world_size, self.cfg.grad_accum):
             # N processes x grad_accum batches make a step: N x 1 is 1 x N, to rounding.
             logger.warning(
@@ -630,14 +636,28 @@ class Trainer:
             )
         self.step = int(state["step"])
         position = dict(state["data"])
-        self._check_same_data(path, position.pop("batches_per_epoch", None),
-                              position.pop("data_digest", None), int(position["consumed"]))  # fmt: skip
+        per_epoch = position.pop("batches_per_epoch", None)
+        digest = position.pop("data_digest", None)  # both absent from older checkpoints
+        self._check_same_data(path, per_epoch, digest, int(position["consumed"]))
         self.stream = BatchStream(self.sampler, **position)
         self.best_value = state.get("best_value")
         if state.get("is_best") and self.dist.is_main:
             # Killed between saving this best checkpoint and recording it as the best.
             if ckpt.read_best_pointer(self.checkpoint_root) != path:
                 ckpt.write_best_pointer(path, metric=self.best_metric, value=self.best_value)
+        if self.stale_best_without_digest and digest is None and self.best_value is not None:
+            # Kept, a value measured the old way could outrank every new validation (or
+            # none), and best.json would name the wrong checkpoint.
+            if self.dist.is_main:
+                logger.warning(
+                    "%s was saved by an older aiayn, whose validation measured %s otherwise: "
+                    "its best %s (%.4g) is dropped, and the next validation sets the best afresh",
+                    path.name,
+                    self.best_metric,
+                    self.best_metric,
+                    self.best_value,
+                )
+            self.best_value = None
         self._log_window = tuple(state.get("log_window", (0.0, 0)))
         self.elapsed_before = float(state.get("elapsed_s", 0.0))
         if self.scaler is not None and state.get("scaler"):
@@ -655,6 +675,16 @@ class Trainer:
         self._truncate_log(self.step)
         logger.info("resumed from %s at step %d", path, self.step)
         return self.step
+
+    def _saved_grad_accum(self, loaded: ckpt.Checkpoint) -> int:
+        """The grad_accum `loaded` was saved with. Its trainer state records it since
+        2026-11-28; an older checkpoint has it in the run config saved with it (the train
+        section a task's config gives); failing both, this run's is assumed."""
+        if "grad_accum" in loaded.trainer_state:
+            return loaded.trainer_state["grad_accum"]
+        train = loaded.config.get("train")
+        saved = train.get("grad_accum") if isinstance(train, dict) else None
+        return saved if isinstance(saved, int) else self.cfg.grad_accum
 
     def _check_same_data(
         self, path: Path, per_epoch: int | None, digest: str | None, consumed: int
@@ -739,13 +769,12 @@ class Trainer:
         if not self.dist.is_main:
             return
         try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            with atomic.naming_file(self.log_path):
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                with open(self.log_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
         except OSError as exc:
-            reason = ckpt.os_error_message(
-                exc if exc.filename else OSError(exc.errno, exc.strerror, str(self.log_path))
-            )
+            reason = ckpt.os_error_message(exc)
             raise TrainingError(self._stopped_because(f"cannot write the log: {reason}")) from exc
 
     def _stopped_because(self, reason: str) -> str:

@@ -536,5 +536,8 @@ def train_pretrain(
         best_metric="val_loss",
         higher_is_better=False,
         extra_files={TOKENIZER_FILE: tokenizer_path},
+        # A checkpoint without the data's digest is older than validation masks drawn from
+        # each example's index: its val_loss was measured on masks of train.seed and batching.
+        stale_best_without_digest=True,
     )
     return exp.fit(trainer, run_config, resume=resume, progress=progress).metrics
