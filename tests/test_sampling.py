@@ -187,6 +187,117 @@ def test_cached_sampling_equals_full_forward_passes(prompt_len, context, tempera
     assert len(expected) == 40 or expected[-1] == EOS
 
 
+@pytest.fixture(scope="module")
+def gpt_pair():
+    """aiayn's causal LM in the shape of GPT (Radford et al. 2018: post-LN, learned positions,
+    unscaled embeddings, the output layer tied to them) and transformers' OpenAIGPTLMHeadModel
+    with its weights, both float64. ReLU: HF's GPT "gelu" is the tanh approximation, which
+    aiayn does not have. Random weights throughout (norms and biases too), and the last norm
+    leaning toward eos, so that rows end at different steps."""
+    transformers = pytest.importorskip("transformers")
+    vocab, d_model, layers, heads, positions = 40, 32, 2, 4, 48
+    cfg = TransformerConfig(
+        src_vocab_size=vocab, tgt_vocab_size=vocab, d_model=d_model, n_heads=heads,
+        d_ff=4 * d_model, n_encoder_layers=0, n_decoder_layers=layers, dropout=0.0,
+        max_len=positions, pad_id=PAD, positions="learned", norm="post", activation="relu",
+        scale_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    ours = CausalLanguageModel(cfg).double().eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        eos = ours.tgt_embed.lut.weight[EOS]
+        ours.decoder.layers[-1].sublayer[1].norm.bias.add_(3.0 * eos / eos.norm())
+    theirs = transformers.OpenAIGPTLMHeadModel(
+        transformers.OpenAIGPTConfig(
+            vocab_size=vocab,
+            n_positions=positions,
+            n_embd=d_model,
+            n_layer=layers,
+            n_head=heads,
+            afn="relu",
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            layer_norm_epsilon=cfg.layer_norm_eps,
+        )
+    )
+    state = {
+        "transformer.tokens_embed.weight": ours.tgt_embed.lut.weight,
+        "transformer.positions_embed.weight": ours.positions.embedding.weight,
+        "lm_head.weight": ours.generator.weight,
+    }
+    for i, layer in enumerate(ours.decoder.layers):
+        attn, ffn, norms = layer.self_attn, layer.feed_forward, layer.sublayer
+        name = f"transformer.h.{i}."
+        # GPT's Conv1D computes x @ W + b: its W is nn.Linear's weight transposed.
+        state |= {
+            name + "attn.c_attn.weight": torch.cat([attn.w_q.weight, attn.w_k.weight, attn.w_v.weight]).T,
+            name + "attn.c_attn.bias": torch.cat([attn.w_q.bias, attn.w_k.bias, attn.w_v.bias]),
+            name + "attn.c_proj.weight": attn.w_o.weight.T,
+            name + "attn.c_proj.bias": attn.w_o.bias,
+            name + "ln_1.weight": norms[0].norm.weight,
+            name + "ln_1.bias": norms[0].norm.bias,
+            name + "mlp.c_fc.weight": ffn.w_1.weight.T,
+            name + "mlp.c_fc.bias": ffn.w_1.bias,
+            name + "mlp.c_proj.weight": ffn.w_2.weight.T,
+            name + "mlp.c_proj.bias": ffn.w_2.bias,
+            name + "ln_2.weight": norms[1].norm.weight,
+            name + "ln_2.bias": norms[1].norm.bias,
+        }  # fmt: skip
+    theirs.double().load_state_dict(state)
+    return ours, theirs.eval()
+
+
+def test_a_gpt_shaped_causal_model_equals_hugging_faces_openai_gpt(gpt_pair):
+    ours, theirs = gpt_pair
+    ids = torch.randint(3, 40, (3, 30), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), theirs(ids).logits, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"temperature": 0},
+        {"temperature": 0.8, "top_k": 10},
+        {"top_p": 0.9},
+        {"temperature": 1.3, "top_k": 5, "top_p": 0.8},
+    ],
+)
+def test_sampling_equals_hugging_faces_generate_token_for_token(gpt_pair, settings):
+    """The same weights, the same global seed: `sample` draws the tokens `generate` draws
+    (temperature, top-k and top-p as its logits warpers, pad and bos suppressed, rows ending
+    at eos and padded after it), through both libraries' key/value caches."""
+    ours, theirs = gpt_pair
+    prompts = torch.randint(3, 40, (6, 5), generator=torch.Generator().manual_seed(2))
+    prompts[:, 0] = BOS
+    torch.manual_seed(3)
+    got = sample(ours, prompts, max_new_tokens=25, **IDS, **settings)
+    greedy = settings["temperature"] == 0 if "temperature" in settings else False
+    search = {"do_sample": False} if greedy else {
+        "do_sample": True,
+        "temperature": settings.get("temperature", 1.0),
+        "top_k": settings.get("top_k", 0),  # generate's default is 50
+        "top_p": settings.get("top_p", 1.0),
+    }  # fmt: skip
+    torch.manual_seed(3)
+    out = theirs.generate(
+        prompts,
+        attention_mask=torch.ones_like(prompts),
+        max_new_tokens=25,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+        suppress_tokens=[PAD, BOS],
+        **search,
+    )
+    expected = [row[: row.index(EOS) + 1] if EOS in row else row for row in out[:, 5:].tolist()]
+    assert got == expected
+    if not greedy:  # rows ended at different steps (greedy never picks eos here)
+        assert len({len(row) for row in got}) > 1
+
+
 def test_rows_of_a_batch_are_the_rows_sampled_alone_when_greedy():
     model = causal_model()
     prompts = torch.randint(3, 24, (3, 4), generator=torch.Generator().manual_seed(2))
