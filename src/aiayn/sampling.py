@@ -61,8 +61,9 @@ def filter_logits(
     At least one token, the most probable, always stays. `temperature` must be > 0 here:
     temperature 0 is greedy decoding, which :func:`sample` does with an argmax.
     """
-    if temperature <= 0:
-        raise ConfigError(f"filter_logits needs a temperature > 0, got {temperature}")
+    check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+    if temperature == 0:
+        raise ConfigError("filter_logits needs a temperature > 0 (0 is greedy: take the argmax)")
     logits = logits / temperature
     if 0 < top_k < logits.size(-1):
         kth = logits.topk(top_k, dim=-1).values[..., -1:]  # (N, 1): the k-th largest
@@ -148,6 +149,9 @@ def sample(
             if temperature == 0:
                 token = logits.argmax(dim=-1)
             else:
+                # The largest logit made 0 first: a tiny temperature then sends the others to
+                # -inf rather than every one to +-inf (whose differences are NaN).
+                logits = logits - logits.amax(dim=-1, keepdim=True)
                 probs = filter_logits(
                     logits, temperature=temperature, top_k=top_k, top_p=top_p
                 ).softmax(dim=-1)

@@ -8,8 +8,9 @@ Pipeline: NFKC normalisation, the text's leading and trailing whitespace strippe
 spaces made ``▁``, one more in front -> split at line breaks (each one a token) and before each
 ``▁`` (the space starts the following word, as in SentencePiece) -> BPE -> Metaspace decoding.
 Because the space is part of the token, decoding restores the exact text ("A man, in a hat."
-round-trips, line breaks too), with no detokeniser heuristics. (Tokenizers trained before
-2026-11-28 kept a line break inside the word before it: "▁ROMEO:\n".)
+round-trips, line breaks too: "\r\n" becomes "\n"), with no detokeniser heuristics.
+(Tokenizers trained before 2026-11-28 split at spaces only: "ROMEO:\nWhat" was one piece,
+and BPE merged across the line break.)
 Stripping makes " a text " and "a text" the same ids, so a line read with its trailing space
 (every SST-2 sentence has one) and the same line typed in are classified alike. (Tokenizers
 trained before the strip was added keep their own normalisation.) Characters never seen in training map to ``<unk>``, which decoding
@@ -138,10 +139,12 @@ class Tokenizer:
         # "▁ROMEO:", "\n", "What", the line's end the same token as the text's end, and
         # it decodes back without a space after the line break. (Metaspace's own
         # prepend_scheme "first" would do it too, but goes by offsets in the original text,
-        # which the strip moves.) A text without line breaks is split as before.
+        # which the strip moves.) A text without line breaks is split as before (but for
+        # one that starts with a "▁" of its own, which now gets another in front).
         tok.normalizer = normalizers.Sequence(
             [
                 normalizers.NFKC(),
+                normalizers.Replace(Regex("\r\n?"), "\n"),  # Windows' and old Macs' line ends
                 normalizers.Strip(),
                 normalizers.Prepend(_SPACE),
                 normalizers.Replace(" ", _SPACE),

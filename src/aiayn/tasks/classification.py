@@ -38,7 +38,6 @@ from typing import Any, ClassVar
 import tokenizers
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import Tensor
 
 from aiayn import atomic
@@ -49,7 +48,14 @@ from aiayn.data.batching import DeviceBatch, TokenBatchSampler, pad_ids
 from aiayn.data.tokenizer import SPECIAL_TOKENS, Tokenizer
 from aiayn.errors import CheckpointError, ConfigError, DataError
 from aiayn.experiment import Experiment, releases_run_dir
-from aiayn.finetune import FinetuneConfig, encoder_config, freeze, load_source, prepare
+from aiayn.finetune import (
+    FinetuneConfig,
+    encoder_config,
+    freeze,
+    load_source,
+    prepare,
+    resumed_config,
+)
 from aiayn.finetune import lr_scales as finetune_lr_scales
 from aiayn.heads import POOLINGS, SequenceClassifier
 from aiayn.metrics import classification_scores
@@ -683,12 +689,8 @@ def _resumed_finetune(exp: Experiment) -> tuple[TextEncoder, TransformerConfig] 
     """The tokenizer and model config of the fine-tuning run in exp.run_dir (the model section
     of its config.yaml, with this config's dropouts), or None where either is missing."""
     tokenizer_path = exp.run_dir / TOKENIZER_FILE
-    try:
-        run = yaml.safe_load((exp.run_dir / "config.yaml").read_text(encoding="utf-8"))
-        model_cfg = TransformerConfig.from_dict(run["model"]).replace(**exp.model)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError, ConfigError):
-        return None
-    if not tokenizer_path.is_file():
+    model_cfg = resumed_config(exp.run_dir, exp.model)
+    if model_cfg is None or not tokenizer_path.is_file():
         return None
     return TextEncoder.load(tokenizer_path), model_cfg
 

@@ -9,6 +9,7 @@ prompt asks for a document from its start.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -84,10 +85,11 @@ class TextGenerator:
         num_samples: int = 1,
         seed: int = 0,
     ) -> list[list[str]]:
-        """`num_samples` texts for each prompt, each the prompt and its continuation.
+        """`num_samples` texts for each prompt: the prompt as written (its trailing
+        whitespace, which the tokenizer strips, left out) and its continuation.
 
-        Every prompt's samples are drawn from a generator seeded with `seed`, so a prompt
-        gets the same texts whatever other prompts come with it.
+        A prompt's samples are drawn from a generator seeded by (`seed`, the prompt)
+        (`prompt_seed`), so a prompt gets the same texts whatever other prompts come with it.
         """
         check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
         if num_samples < 1:
@@ -98,7 +100,7 @@ class TextGenerator:
         texts = []
         for prompt in prompts:
             ids = tok.encode(prompt)
-            if len(ids) + 1 >= self.context:  # sample() keeps the window's last half
+            if len(ids) + 1 > self.context:  # sample() reads the last half of the window
                 logger.info(
                     "a prompt of %d tokens fills the model's %d-position window; the "
                     "continuation sees its last %d",
@@ -107,7 +109,7 @@ class TextGenerator:
                     self.context // 2,
                 )
             prompt_ids = torch.tensor([[tok.bos_id, *ids]] * num_samples, device=device)
-            generator.manual_seed(seed)
+            generator.manual_seed(prompt_seed(seed, prompt))
             continuations = sample(
                 self.model,
                 prompt_ids,
@@ -121,5 +123,23 @@ class TextGenerator:
                 context=self.context,
                 generator=generator,
             )
-            texts.append([tok.decode(ids + new) for new in continuations])
+            head = tok.decode(ids)
+            texts.append(
+                [prompt.rstrip() + _after(head, tok.decode(ids + new)) for new in continuations]
+            )
         return texts
+
+
+def prompt_seed(seed: int, prompt: str) -> int:
+    """The seed of one prompt's draws, from a hash of (seed, prompt): the same for a prompt
+    whatever prompts come with it, and unrelated between prompts (one seed for all would
+    draw the same random numbers for each, and similar prompts the same continuation)."""
+    digest = hashlib.blake2b(repr((seed, prompt)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # torch seeds are below 2**63
+
+
+def _after(head: str, text: str) -> str:
+    """What `text` (a prompt's ids and their continuation, decoded) adds to `head` (the
+    prompt's ids decoded): the prompt itself is given back as written, characters the
+    vocabulary lacks included."""
+    return text[len(head) :] if text.startswith(head) else text

@@ -21,8 +21,17 @@ from aiayn.config import ConfigSection, TransformerConfig
 from aiayn.data.batching import DeviceBatch, TokenBatchSampler, collate, example_lengths
 from aiayn.data.tokenizer import Tokenizer
 from aiayn.decoding import release_static_decoding
-from aiayn.errors import DataError
+from aiayn.errors import CheckpointError, DataError
 from aiayn.experiment import Experiment
+from aiayn.finetune import (
+    FinetuneConfig,
+    check_seq2seq,
+    freeze,
+    load_source,
+    resumed_config,
+    seq2seq_config,
+    seq2seq_model,
+)
 from aiayn.model import Transformer
 from aiayn.train import (
     Distributed,
@@ -157,15 +166,35 @@ def train_seq2seq(
     label-smoothed loss, and one `Trainer`. Each task brings its own `fit` (how too-long id
     sequences are cut or refused; called with the split name "train" or "valid") and `score`
     (its metrics of a model on the validation pairs, added to `val_loss`).
+
+    Fine-tuning (`finetune.source`, `aiayn finetune --from`): the vocabulary, the architecture
+    and every weight come from an encoder-decoder source instead, such as a span-corruption
+    pre-training run (`aiayn.finetune.seq2seq_config`).
     """
     if not train_pairs or not valid_pairs:
         raise DataError(
             "the training or validation data is empty; check the data section of the config"
         )
     run_dir = exp.run_dir
+    tune = FinetuneConfig.from_dict(exp.finetune)
+    if tune.source is not None:
+        check_seq2seq(tune)
+    # A fine-tuning run resumed takes its architecture from its own folder, its weights from
+    # its checkpoint and its tokenizer from beside them: the source may have moved since.
+    resumed = resumed_config(run_dir, exp.model) if resume and tune.source is not None else None
+    source = load_source(tune.source) if tune.source is not None and resumed is None else None
     tokenizer_path = run_dir / TOKENIZER_FILE
-    new_tokenizer = not (resume and tokenizer_path.is_file())
-    if not new_tokenizer:
+    new_tokenizer = source is not None or not (resume and tokenizer_path.is_file())
+    if source is not None:
+        model_cfg = seq2seq_config(source, exp.model)  # refuses an encoder- or decoder-only one
+        tokenizer = Tokenizer.load(source.tokenizer_path)
+        if tokenizer.vocab_size != model_cfg.src_vocab_size:
+            raise CheckpointError(
+                f"{source.tokenizer_path} has {tokenizer.vocab_size} tokens but the source "
+                f"model has {model_cfg.src_vocab_size}: the tokenizer belongs to another run"
+            )
+        logger.info("the source's %d-token vocabulary (data.vocab_size unused)", len(tokenizer))
+    elif not new_tokenizer:
         tokenizer = Tokenizer.load(tokenizer_path)
     else:
         t0 = time.perf_counter()
@@ -178,7 +207,10 @@ def train_seq2seq(
             time.perf_counter() - t0,
         )
 
-    model_cfg = exp.model_config(vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
+    if resumed is not None:
+        model_cfg = resumed
+    elif source is None:
+        model_cfg = exp.model_config(vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
     train_ids = fit(encode_pairs(tokenizer, train_pairs), model_cfg, "train")
     valid_ids = fit(encode_pairs(tokenizer, valid_pairs), model_cfg, "valid")
 
@@ -187,7 +219,11 @@ def train_seq2seq(
         tokenizer.save(tokenizer_path)
 
     torch.manual_seed(exp.train.seed)
-    model = Transformer(model_cfg)
+    model = seq2seq_model(source, model_cfg) if source is not None else Transformer(model_cfg)
+    if source is not None or resumed is not None:
+        frozen = freeze(model, tune)
+        if frozen:
+            logger.info("frozen: %d tensors", len(frozen))
     logger.info("model: %s parameters", f"{model.num_parameters():,}")
     ids = dict(pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
     sampler = TokenBatchSampler(

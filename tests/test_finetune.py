@@ -1,0 +1,154 @@
+"""Fine-tuning a translation or summarization model from a pre-trained encoder-decoder (T5's
+recipe): every weight and the tokenizer come from the source, a run resumes without it,
+freezing holds, and sources of another shape are refused. (A classifier's fine-tuning is in
+tests/test_classification.py.)"""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from test_pretrain import CONFIGS, TINY
+
+from aiayn import checkpoint as ckpt
+from aiayn.cli import main
+from aiayn.finetune import load_source, seq2seq_config, seq2seq_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def run(argv, capsys):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def pretrain(objective: str, run_dir: Path, toy_corpus) -> Path:
+    """A tiny pre-training run (1 + 1 layers where it has both) on the toy corpus' text,
+    both sides, through the CLI."""
+    sources = [{"path": str(toy_corpus[name])} for name in ("train_src", "train_tgt")]
+    argv = ["train", CONFIGS[objective], "--quiet", "--run_dir", run_dir,
+            "--data.sources", yaml.safe_dump(sources, default_flow_style=True).strip(),
+            "--train.max_steps", 8, "--model.max_len", 64, *TINY]  # fmt: skip
+    if objective == "denoise":
+        argv += ["--model.n_encoder_layers", 1, "--model.n_decoder_layers", 1]
+    assert main([str(a) for a in argv]) == 0
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def denoised(tmp_path_factory, toy_corpus):
+    """A span-corruption run, the source of the tests below."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return pretrain("denoise", tmp_path_factory.mktemp("denoise") / "run", toy_corpus)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def tuning_config(toy_config, path: Path, run_dir: Path, finetune=None, **sections) -> Path:
+    """The toy translation config with only dropout in its model section (the architecture
+    comes from the source), and a `finetune` section if given."""
+    config = toy_config(path, run_dir, **sections)
+    values = yaml.safe_load(config.read_text())
+    values["model"] = {"dropout": 0.2}
+    if finetune:
+        values["finetune"] = finetune
+    config.write_text(yaml.safe_dump(values, sort_keys=False), encoding="utf-8")
+    return config
+
+
+def test_every_weight_comes_from_the_source(denoised):
+    source = load_source(denoised)
+    cfg = seq2seq_config(source, {"dropout": 0.2})
+    assert cfg.dropout == 0.2
+    assert cfg.replace(dropout=source.model_cfg.dropout) == source.model_cfg
+    state = seq2seq_model(source, cfg).state_dict()
+    assert state.keys() == source.state.keys()
+    for name, tensor in state.items():
+        assert torch.equal(tensor, source.state[name]), name
+
+
+def test_translation_finetuned_from_a_denoising_run_resumes_without_it(
+    denoised, toy_config, tmp_path, capsys
+):
+    """The run takes the source's tokenizer and architecture; resumed after the source has
+    moved away, it ends with the weights of a run never interrupted (its frozen layer
+    frozen again); it translates."""
+    source = tmp_path / "source"
+    shutil.copytree(denoised, source)
+
+    def tune(name: str, steps: int, *extra: str) -> Path:
+        run_dir = tmp_path / name
+        config = tuning_config(toy_config, tmp_path / f"{name}.yaml", run_dir,
+                               finetune={"freeze_layers": 1},
+                               train={"max_steps": steps, "eval_every": 2})  # fmt: skip
+        code, _, err = run(["finetune", "--from", source, config, "--quiet", *extra], capsys)
+        assert code == 0, err
+        return run_dir
+
+    straight = tune("straight", 6)
+    tune("resumed", 4)
+    shutil.rmtree(source)
+    resumed = tune("resumed", 6, "--resume")
+    assert (straight / "tokenizer.json").read_bytes() == (denoised / "tokenizer.json").read_bytes()
+    model = yaml.safe_load((straight / "config.yaml").read_text())["model"]
+    pretrained = yaml.safe_load((denoised / "config.yaml").read_text())["model"]
+    assert model == {**pretrained, "dropout": 0.2}
+    final = [ckpt.latest_checkpoint(d / "checkpoints") for d in (straight, resumed)]
+    assert [p.name for p in final] == ["step_00000006"] * 2
+    first, second = (ckpt.load_model_state_dict(p) for p in final)
+    for name, value in first.items():
+        assert torch.equal(second[name], value), name
+    sentences = tmp_path / "in.txt"
+    sentences.write_text("ein hund\n", encoding="utf-8")
+    code, out, err = run(
+        ["translate", "--checkpoint", straight, "--input", sentences, "--quiet"], capsys
+    )
+    assert code == 0 and len(out.splitlines()) == 1, err
+
+
+def test_frozen_embeddings_and_first_layer_keep_the_sources_weights(
+    denoised, toy_config, tmp_path, capsys
+):
+    run_dir = tmp_path / "frozen"
+    config = tuning_config(
+        toy_config, tmp_path / "frozen.yaml", run_dir,
+        finetune={"freeze_embeddings": True, "freeze_layers": 1}, train={"max_steps": 4},
+    )  # fmt: skip
+    code, _, err = run(["finetune", "--from", denoised, config, "--quiet"], capsys)
+    assert code == 0, err
+    before = load_source(denoised).state
+    after = ckpt.load_model_state_dict(ckpt.latest_checkpoint(run_dir / "checkpoints"))
+    kept = [n for n in after if n.startswith(("src_embed.", "encoder.layers.0."))]
+    assert kept and all(torch.equal(after[n], before[n]) for n in kept)
+    trained = [n for n in after if n.startswith("decoder.layers.0.")]
+    assert any(not torch.equal(after[n], before[n]) for n in trained)
+
+
+@pytest.mark.parametrize(
+    ("source", "extra", "message"),
+    [
+        ("mlm", [], "holds an encoder-only model: a sequence-to-sequence task starts from an "
+                    "encoder-decoder"),
+        ("causal", [], "holds a decoder-only model"),
+        ("denoise", ["--finetune.body_lr_scale", "0.5"],
+         "finetune.body_lr_scale is 0.5, but a sequence-to-sequence model has no new head"),
+        ("denoise", ["--model.d_model", "64"], "model.d_model cannot be set when fine-tuning"),
+    ],
+)  # fmt: skip
+def test_bad_sources_and_settings_are_one_line_and_write_nothing(
+    source, extra, message, denoised, toy_corpus, toy_config, tmp_path, capsys
+):
+    source_dir = (
+        denoised if source == "denoise" else pretrain(source, tmp_path / source, toy_corpus)
+    )
+    capsys.readouterr()  # what the pre-training printed
+    run_dir = tmp_path / "tuned"
+    config = tuning_config(toy_config, tmp_path / "tuned.yaml", run_dir)
+    code, out, err = run(["finetune", "--from", source_dir, config, "--quiet", *extra], capsys)
+    assert code == 1 and out == "" and err.count("\n") == 1, err
+    assert err.startswith("error: ") and message in err, err
+    assert not run_dir.exists()
