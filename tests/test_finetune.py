@@ -75,8 +75,8 @@ def test_translation_finetuned_from_a_denoising_run_resumes_without_it(
     denoised, toy_config, tmp_path, capsys
 ):
     """The run takes the source's tokenizer and architecture; resumed after the source has
-    moved away, it ends with the weights of a run never interrupted (its frozen layer
-    frozen again); it translates."""
+    moved away (and its own tokenizer.json with it: each checkpoint holds one), it ends with
+    the weights of a run never interrupted (its frozen layer frozen again); it translates."""
     source = tmp_path / "source"
     shutil.copytree(denoised, source)
 
@@ -92,7 +92,9 @@ def test_translation_finetuned_from_a_denoising_run_resumes_without_it(
     straight = tune("straight", 6)
     tune("resumed", 4)
     shutil.rmtree(source)
+    (tmp_path / "resumed" / "tokenizer.json").unlink()  # the checkpoint's copy serves
     resumed = tune("resumed", 6, "--resume")
+    assert (resumed / "tokenizer.json").read_bytes() == (denoised / "tokenizer.json").read_bytes()
     assert (straight / "tokenizer.json").read_bytes() == (denoised / "tokenizer.json").read_bytes()
     model = yaml.safe_load((straight / "config.yaml").read_text())["model"]
     pretrained = yaml.safe_load((denoised / "config.yaml").read_text())["model"]
@@ -137,6 +139,8 @@ def test_frozen_embeddings_and_first_layer_keep_the_sources_weights(
         ("denoise", ["--finetune.body_lr_scale", "0.5"],
          "finetune.body_lr_scale is 0.5, but a sequence-to-sequence model has no new head"),
         ("denoise", ["--model.d_model", "64"], "model.d_model cannot be set when fine-tuning"),
+        ("denoise", ["--finetune.freeze_layers", "5"],
+         "finetune.freeze_layers is 5 but the model has 1 encoder layers"),
     ],
 )  # fmt: skip
 def test_bad_sources_and_settings_are_one_line_and_write_nothing(
@@ -152,3 +156,54 @@ def test_bad_sources_and_settings_are_one_line_and_write_nothing(
     assert code == 1 and out == "" and err.count("\n") == 1, err
     assert err.startswith("error: ") and message in err, err
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (["--finetune.freeze_layers", "0"],
+         "--resume: finetune.freeze_layers is 0 here but 1 in"),
+        (["--model.dropout", "0.5"], "--resume: model.dropout is 0.5 here but 0.2 in"),
+        (["--finetune.source", "null", "--finetune.freeze_layers", "0"],
+         "was fine-tuned from"),  # a plain `aiayn train CONFIG --resume`
+    ],
+)  # fmt: skip
+def test_a_resume_that_changes_the_fine_tuning_is_refused(
+    change, message, denoised, toy_config, tmp_path, capsys
+):
+    run_dir = tmp_path / "tuned"
+    config = tuning_config(toy_config, tmp_path / "tuned.yaml", run_dir,
+                           finetune={"freeze_layers": 1, "source": str(denoised)},
+                           train={"max_steps": 2})  # fmt: skip
+    code, _, err = run(["train", config, "--quiet"], capsys)
+    assert code == 0, err
+    code, out, err = run(["train", config, "--quiet", "--resume", *change], capsys)
+    assert code == 1 and out == "" and err.count("\n") == 1, err
+    assert err.startswith("error: ") and message in err, err
+
+
+def test_summaries_longer_than_the_sources_positions_are_refused_before_anything_is_written(
+    denoised, toy_corpus, tmp_path, capsys
+):
+    """The source's max_len (64), not the default model's (512), bounds data.max_src_len."""
+    table = tmp_path / "pairs.tsv"
+    src = toy_corpus["train_src"].read_text().splitlines()
+    tgt = toy_corpus["train_tgt"].read_text().splitlines()
+    rows = "".join(f"{a}\t{b}\n" for a, b in zip(src, tgt, strict=True))
+    table.write_text("document\tsummary\n" + rows)
+    config = tmp_path / "sum.yaml"
+    values = {
+        "task": "summarization", "run_dir": str(tmp_path / "sum"), "model": {"dropout": 0.2},
+        "data": {"format": "table", "train_file": str(table), "valid_file": str(table),
+                 "test_file": str(table), "max_src_len": 100, "max_tgt_len": 16},
+        "train": {"max_steps": 2, "max_tokens": 256, "device": "cpu"},
+    }  # fmt: skip
+    config.write_text(yaml.safe_dump(values), encoding="utf-8")
+    code, out, err = run(["finetune", "--from", denoised, config, "--quiet"], capsys)
+    assert code == 1 and out == "" and err.count("\n") == 1, err
+    assert "data.max_src_len (100) must be below the source model's max_len (64)" in err, err
+    assert not (tmp_path / "sum").exists()
+    values["data"]["max_src_len"] = 48
+    config.write_text(yaml.safe_dump(values), encoding="utf-8")
+    code, out, err = run(["finetune", "--from", denoised, config, "--quiet"], capsys)
+    assert code == 0, err

@@ -44,6 +44,8 @@ TASKS = ("translation", "classification", "summarization", "pretrain")
 RESUME_MAY_CHANGE = {
     "data": frozenset({"root", "path", "embeddings_file"}),
     "model": frozenset({"attention"}),
+    # A fine-tuning run resumes from its own folder: its source may have moved since.
+    "finetune": frozenset({"source"}),
     "train": frozenset(
         {
             "max_steps",
@@ -271,6 +273,14 @@ class Experiment:
                 f"{self.task}; resume with the run's own config ({path}), or pass another "
                 "--run_dir"
             )
+        tuned = run.get("finetune")
+        tuned_from = tuned.get("source") if isinstance(tuned, dict) else None
+        if tuned_from and not self.finetune.get("source"):
+            raise ConfigError(
+                f"--resume: {self.run_dir} was fine-tuned from {tuned_from}: resume it with "
+                f"`aiayn finetune --from {tuned_from} CONFIG --resume` (the source may have moved: "
+                "the run resumes from its own folder)"
+            )
         now: dict[str, dict[str, Any]] = {}
         then: dict[str, dict[str, Any]] = {}
         for name, section in {**sections, "train": self.train}.items():
@@ -286,7 +296,10 @@ class Experiment:
                 k: v for k, v in section.to_dict().items() if not (k in derived and v is None)
             }
         model = run.get("model")
-        if not self.finetune.get("source") and isinstance(model, dict):
+        if self.finetune.get("source") and isinstance(model, dict):
+            # The architecture is the source's; the config may set only dropouts.
+            now["model"], then["model"] = dict(self.model), model
+        elif isinstance(model, dict):
             try:
                 vocab, pad_id = model["src_vocab_size"], model["pad_id"]
                 now["model"] = self.model_config(vocab_size=vocab, pad_id=pad_id).to_dict()

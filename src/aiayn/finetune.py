@@ -226,15 +226,26 @@ def check_seq2seq(cfg: FinetuneConfig) -> None:
         )
 
 
-def resumed_config(run_dir: Path, model_section: dict[str, Any]) -> TransformerConfig | None:
-    """The architecture of the fine-tuning run in run_dir (the model section of its
-    config.yaml) with the YAML's dropouts, or None where there is none to read: a run
-    resumed takes it from its own folder, since the source may have moved since."""
-    try:
-        run = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
-        return TransformerConfig.from_dict(run["model"]).replace(**model_section)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError, ConfigError):
-        return None
+def resumed_run(
+    run_dir: Path, model_section: dict[str, Any]
+) -> tuple[TransformerConfig, Path] | None:
+    """The architecture (with the YAML's dropouts) and the tokenizer file of the fine-tuning run
+    in run_dir, from the run folder (config.yaml, tokenizer.json), else from its latest
+    checkpoint (config.json, and the tokenizer.json saved beside every checkpoint); None where
+    neither has both. A run resumed takes them from its own folder: the source may have moved."""
+    latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    for config, tokenizer in (
+        (run_dir / "config.yaml", run_dir / TOKENIZER_FILE),
+        *([(latest / ckpt.CONFIG_FILE, latest / TOKENIZER_FILE)] if latest else []),
+    ):
+        try:
+            run = yaml.safe_load(config.read_text(encoding="utf-8"))  # JSON is YAML too
+            model_cfg = TransformerConfig.from_dict(run["model"]).replace(**model_section)
+        except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError, ConfigError):
+            continue
+        if tokenizer.is_file():
+            return model_cfg, tokenizer
+    return None
 
 
 def load_matching(body: nn.Module, source: Source) -> dict[str, list[str]]:

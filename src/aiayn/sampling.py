@@ -145,7 +145,9 @@ def sample(
         cache = model.new_cache()
         logits = model.decode(window, cache=cache)[:, -1]  # (B, V)
         for _ in range(max_new_tokens):
-            logits = logits.float().index_fill(-1, banned, float("-inf"))
+            # In at least float32 (a half-precision model's logits), float64 kept.
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            logits = logits.index_fill(-1, banned, float("-inf"))
             if temperature == 0:
                 token = logits.argmax(dim=-1)
             else:

@@ -54,7 +54,7 @@ from aiayn.finetune import (
     freeze,
     load_source,
     prepare,
-    resumed_config,
+    resumed_run,
 )
 from aiayn.finetune import lr_scales as finetune_lr_scales
 from aiayn.heads import POOLINGS, SequenceClassifier
@@ -686,12 +686,13 @@ def read_splits(data: ClassificationData) -> Splits:
 
 
 def _resumed_finetune(exp: Experiment) -> tuple[TextEncoder, TransformerConfig] | None:
-    """The tokenizer and model config of the fine-tuning run in exp.run_dir (the model section
-    of its config.yaml, with this config's dropouts), or None where either is missing."""
-    tokenizer_path = exp.run_dir / TOKENIZER_FILE
-    model_cfg = resumed_config(exp.run_dir, exp.model)
-    if model_cfg is None or not tokenizer_path.is_file():
+    """The tokenizer and model config of the fine-tuning run in exp.run_dir (those of its
+    folder, else of its latest checkpoint: `finetune.resumed_run`), or None where the run has
+    neither."""
+    resumed = resumed_run(exp.run_dir, exp.model)
+    if resumed is None:
         return None
+    model_cfg, tokenizer_path = resumed
     return TextEncoder.load(tokenizer_path), model_cfg
 
 
@@ -708,7 +709,9 @@ def train_classification(
     head = HeadConfig.from_dict(exp.head)
     tune = FinetuneConfig.from_dict(exp.finetune)
     run_dir = exp.run_dir
-    exp.check_run_dir(resume, {"data": data, "head": head}, derived=("labels", "max_len"))
+    exp.check_run_dir(
+        resume, {"data": data, "head": head, "finetune": tune}, derived=("labels", "max_len")
+    )
     resolve_precision(exp.train.precision, resolve_device(exp.train.device, Distributed.from_env()))
     reads_vectors = data.embeddings_file is not None and tune.source is None and not resume
     if reads_vectors and not Path(data.embeddings_file).is_file():

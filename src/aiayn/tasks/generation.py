@@ -88,7 +88,7 @@ class TextGenerator:
         """`num_samples` texts for each prompt: the prompt as written (its trailing
         whitespace, which the tokenizer strips, left out) and its continuation.
 
-        A prompt's samples are drawn from a generator seeded by (`seed`, the prompt)
+        A prompt's samples are drawn from a generator seeded by (`seed`, the prompt's ids)
         (`prompt_seed`), so a prompt gets the same texts whatever other prompts come with it.
         """
         check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
@@ -109,7 +109,7 @@ class TextGenerator:
                     self.context // 2,
                 )
             prompt_ids = torch.tensor([[tok.bos_id, *ids]] * num_samples, device=device)
-            generator.manual_seed(prompt_seed(seed, prompt))
+            generator.manual_seed(prompt_seed(seed, ids))
             continuations = sample(
                 self.model,
                 prompt_ids,
@@ -124,22 +124,22 @@ class TextGenerator:
                 generator=generator,
             )
             head = tok.decode(ids)
-            texts.append(
-                [prompt.rstrip() + _after(head, tok.decode(ids + new)) for new in continuations]
-            )
+            texts.append([_continued(prompt, head, tok.decode(ids + new)) for new in continuations])
         return texts
 
 
-def prompt_seed(seed: int, prompt: str) -> int:
-    """The seed of one prompt's draws, from a hash of (seed, prompt): the same for a prompt
-    whatever prompts come with it, and unrelated between prompts (one seed for all would
-    draw the same random numbers for each, and similar prompts the same continuation)."""
-    digest = hashlib.blake2b(repr((seed, prompt)).encode(), digest_size=8).digest()
+def prompt_seed(seed: int, prompt_ids: Sequence[int]) -> int:
+    """The seed of one prompt's draws, from a hash of (seed, the prompt's ids): the same for a
+    prompt whatever prompts come with it (and for two spellings the tokenizer reads alike),
+    and unrelated between prompts (one seed for all would draw the same random numbers for
+    each, and similar prompts the same continuation)."""
+    digest = hashlib.blake2b(repr((seed, list(prompt_ids))).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1  # torch seeds are below 2**63
 
 
-def _after(head: str, text: str) -> str:
-    """What `text` (a prompt's ids and their continuation, decoded) adds to `head` (the
-    prompt's ids decoded): the prompt itself is given back as written, characters the
-    vocabulary lacks included."""
-    return text[len(head) :] if text.startswith(head) else text
+def _continued(prompt: str, head: str, text: str) -> str:
+    """The prompt as written (its trailing whitespace left out) and what `text` (the prompt's
+    ids and their continuation, decoded) adds to `head` (the prompt's ids decoded), so that
+    characters the vocabulary lacks stay in the prompt; `text` itself where it does not start
+    with `head` (a decoder that joins tokens across the prompt's end)."""
+    return prompt.rstrip() + text[len(head) :] if text.startswith(head) else text

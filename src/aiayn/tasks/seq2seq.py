@@ -25,10 +25,11 @@ from aiayn.errors import CheckpointError, DataError
 from aiayn.experiment import Experiment
 from aiayn.finetune import (
     FinetuneConfig,
+    Source,
     check_seq2seq,
     freeze,
     load_source,
-    resumed_config,
+    resumed_run,
     seq2seq_config,
     seq2seq_model,
 )
@@ -124,7 +125,7 @@ TOKENIZER_FILE = "tokenizer.json"
 def check_run(exp: Experiment, resume: bool, data: ConfigSection) -> None:
     """Refuse a bad run_dir, device or precision before any data is read or written; `data`
     is the task's data section, which a resumed run must share with the run."""
-    exp.check_run_dir(resume, {"data": data})
+    exp.check_run_dir(resume, {"data": data, "finetune": FinetuneConfig.from_dict(exp.finetune)})
     resolve_precision(exp.train.precision, resolve_device(exp.train.device, Distributed.from_env()))
 
 
@@ -177,54 +178,30 @@ def train_seq2seq(
         )
     run_dir = exp.run_dir
     tune = FinetuneConfig.from_dict(exp.finetune)
-    if tune.source is not None:
-        check_seq2seq(tune)
-    # A fine-tuning run resumed takes its architecture from its own folder, its weights from
-    # its checkpoint and its tokenizer from beside them: the source may have moved since.
-    resumed = resumed_config(run_dir, exp.model) if resume and tune.source is not None else None
-    source = load_source(tune.source) if tune.source is not None and resumed is None else None
-    tokenizer_path = run_dir / TOKENIZER_FILE
-    new_tokenizer = source is not None or not (resume and tokenizer_path.is_file())
-    if source is not None:
-        model_cfg = seq2seq_config(source, exp.model)  # refuses an encoder- or decoder-only one
-        tokenizer = Tokenizer.load(source.tokenizer_path)
-        if tokenizer.vocab_size != model_cfg.src_vocab_size:
-            raise CheckpointError(
-                f"{source.tokenizer_path} has {tokenizer.vocab_size} tokens but the source "
-                f"model has {model_cfg.src_vocab_size}: the tokenizer belongs to another run"
-            )
-        logger.info("the source's %d-token vocabulary (data.vocab_size unused)", len(tokenizer))
-    elif not new_tokenizer:
-        tokenizer = Tokenizer.load(tokenizer_path)
-    else:
-        t0 = time.perf_counter()
-        # One joint vocabulary for both sides (§5.1: "a shared source-target vocabulary").
-        texts = [s for s, _ in train_pairs] + [t for _, t in train_pairs]
-        tokenizer = Tokenizer.train(texts, vocab_size, min_frequency)
-        logger.info(
-            "trained a %d-token BPE vocabulary in %.1fs",
-            tokenizer.vocab_size,
-            time.perf_counter() - t0,
-        )
-
-    if resumed is not None:
-        model_cfg = resumed
-    elif source is None:
-        model_cfg = exp.model_config(vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
+    start = _start(exp, tune, resume, train_pairs, vocab_size, min_frequency)
+    tokenizer, model_cfg = start.tokenizer, start.model_cfg
     train_ids = fit(encode_pairs(tokenizer, train_pairs), model_cfg, "train")
     valid_ids = fit(encode_pairs(tokenizer, valid_pairs), model_cfg, "valid")
 
-    if new_tokenizer:  # saved only now, so that a run refused for its data writes nothing
-        exp.claim_run_dir()
-        tokenizer.save(tokenizer_path)
-
     torch.manual_seed(exp.train.seed)
-    model = seq2seq_model(source, model_cfg) if source is not None else Transformer(model_cfg)
-    if source is not None or resumed is not None:
+    if start.source is not None:
+        model = seq2seq_model(start.source, model_cfg)
+    else:
+        model = Transformer(model_cfg)  # a resumed fine-tuning run: its weights in its checkpoint
+    if tune.source is not None:
         frozen = freeze(model, tune)
         if frozen:
             logger.info("frozen: %d tensors", len(frozen))
-    logger.info("model: %s parameters", f"{model.num_parameters():,}")
+    tokenizer_path = run_dir / TOKENIZER_FILE
+    if start.save_tokenizer:
+        # Saved only now, once the data fit and the model is built (fine-tuning settings and
+        # weights checked): a refused run writes nothing.
+        exp.claim_run_dir()
+        tokenizer.save(tokenizer_path)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info(
+        "model: %s parameters (%s trainable)", f"{model.num_parameters():,}", f"{trainable:,}"
+    )
     ids = dict(pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
     sampler = TokenBatchSampler(
         example_lengths(train_ids), exp.train.max_tokens, shuffle=True, seed=exp.train.seed
@@ -242,6 +219,8 @@ def train_seq2seq(
             release_static_decoding(m)
 
     run_config = exp.resolved(model_cfg)
+    if tune.source is not None:
+        run_config["finetune"] = tune.to_dict()
     trainer = Trainer(
         model,
         exp.train,
@@ -259,6 +238,69 @@ def train_seq2seq(
         extra_files={TOKENIZER_FILE: tokenizer_path},
     )
     return exp.fit(trainer, run_config, resume=resume, progress=progress).metrics
+
+
+@dataclass
+class _Start:
+    """Where a run's vocabulary and architecture come from: trained and configured, read back
+    from the run folder (--resume), or a fine-tuning source's (`source`, with its weights)."""
+
+    tokenizer: Tokenizer
+    model_cfg: TransformerConfig
+    source: Source | None  # a fine-tuning source read now (not when resuming from the folder)
+    save_tokenizer: bool  # into the run folder, once nothing can refuse the run any more
+
+
+def _start(
+    exp: Experiment,
+    tune: FinetuneConfig,
+    resume: bool,
+    train_pairs: Sequence[tuple[str, str]],
+    vocab_size: int,
+    min_frequency: int,
+) -> _Start:
+    tokenizer_path = exp.run_dir / TOKENIZER_FILE
+    if tune.source is not None:
+        check_seq2seq(tune)
+        # A fine-tuning run resumed takes its architecture and tokenizer from its own folder
+        # (or its latest checkpoint), its weights from its checkpoint: the source may have
+        # moved since. Where the folder has neither, the source gives them again.
+        resumed = resumed_run(exp.run_dir, exp.model) if resume else None
+        if resumed is not None:
+            model_cfg, path = resumed
+            return _Start(Tokenizer.load(path), model_cfg, None, path != tokenizer_path)
+        source = load_source(tune.source)
+        model_cfg = seq2seq_config(source, exp.model)  # refuses an encoder- or decoder-only one
+        tokenizer = Tokenizer.load(source.tokenizer_path)
+        if tokenizer.vocab_size != model_cfg.src_vocab_size:
+            raise CheckpointError(
+                f"{source.tokenizer_path} has {tokenizer.vocab_size} tokens but the source "
+                f"model has {model_cfg.src_vocab_size}: the tokenizer belongs to another run"
+            )
+        unused = [f"data.{k}" for k in ("vocab_size", "min_frequency") if k in exp.data]
+        if unused:
+            logger.warning(
+                "%s not used: a fine-tuned model keeps its source's %d-token vocabulary",
+                " and ".join(unused),
+                tokenizer.vocab_size,
+            )
+        return _Start(tokenizer, model_cfg, source, True)
+    if resume and tokenizer_path.is_file():
+        tokenizer = Tokenizer.load(tokenizer_path)
+        new = False
+    else:
+        t0 = time.perf_counter()
+        # One joint vocabulary for both sides (§5.1: "a shared source-target vocabulary").
+        texts = [s for s, _ in train_pairs] + [t for _, t in train_pairs]
+        tokenizer = Tokenizer.train(texts, vocab_size, min_frequency)
+        logger.info(
+            "trained a %d-token BPE vocabulary in %.1fs",
+            tokenizer.vocab_size,
+            time.perf_counter() - t0,
+        )
+        new = True
+    model_cfg = exp.model_config(vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
+    return _Start(tokenizer, model_cfg, None, new)
 
 
 def encode_pairs(

@@ -29,6 +29,7 @@ from aiayn.data import corpus
 from aiayn.data.tokenizer import Tokenizer
 from aiayn.errors import ConfigError, DataError
 from aiayn.experiment import Experiment, releases_run_dir
+from aiayn.finetune import FinetuneConfig
 from aiayn.metrics import rouge
 from aiayn.model import Transformer
 from aiayn.tasks.seq2seq import check_run, drop_empty, train_seq2seq
@@ -368,19 +369,30 @@ def train_summarization(
     """Train a summarization model as `exp` describes; returns the final validation metrics."""
     data = SummarizationData.from_dict(exp.data)
     decode = DecodeConfig.from_dict(exp.decode)
-    max_len = exp.model_config(vocab_size=16, pad_id=0).max_len
-    for name in ("max_src_len", "max_tgt_len"):
-        if getattr(data, name) > max_len - 1:
-            raise ConfigError(
-                f"data.{name} ({getattr(data, name)}) must be below model.max_len ({max_len}): "
-                f"one position is the </s> or <s>; lower data.{name} or raise model.max_len"
-            )
+    fine_tuning = FinetuneConfig.from_dict(exp.finetune).source is not None
+
+    def check_lengths(max_len: int) -> None:
+        for name in ("max_src_len", "max_tgt_len"):
+            if getattr(data, name) > max_len - 1:
+                whose, advice = (
+                    ("the source model's max_len", "")
+                    if fine_tuning
+                    else ("model.max_len", " or raise model.max_len")
+                )
+                raise ConfigError(
+                    f"data.{name} ({getattr(data, name)}) must be below {whose} ({max_len}): "
+                    f"one position is the </s> or <s>; lower data.{name}{advice}"
+                )
+
+    if not fine_tuning:  # the architecture is known now; a source's only once it is read
+        check_lengths(exp.model_config(vocab_size=16, pad_id=0).max_len)
     check_run(exp, resume, data)
     train_pairs, valid_pairs = data.read("train"), data.read("valid")
 
     def fit(
         examples: list[tuple[list[int], list[int]]], model_cfg: TransformerConfig, split: str
     ) -> list[tuple[list[int], list[int]]]:
+        check_lengths(model_cfg.max_len)
         out, n_src, n_tgt = truncate_pairs(examples, data.max_src_len, data.max_tgt_len)
         logger.info(
             "%s: %d of %d documents cut to their first %d tokens (data.max_src_len), "
