@@ -444,10 +444,22 @@ def test_word_vectors_initialise_a_word_level_classifier(one_thread, tmp_path, t
     torch.testing.assert_close(rows, centred * scale, rtol=1e-4, atol=1e-5)
 
 
-def test_finetune_config_may_change_only_dropouts(tmp_path, toy_data, capsys):
-    config = toy_config(tmp_path, toy_data, tmp_path / "run")
-    code, _, err = run(["finetune", "--from", tmp_path, config, "--quiet"], capsys)
-    one_error_line(code, err, "model.d_ff cannot be set when fine-tuning")
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ({"d_ff": 128}, "model.d_ff is 128 here but 64 in the source: the architecture comes"),
+        ({"preset": "base"}, "model.preset cannot be set when fine-tuning"),
+        ({"d_modle": 32}, "model.d_modle cannot be set when fine-tuning"),
+    ],
+)
+def test_finetune_config_may_change_only_dropouts(model, message, toy_run, tmp_path, capsys):
+    """It may repeat the source's architecture (toy_config's model section is the source's),
+    not change it."""
+    source_dir, folder = toy_run
+    config = toy_config(tmp_path, folder, tmp_path / "run", model=model)
+    code, _, err = run(["finetune", "--from", source_dir, config, "--quiet"], capsys)
+    one_error_line(code, err, message)
+    assert not (tmp_path / "run").exists()
 
 
 # --------------------------------------------------------------------------- data formats
@@ -709,7 +721,8 @@ def test_finetune_through_the_cli_from_an_aiayn_run(one_thread, toy_run, tmp_pat
 
 def test_a_finetuning_run_resumes_without_its_source(one_thread, toy_run, tmp_path, capsys):
     """Its weights are in its checkpoints, its tokenizer and architecture in its run folder:
-    a source moved away since does not stop --resume, which ends where it would have."""
+    a source moved away since does not stop `aiayn train RUN/config.yaml --resume`, which
+    ends where the run would have."""
     source_dir, folder = toy_run
     source = tmp_path / "source"
     shutil.copytree(source_dir, source)
@@ -729,7 +742,10 @@ def test_a_finetuning_run_resumes_without_its_source(one_thread, toy_run, tmp_pa
     tune("straight", 6)
     tune("resumed", 4)
     shutil.rmtree(source)
-    tune("resumed", 6, "--resume")
+    # Resumed from the run's own record, which names the source and repeats its architecture.
+    resume = ["train", tmp_path / "resumed" / "config.yaml", "--quiet", "--resume"]
+    code, _, err = run([*resume, "--train.max_steps", "6"], capsys)
+    assert code == 0, err
     final = [
         ckpt.latest_checkpoint(tmp_path / name / "checkpoints") for name in ("straight", "resumed")
     ]

@@ -138,7 +138,7 @@ def test_frozen_embeddings_and_first_layer_keep_the_sources_weights(
         ("causal", [], "holds a decoder-only model"),
         ("denoise", ["--finetune.body_lr_scale", "0.5"],
          "finetune.body_lr_scale is 0.5, but a sequence-to-sequence model has no new head"),
-        ("denoise", ["--model.d_model", "64"], "model.d_model cannot be set when fine-tuning"),
+        ("denoise", ["--model.d_model", "64"], "model.d_model is 64 here but 32 in the source"),
         ("denoise", ["--finetune.freeze_layers", "5"],
          "finetune.freeze_layers is 5 but the model has 1 encoder layers"),
     ],
@@ -180,6 +180,22 @@ def test_a_resume_that_changes_the_fine_tuning_is_refused(
     code, out, err = run(["train", config, "--quiet", "--resume", *change], capsys)
     assert code == 1 and out == "" and err.count("\n") == 1, err
     assert err.startswith("error: ") and message in err, err
+
+
+def test_a_finetuning_run_resumes_from_its_own_config_record(
+    denoised, toy_config, tmp_path, capsys
+):
+    """RUN/config.yaml names the source and repeats its architecture: it resumes the run."""
+    run_dir = tmp_path / "tuned"
+    config = tuning_config(toy_config, tmp_path / "tuned.yaml", run_dir,
+                           finetune={"source": str(denoised)}, train={"max_steps": 2})  # fmt: skip
+    code, _, err = run(["train", config, "--quiet"], capsys)
+    assert code == 0, err
+    record = run_dir / "config.yaml"
+    assert yaml.safe_load(record.read_text())["model"]["d_model"] == 32
+    code, _, err = run(["train", record, "--quiet", "--resume", "--train.max_steps", 4], capsys)
+    assert code == 0, err
+    assert ckpt.latest_checkpoint(run_dir / "checkpoints").name == "step_00000004"
 
 
 def test_summaries_longer_than_the_sources_positions_are_refused_before_anything_is_written(

@@ -278,8 +278,8 @@ class Experiment:
         if tuned_from and not self.finetune.get("source"):
             raise ConfigError(
                 f"--resume: {self.run_dir} was fine-tuned from {tuned_from}: resume it with "
-                f"`aiayn finetune --from {tuned_from} CONFIG --resume` (the source may have moved: "
-                "the run resumes from its own folder)"
+                f"`aiayn train {path} --resume` or `aiayn finetune --from {tuned_from} CONFIG "
+                "--resume` (the source may have moved: the run resumes from its own folder)"
             )
         now: dict[str, dict[str, Any]] = {}
         then: dict[str, dict[str, Any]] = {}

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -86,14 +86,26 @@ class Source:
     dropped: tuple[str, ...] = ()
 
 
-def check_model_section(model: dict[str, Any]) -> None:
-    """When fine-tuning, the YAML's model section may only change dropouts."""
-    other = sorted(set(model) - set(TUNABLE_MODEL_KEYS))
-    if other:
-        raise ConfigError(
-            f"model.{other[0]} cannot be set when fine-tuning: the architecture comes from the "
-            f"source; the model section may only set {', '.join(TUNABLE_MODEL_KEYS)}"
-        )
+def check_model_section(
+    model: dict[str, Any], architecture: TransformerConfig | None = None
+) -> None:
+    """When fine-tuning, the YAML's model section may change only dropouts. It may repeat the
+    architecture, as a fine-tuning run's own config.yaml does (`aiayn train RUN/config.yaml
+    --resume`): each such value must then be the source's, in `architecture` (the fields alone
+    are checked where it is None, before the source is read)."""
+    fixed = {f.name for f in fields(TransformerConfig)} - set(TUNABLE_MODEL_KEYS)
+    for key in sorted(set(model) - set(TUNABLE_MODEL_KEYS)):
+        if key not in fixed:  # a preset, or a name that no model has
+            raise ConfigError(
+                f"model.{key} cannot be set when fine-tuning: the architecture comes from the "
+                f"source; the model section may only set {', '.join(TUNABLE_MODEL_KEYS)}"
+            )
+        if architecture is not None and model[key] != getattr(architecture, key):
+            raise ConfigError(
+                f"model.{key} is {model[key]!r} here but {getattr(architecture, key)!r} in the "
+                f"source: the architecture comes from the source; remove model.{key} (the model "
+                f"section may only change {', '.join(TUNABLE_MODEL_KEYS)})"
+            )
 
 
 def load_source(source: str | Path) -> Source:
@@ -169,19 +181,19 @@ def _load_hf_bert(path: Path) -> Source:
 
 def encoder_config(source: Source, model_section: dict[str, Any]) -> TransformerConfig:
     """The source's architecture as an encoder-only model, with the YAML's dropouts."""
-    check_model_section(model_section)
     if source.model_cfg.n_encoder_layers < 1:
         raise CheckpointError(
             f"{source.path} holds a decoder-only model: this task needs an encoder to start from"
         )
-    return source.model_cfg.replace(n_decoder_layers=0, **model_section)
+    architecture = source.model_cfg.replace(n_decoder_layers=0)
+    check_model_section(model_section, architecture)
+    return architecture.replace(**model_section)
 
 
 def seq2seq_config(source: Source, model_section: dict[str, Any]) -> TransformerConfig:
     """The source's architecture, encoder and decoder, with the YAML's dropouts: a translation
     or summarization model starts from all of the source's weights (T5's recipe for a model
     pre-trained by span corruption)."""
-    check_model_section(model_section)
     cfg = source.model_cfg
     if cfg.n_encoder_layers < 1 or cfg.n_decoder_layers < 1:
         shape = "a decoder-only" if cfg.n_encoder_layers < 1 else "an encoder-only"
@@ -190,6 +202,7 @@ def seq2seq_config(source: Source, model_section: dict[str, Any]) -> Transformer
             "encoder-decoder, such as a run of configs/pretrain_denoise.yaml or another "
             "translation or summarization run"
         )
+    check_model_section(model_section, cfg)
     return cfg.replace(**model_section)
 
 

@@ -187,7 +187,7 @@ def train_seq2seq(
     if start.source is not None:
         model = seq2seq_model(start.source, model_cfg)
     else:
-        model = Transformer(model_cfg)  # a resumed fine-tuning run: its weights in its checkpoint
+        model = Transformer(model_cfg)  # new, or resumed: its weights are in its checkpoint
     if tune.source is not None:
         frozen = freeze(model, tune)
         if frozen:
