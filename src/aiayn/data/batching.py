@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import torch
 
+from aiayn.data.packed import PackedPairs
 from aiayn.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -24,13 +25,16 @@ logger = logging.getLogger(__name__)
 IdPair = tuple[Sequence[int], Sequence[int]]
 
 
-def example_lengths(examples: Sequence[IdPair]) -> list[tuple[int, int]]:
-    """``(src_len, tgt_len)`` of each example as :func:`collate` will build it.
+def example_lengths(examples: Sequence[IdPair]) -> list[tuple[int, int]] | torch.Tensor:
+    """``(src_len, tgt_len)`` of each example as :func:`collate` will build it: a list, or an
+    (N, 2) tensor for :class:`~aiayn.data.packed.PackedPairs`.
 
     :func:`collate` adds one special token per side (``</s>`` to the source, ``<s>``/``</s>``
     to the target input/output), so these are ``len(ids) + 1``: the lengths to give
     :class:`TokenBatchSampler` so its budget matches the real tensors.
     """
+    if isinstance(examples, PackedPairs):
+        return examples.lengths() + 1
     return [(len(src) + 1, len(tgt) + 1) for src, tgt in examples]
 
 
@@ -93,7 +97,7 @@ class TokenBatchSampler:
 
     def __init__(
         self,
-        lengths: Sequence[tuple[int, int]],
+        lengths: Sequence[tuple[int, int]] | torch.Tensor,
         max_tokens: int,
         shuffle: bool = True,
         seed: int = 0,
@@ -102,11 +106,11 @@ class TokenBatchSampler:
             raise ConfigError(f"max_tokens {max_tokens} must be >= 1; the paper uses 25000")
         if len(lengths) == 0:
             raise DataError("no examples to batch; check that the data set is not empty")
-        lens = torch.tensor(lengths, dtype=torch.long).reshape(-1, 2)  # (N, 2)
+        lens = torch.as_tensor(lengths, dtype=torch.long).reshape(-1, 2)  # (N, 2)
         if bool((lens < 1).any()):
             bad = int((lens < 1).any(dim=1).nonzero()[0])
             raise DataError(
-                f"example {bad} has lengths {tuple(lengths[bad])}; lengths must be >= 1 "
+                f"example {bad} has lengths {tuple(lens[bad].tolist())}; lengths must be >= 1 "
                 f"(use example_lengths(), which counts the added </s> or <s>)"
             )
         self.max_tokens = max_tokens
@@ -285,8 +289,7 @@ def collate(
     tgt_in = torch.full((n, t_len), pad_id, dtype=torch.long)
     tgt_out = torch.full((n, t_len), pad_id, dtype=torch.long)
     for i, (s, t) in enumerate(pairs):
-        s_ids = torch.as_tensor(list(s), dtype=torch.long)
-        t_ids = torch.as_tensor(list(t), dtype=torch.long)
+        s_ids, t_ids = _ids(s), _ids(t)
         src[i, : len(s)] = s_ids
         src[i, len(s)] = eos_id
         tgt_in[i, 0] = bos_id
@@ -294,6 +297,11 @@ def collate(
         tgt_out[i, : len(t)] = t_ids
         tgt_out[i, len(t)] = eos_id
     return src, tgt_in, tgt_out
+
+
+def _ids(ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """A list of ids (or a tensor of them: `PackedPairs`) as a long tensor."""
+    return torch.as_tensor(ids if isinstance(ids, torch.Tensor) else list(ids), dtype=torch.long)
 
 
 def fit_to_max_len(
@@ -313,8 +321,9 @@ def fit_to_max_len(
         ``"reject"``: raise DataError on the first too-long example.
 
     Returns:
-        ``(examples, n_truncated)``: new lists (the input is not modified) and the number of
-        examples that had either side cut (always 0 for ``"reject"``).
+        ``(examples, n_truncated)``: new lists (the input is not modified; for
+        :class:`~aiayn.data.packed.PackedPairs`, a `PackedPairs`) and the number of examples
+        that had either side cut (always 0 for ``"reject"``).
 
     Raises:
         ConfigError: unknown policy, or ``max_len < 2``.
@@ -325,17 +334,28 @@ def fit_to_max_len(
     if max_len < 2:
         raise ConfigError(f"max_len {max_len} must be >= 2 (one id plus <s> or </s>)")
     limit = max_len - 1
+    if isinstance(examples, PackedPairs):
+        over = examples.lengths() > limit  # (N, 2)
+        cut = over.any(dim=1)
+        if policy == "reject" and bool(cut.any()):
+            i = int(cut.nonzero()[0])
+            side = 0 if bool(over[i, 0]) else 1
+            _refuse_long(i, ("source", "target")[side], len(examples[i][side]), max_len)
+        return examples.truncated(limit, limit), int(cut.sum())
     out: list[tuple[list[int], list[int]]] = []
     n_truncated = 0
     for i, (src, tgt) in enumerate(examples):
         if len(src) > limit or len(tgt) > limit:
             if policy == "reject":
                 side, length = ("source", len(src)) if len(src) > limit else ("target", len(tgt))
-                raise DataError(
-                    f"example {i}: {side} has {length} tokens (+1 for </s>) but max_len is "
-                    f"{max_len}; raise max_len, filter long examples, or use the 'truncate' "
-                    f"policy"
-                )
+                _refuse_long(i, side, length, max_len)
             n_truncated += 1
         out.append((list(src[:limit]), list(tgt[:limit])))
     return out, n_truncated
+
+
+def _refuse_long(i: int, side: str, length: int, max_len: int) -> None:
+    raise DataError(
+        f"example {i}: {side} has {length} tokens (+1 for </s>) but max_len is {max_len}; "
+        "raise max_len, filter long examples, or use the 'truncate' policy"
+    )

@@ -24,8 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
+
 from aiayn.config import ConfigSection, TransformerConfig
 from aiayn.data import corpus
+from aiayn.data.batching import IdPair
+from aiayn.data.packed import PackedPairs
 from aiayn.data.tokenizer import Tokenizer
 from aiayn.errors import ConfigError, DataError
 from aiayn.experiment import Experiment, releases_run_dir
@@ -351,12 +355,17 @@ def rouge_f1(predictions: list[str], references: list[str]) -> dict[str, float]:
 
 
 def truncate_pairs(
-    examples: Sequence[tuple[list[int], list[int]]], max_src_len: int, max_tgt_len: int
-) -> tuple[list[tuple[list[int], list[int]]], int, int]:
+    examples: Sequence[IdPair], max_src_len: int, max_tgt_len: int
+) -> tuple[Sequence[IdPair], int, int]:
     """Keep each document's first `max_src_len` ids and target's first `max_tgt_len`.
 
-    Returns (the cut pairs, how many documents were cut, how many targets were cut).
+    Returns (the cut pairs, how many documents were cut, how many targets were cut); the cut
+    pairs are a `PackedPairs` where `examples` is one.
     """
+    if isinstance(examples, PackedPairs):
+        over = examples.lengths() > torch.tensor([max_src_len, max_tgt_len])
+        n_src, n_tgt = (int(n) for n in over.sum(dim=0))
+        return examples.truncated(max_src_len, max_tgt_len), n_src, n_tgt
     n_src = sum(len(src) > max_src_len for src, _ in examples)
     n_tgt = sum(len(tgt) > max_tgt_len for _, tgt in examples)
     return [(src[:max_src_len], tgt[:max_tgt_len]) for src, tgt in examples], n_src, n_tgt
@@ -389,9 +398,7 @@ def train_summarization(
     check_run(exp, resume, data)
     train_pairs, valid_pairs = data.read("train"), data.read("valid")
 
-    def fit(
-        examples: list[tuple[list[int], list[int]]], model_cfg: TransformerConfig, split: str
-    ) -> list[tuple[list[int], list[int]]]:
+    def fit(examples: PackedPairs, model_cfg: TransformerConfig, split: str) -> PackedPairs:
         check_lengths(model_cfg.max_len)
         out, n_src, n_tgt = truncate_pairs(examples, data.max_src_len, data.max_tgt_len)
         logger.info(

@@ -18,6 +18,7 @@ from aiayn import checkpoint as ckpt
 from aiayn.config import ConfigSection, TransformerConfig
 from aiayn.data import corpus
 from aiayn.data.batching import fit_to_max_len, pad_ids
+from aiayn.data.packed import PackedPairs
 from aiayn.data.tokenizer import Tokenizer
 from aiayn.decoding import translate_ids
 from aiayn.errors import CheckpointError, ConfigError, DataError
@@ -369,9 +370,7 @@ def train_translation(
     check_run(exp, resume, data)
     train_pairs, valid_pairs = data.read("train"), data.read("valid")
 
-    def fit(
-        examples: list[tuple[list[int], list[int]]], model_cfg: TransformerConfig, split: str
-    ) -> list[tuple[list[int], list[int]]]:
+    def fit(examples: PackedPairs, model_cfg: TransformerConfig, split: str) -> PackedPairs:
         if split != "train":
             return fit_to_max_len(examples, model_cfg.max_len, "truncate")[0]
         try:
