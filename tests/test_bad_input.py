@@ -221,6 +221,50 @@ def test_absurdly_long_line_is_truncated_with_one_counted_warning(
     assert warnings == ["1 of 300 training pairs were longer than max_len 64 and were truncated"]
 
 
+def test_a_vocabulary_size_other_than_the_tokenizers_is_refused_and_the_runs_own_is_not(
+    tmp_path, capsys, toy_config
+):
+    """A run's config.yaml spells out the sizes its tokenizer gave: `aiayn train RUN/config.yaml
+    --resume` continues it (to the weights of an uninterrupted run); another size is refused."""
+    run_dir = tmp_path / "run"
+    config = toy_config(tmp_path / "toy.yaml", run_dir, train={"max_steps": 4})
+    argv = ["train", config, "--quiet", "--model.src_vocab_size", 9]
+    assert_refused(run(argv, capsys), "model.src_vocab_size is 9 here but the tokenizer gives")
+    assert not run_dir.exists()
+    assert run(["train", config, "--quiet"], capsys)[0] == 0
+    record = ["train", run_dir / "config.yaml", "--quiet", "--resume", "--train.max_steps", 8]
+    code, _, err = run(record, capsys)
+    assert code == 0, err
+    straight = tmp_path / "straight"
+    assert (
+        run(["train", config, "--quiet", "--run_dir", straight, "--train.max_steps", 8], capsys)[0]
+        == 0
+    )
+    a, b = (
+        ckpt.load_model_state_dict(checkpoint_of(d / "checkpoints")) for d in (run_dir, straight)
+    )
+    assert checkpoint_of(run_dir / "checkpoints").name == "step_00000008"
+    assert all(torch.equal(a[name], b[name]) for name in b)
+
+
+def test_absurdly_long_line_is_left_out_under_policy_drop(
+    tmp_path, capsys, caplog, toy_config, toy_corpus
+):
+    config = long_line_config(tmp_path, toy_config, toy_corpus, "drop")
+    with caplog.at_level(logging.WARNING, logger="aiayn"):
+        code, out, err = run(["train", config, "--quiet"], capsys)
+    assert code == 0, err
+    warnings = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert warnings == ["1 of 300 training pairs were longer than max_len 64 and were left out"]
+    assert not [r for r in caplog.records if "truncated" in r.getMessage()]
+    run_dir = tmp_path / "none_left"  # every toy pair has 2 words or more: none fits in 2 ids
+    argv = ["train", config, "--quiet", "--run_dir", run_dir, "--model.max_len", "2"]
+    code, out, err = run(argv, capsys)
+    assert code == 1 and out == "" and err.count("\n") == 1, err
+    assert "every training pair is longer than model.max_len 2: raise it" in err, err
+    assert not run_dir.exists()
+
+
 def test_absurdly_long_line_is_rejected_under_policy_reject(
     tmp_path, capsys, toy_config, toy_corpus
 ):
@@ -248,7 +292,7 @@ BASE = "task: translation\nrun_dir: r\n"
         (BASE + "model: {d_model: '32'}\n", "model.d_model must be an integer, got '32'"),
         (BASE + "train: {max_steps: 2.5}\n", "train.max_steps must be an integer, got 2.5"),
         (BASE + "model: {norm: sideways}\n", "model.norm must be one of 'post', 'pre', got 'sideways'"),
-        (BASE + "data: {max_len_policy: drop}\n", "data.max_len_policy must be one of 'truncate', 'reject'"),
+        (BASE + "data: {max_len_policy: skip}\n", "data.max_len_policy must be one of 'truncate', 'drop', 'reject'"),
         (BASE + "model: {dropout: 1.5}\n", "dropout must be in [0, 1), got 1.5"),
         (BASE + "model: {n_heads: 0}\n", "n_heads must be a positive integer, got 0"),
         (BASE + "model: {n_encoder_layers: 0}\n", "task translation needs an encoder and a decoder"),

@@ -181,6 +181,12 @@ def test_fit_to_max_len_truncate():
     assert len(examples[1][0]) == 5  # input untouched
 
 
+def test_fit_to_max_len_drop():
+    examples = [([1] * 3, [2] * 3), ([1] * 5, [2] * 2), ([3] * 2, [4] * 3), ([1] * 2, [2] * 9)]
+    out, n = fit_to_max_len(examples, max_len=4, policy="drop")
+    assert n == 2 and out == [([1] * 3, [2] * 3), ([3] * 2, [4] * 3)]
+
+
 def test_fit_to_max_len_reject():
     examples = [([1] * 3, [2] * 3), ([1] * 2, [2] * 9)]
     with pytest.raises(DataError, match=r"example 1: target has 9 tokens .* max_len is 4"):
@@ -188,7 +194,7 @@ def test_fit_to_max_len_reject():
     out, n = fit_to_max_len(examples[:1], max_len=4, policy="reject")
     assert n == 0 and out == [([1] * 3, [2] * 3)]
     with pytest.raises(ConfigError, match="unknown length policy"):
-        fit_to_max_len(examples, 4, policy="drop")  # type: ignore[arg-type]
+        fit_to_max_len(examples, 4, policy="skip")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="max_len 1"):
         fit_to_max_len(examples, 1)
 

@@ -447,7 +447,7 @@ def test_word_vectors_initialise_a_word_level_classifier(one_thread, tmp_path, t
 @pytest.mark.parametrize(
     ("model", "message"),
     [
-        ({"d_ff": 128}, "model.d_ff is 128 here but 64 in the source: the architecture comes"),
+        ({"d_ff": 128}, "model.d_ff is 128 here but the source gives 64: the architecture comes"),
         ({"preset": "base"}, "model.preset cannot be set when fine-tuning"),
         ({"d_modle": 32}, "model.d_modle cannot be set when fine-tuning"),
     ],

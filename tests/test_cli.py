@@ -217,7 +217,6 @@ def write(path: Path, text: str) -> Path:
         ("task: translation\nrun_dir: r\nmodel: [1, 2]\n", "model must be a mapping"),
         ("task: translation\nrun_dir: r\nmodel: {d_model: 3\n", "is not valid YAML"),
         ("task: translation\nrun_dir: r\ndata: {format: text}\n", "data.train_src is required when data.format is 'text'"),
-        ("task: translation\nrun_dir: r\nmodel: {src_vocab_size: 9}\n", "model.src_vocab_size is set by the tokenizer"),
         ("task: translation\nrun_dir: r\ntrain: {lr_scale: .nan}\n", "train.lr_scale must be a finite number, got nan"),
         ("task: translation\nrun_dir: r\ntrain: {lr_scale: .inf}\n", "train.lr_scale must be a finite number, got inf"),
         ("task: translation\nrun_dir: r\nmodel: {dropout: -.inf}\n", "model.dropout must be a finite number, got -inf"),

@@ -13,6 +13,7 @@ from test_pretrain import CONFIGS, TINY
 
 from aiayn import checkpoint as ckpt
 from aiayn.cli import main
+from aiayn.errors import ConfigError
 from aiayn.finetune import load_source, seq2seq_config, seq2seq_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -138,7 +139,7 @@ def test_frozen_embeddings_and_first_layer_keep_the_sources_weights(
         ("causal", [], "holds a decoder-only model"),
         ("denoise", ["--finetune.body_lr_scale", "0.5"],
          "finetune.body_lr_scale is 0.5, but a sequence-to-sequence model has no new head"),
-        ("denoise", ["--model.d_model", "64"], "model.d_model is 64 here but 32 in the source"),
+        ("denoise", ["--model.d_model", "64"], "model.d_model is 64 here but the source gives 32"),
         ("denoise", ["--finetune.freeze_layers", "5"],
          "finetune.freeze_layers is 5 but the model has 1 encoder layers"),
     ],
@@ -196,6 +197,53 @@ def test_a_finetuning_run_resumes_from_its_own_config_record(
     code, _, err = run(["train", record, "--quiet", "--resume", "--train.max_steps", 4], capsys)
     assert code == 0, err
     assert ckpt.latest_checkpoint(run_dir / "checkpoints").name == "step_00000004"
+
+
+@pytest.mark.parametrize("record", ["kept", "edited", "removed"])
+def test_a_resume_cannot_change_the_architecture_of_a_finetuning_run(
+    record, denoised, toy_config, tmp_path, capsys
+):
+    """The run's checkpoint says what its weights are: a changed activation (no tensor's shape
+    shows it) is refused whether given on the command line with no config.yaml left to
+    compare, or written into config.yaml and resumed from it."""
+    run_dir = tmp_path / "tuned"
+    config = tuning_config(toy_config, tmp_path / "tuned.yaml", run_dir,
+                           finetune={"source": str(denoised)}, train={"max_steps": 2})  # fmt: skip
+    code, _, err = run(["train", config, "--quiet"], capsys)
+    assert code == 0, err
+    record_file = run_dir / "config.yaml"
+    argv = ["train", record_file if record == "edited" else config, "--quiet", "--resume"]
+    if record == "edited":
+        text = record_file.read_text()
+        record_file.write_text(text.replace("activation: relu", "activation: gelu"))
+    else:
+        if record == "removed":
+            record_file.unlink()
+        argv += ["--model.activation", "gelu"]
+    code, out, err = run([*argv, "--train.max_steps", 4], capsys)
+    assert code == 1 and err.count("\n") == 1, err
+    expected = "--resume: model.activation" if record == "kept" else "model.activation is 'gelu'"
+    assert expected in err, err
+    if record != "kept":
+        assert "step_00000002/config.json gives 'relu'" in err, err
+    assert ckpt.latest_checkpoint(run_dir / "checkpoints").name == "step_00000002"
+
+
+def test_repeated_architecture_values_are_read_as_the_config_reads_them(denoised):
+    """YAML reads 1e-5 as a string; the config reads it as the number; the attention kernel may
+    change; a classifier may repeat its encoder-decoder source's decoder depth."""
+    from aiayn.finetune import encoder_config
+
+    source = load_source(denoised)
+    section = {"layer_norm_eps": "1e-5", "d_model": 32, "attention": "reference"}
+    cfg = seq2seq_config(source, section)
+    assert cfg.attention == "reference" and cfg == source.model_cfg.replace(attention="reference")
+    own = source.model_cfg.to_dict()
+    assert encoder_config(source, own).n_decoder_layers == 0
+    with pytest.raises(
+        ConfigError, match="model.n_decoder_layers is 3 here but the source gives 0"
+    ):
+        encoder_config(source, {**own, "n_decoder_layers": 3})
 
 
 def test_summaries_longer_than_the_sources_positions_are_refused_before_anything_is_written(

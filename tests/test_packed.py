@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aiayn.data import packed as packed_module
 from aiayn.data.batching import TokenBatchSampler, collate, example_lengths, fit_to_max_len
 from aiayn.data.packed import Packed, PackedPairs
 from aiayn.data.tokenizer import Tokenizer
@@ -42,7 +43,24 @@ def test_packed_rows_and_their_cut_are_the_lists(rows, limit):
 
 
 @fast
-@given(pairs_st, st.integers(2, 14), st.sampled_from(["truncate", "reject"]))
+@given(rows_st, st.integers(0, 14), st.lists(st.booleans(), min_size=40, max_size=40))
+def test_cuts_and_selections_a_few_sequences_at_a_time_are_those_of_lists(rows, limit, keep):
+    """Cut and selected in chunks of 3 sequences (65,536 in a run), as the lists would be."""
+    packed = Packed.from_rows(rows)
+    mask = torch.tensor(keep[: len(rows)], dtype=torch.bool)
+    chunk, packed_module.COPY_CHUNK = packed_module.COPY_CHUNK, 3
+    try:
+        cut, selected = packed.truncated(limit), packed.select(mask)
+    finally:
+        packed_module.COPY_CHUNK = chunk
+    assert [cut[i].tolist() for i in range(len(cut))] == [r[:limit] for r in rows]
+    assert [selected[i].tolist() for i in range(len(selected))] == [
+        r for r, k in zip(rows, keep, strict=False) if k
+    ]
+
+
+@fast
+@given(pairs_st, st.integers(2, 14), st.sampled_from(["truncate", "drop", "reject"]))
 def test_fit_to_max_len_of_packed_pairs_is_that_of_lists(pairs, max_len, policy):
     packed = PackedPairs.from_pairs(pairs)
     try:

@@ -143,7 +143,7 @@ class Experiment:
             check_model_section(exp.model)  # the architecture comes from the source
             return exp
         # Validate the model section now, not after data preparation.
-        model_cfg = exp.model_config(vocab_size=16, pad_id=0)
+        model_cfg = exp.model_before_tokenizer()
         if task == "classification":
             if model_cfg.n_encoder_layers < 1 or model_cfg.n_decoder_layers != 0:
                 raise ConfigError(
@@ -168,13 +168,25 @@ class Experiment:
         """The model section resolved: preset + fields, with the tokenizer's vocabulary size."""
         values = dict(self.model)
         preset = values.pop("preset", None)
-        for key in ("src_vocab_size", "tgt_vocab_size", "pad_id"):
-            if key in values:
-                raise ConfigError(f"model.{key} is set by the tokenizer; remove it from the config")
-        values.update(src_vocab_size=vocab_size, tgt_vocab_size=vocab_size, pad_id=pad_id)
+        given = dict(src_vocab_size=vocab_size, tgt_vocab_size=vocab_size, pad_id=pad_id)
+        for key, value in given.items():
+            # A run's own config.yaml spells them out: the same values are no change.
+            if key in values and values[key] != value:
+                raise ConfigError(
+                    f"model.{key} is {values[key]!r} here but the tokenizer gives {value}: it is "
+                    "set by the tokenizer; remove it from the config"
+                )
+        values.update(given)
         if preset is not None:
             return TransformerConfig.from_preset(preset, **values)
         return TransformerConfig.from_dict(values)
+
+    def model_before_tokenizer(self) -> TransformerConfig:
+        """The model section resolved before the tokenizer exists, to check it early: the
+        vocabulary's size and pad id are the section's own where it spells them out (a run's
+        config.yaml does), else stand-ins."""
+        vocab_size = self.model.get("src_vocab_size", 16)
+        return self.model_config(vocab_size=vocab_size, pad_id=self.model.get("pad_id", 0))
 
     def resolved(self, model_cfg: TransformerConfig) -> dict[str, Any]:
         """The whole experiment with every model field spelled out: what checkpoints store."""

@@ -38,7 +38,8 @@ from aiayn.model import Transformer
 logger = logging.getLogger(__name__)
 
 # Model fields a fine-tuning config may set: the architecture itself comes from the source.
-TUNABLE_MODEL_KEYS = ("dropout", "attention_dropout", "activation_dropout")
+# (`attention` picks the kernel of the same attention: "sdpa" or "reference".)
+TUNABLE_MODEL_KEYS = ("dropout", "attention_dropout", "activation_dropout", "attention")
 BODY_PREFIX = "body."  # where task models keep their Transformer (see aiayn.heads)
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -87,12 +88,15 @@ class Source:
 
 
 def check_model_section(
-    model: dict[str, Any], architecture: TransformerConfig | None = None
+    model: dict[str, Any],
+    architecture: TransformerConfig | None = None,
+    whose: str = "the source",
 ) -> None:
-    """When fine-tuning, the YAML's model section may change only dropouts. It may repeat the
-    architecture, as a fine-tuning run's own config.yaml does (`aiayn train RUN/config.yaml
-    --resume`): each such value must then be the source's, in `architecture` (the fields alone
-    are checked where it is None, before the source is read)."""
+    """When fine-tuning, the YAML's model section may change only dropouts (and the attention
+    kernel). It may repeat the architecture, as a fine-tuning run's own config.yaml does
+    (`aiayn train RUN/config.yaml --resume`): each such value must then be the one in
+    `architecture`, which `whose` gives (the fields alone are checked where it is None, before the
+    source is read). Values are compared as the config reads them (`1e-5` is a number)."""
     fixed = {f.name for f in fields(TransformerConfig)} - set(TUNABLE_MODEL_KEYS)
     for key in sorted(set(model) - set(TUNABLE_MODEL_KEYS)):
         if key not in fixed:  # a preset, or a name that no model has
@@ -100,12 +104,24 @@ def check_model_section(
                 f"model.{key} cannot be set when fine-tuning: the architecture comes from the "
                 f"source; the model section may only set {', '.join(TUNABLE_MODEL_KEYS)}"
             )
-        if architecture is not None and model[key] != getattr(architecture, key):
+        if architecture is None:
+            continue
+        read = getattr(architecture.replace(**{key: model[key]}), key)  # invalid: ConfigError
+        if read != getattr(architecture, key):
             raise ConfigError(
-                f"model.{key} is {model[key]!r} here but {getattr(architecture, key)!r} in the "
-                f"source: the architecture comes from the source; remove model.{key} (the model "
-                f"section may only change {', '.join(TUNABLE_MODEL_KEYS)})"
+                f"model.{key} is {model[key]!r} here but {whose} gives "
+                f"{getattr(architecture, key)!r}: the architecture comes from the source; remove "
+                f"model.{key} (the model section may only change {', '.join(TUNABLE_MODEL_KEYS)})"
             )
+
+
+def tuned(
+    architecture: TransformerConfig, model: dict[str, Any], whose: str = "the source"
+) -> TransformerConfig:
+    """`architecture` with the settings a fine-tuning config may change (`check_model_section`
+    first: every other value it gives must be the architecture's)."""
+    check_model_section(model, architecture, whose)
+    return architecture.replace(**{k: v for k, v in model.items() if k in TUNABLE_MODEL_KEYS})
 
 
 def load_source(source: str | Path) -> Source:
@@ -185,9 +201,10 @@ def encoder_config(source: Source, model_section: dict[str, Any]) -> Transformer
         raise CheckpointError(
             f"{source.path} holds a decoder-only model: this task needs an encoder to start from"
         )
-    architecture = source.model_cfg.replace(n_decoder_layers=0)
-    check_model_section(model_section, architecture)
-    return architecture.replace(**model_section)
+    section = dict(model_section)
+    if section.get("n_decoder_layers") == source.model_cfg.n_decoder_layers:
+        del section["n_decoder_layers"]  # the source's own value: its decoder is left out
+    return tuned(source.model_cfg.replace(n_decoder_layers=0), section)
 
 
 def seq2seq_config(source: Source, model_section: dict[str, Any]) -> TransformerConfig:
@@ -202,8 +219,7 @@ def seq2seq_config(source: Source, model_section: dict[str, Any]) -> Transformer
             "encoder-decoder, such as a run of configs/pretrain_denoise.yaml or another "
             "translation or summarization run"
         )
-    check_model_section(model_section, cfg)
-    return cfg.replace(**model_section)
+    return tuned(cfg, model_section)
 
 
 def seq2seq_model(source: Source, cfg: TransformerConfig) -> Transformer:
@@ -243,22 +259,29 @@ def resumed_run(
     run_dir: Path, model_section: dict[str, Any]
 ) -> tuple[TransformerConfig, Path] | None:
     """The architecture (with the YAML's dropouts) and the tokenizer file of the fine-tuning run
-    in run_dir, from the run folder (config.yaml, tokenizer.json), else from its latest
-    checkpoint (config.json, and the tokenizer.json saved beside every checkpoint); None where
-    neither has both. A run resumed takes them from its own folder: the source may have moved."""
+    in run_dir: those of its latest checkpoint (config.json, and the tokenizer.json saved beside
+    every checkpoint), which its weights are, else of the run folder (config.yaml,
+    tokenizer.json); None where neither has them. A run resumed takes them from its own folder:
+    the source may have moved.
+
+    Raises:
+        ConfigError: the YAML's model section gives another architecture than the run's.
+    """
     latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
-    for config, tokenizer in (
-        (run_dir / "config.yaml", run_dir / TOKENIZER_FILE),
-        *([(latest / ckpt.CONFIG_FILE, latest / TOKENIZER_FILE)] if latest else []),
-    ):
+    configs = [latest / ckpt.CONFIG_FILE] if latest else []
+    tokenizers = [latest / TOKENIZER_FILE] if latest else []
+    architecture = None
+    for config in (*configs, run_dir / "config.yaml"):
         try:
             run = yaml.safe_load(config.read_text(encoding="utf-8"))  # JSON is YAML too
-            model_cfg = TransformerConfig.from_dict(run["model"]).replace(**model_section)
+            architecture = TransformerConfig.from_dict(run["model"])
+            break
         except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError, ConfigError):
             continue
-        if tokenizer.is_file():
-            return model_cfg, tokenizer
-    return None
+    tokenizer = next((t for t in (*tokenizers, run_dir / TOKENIZER_FILE) if t.is_file()), None)
+    if architecture is None or tokenizer is None:
+        return None
+    return tuned(architecture, model_section, f"the run's {config}"), tokenizer
 
 
 def load_matching(body: nn.Module, source: Source) -> dict[str, list[str]]:

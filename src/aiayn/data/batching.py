@@ -307,7 +307,7 @@ def _ids(ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
 def fit_to_max_len(
     examples: Sequence[IdPair],
     max_len: int,
-    policy: Literal["truncate", "reject"] = "truncate",
+    policy: Literal["truncate", "drop", "reject"] = "truncate",
 ) -> tuple[list[tuple[list[int], list[int]]], int]:
     """Make every example fit a model that accepts sequences of at most ``max_len`` positions.
 
@@ -316,42 +316,48 @@ def fit_to_max_len(
 
     Policies:
         ``"truncate"``: cut each too-long side to its first ``max_len - 1`` ids (the target
-            still ends in ``</s>`` after collation). Returns how many examples were cut so
-            the caller can log one counted warning.
+            still ends in ``</s>`` after collation).
+        ``"drop"``: leave out every example with a too-long side (a cut pair's two sides no
+            longer say the same).
         ``"reject"``: raise DataError on the first too-long example.
 
     Returns:
-        ``(examples, n_truncated)``: new lists (the input is not modified; for
+        ``(examples, n_long)``: new lists (the input is not modified; for
         :class:`~aiayn.data.packed.PackedPairs`, a `PackedPairs`) and the number of examples
-        that had either side cut (always 0 for ``"reject"``).
+        that had a too-long side, cut or left out, so that the caller can log one counted
+        warning (always 0 for ``"reject"``).
 
     Raises:
         ConfigError: unknown policy, or ``max_len < 2``.
         DataError: (``"reject"``) an example is too long; the message names it.
     """
-    if policy not in ("truncate", "reject"):
-        raise ConfigError(f"unknown length policy {policy!r}; use 'truncate' or 'reject'")
+    if policy not in ("truncate", "drop", "reject"):
+        raise ConfigError(f"unknown length policy {policy!r}; use 'truncate', 'drop' or 'reject'")
     if max_len < 2:
         raise ConfigError(f"max_len {max_len} must be >= 2 (one id plus <s> or </s>)")
     limit = max_len - 1
     if isinstance(examples, PackedPairs):
         over = examples.lengths() > limit  # (N, 2)
-        cut = over.any(dim=1)
-        if policy == "reject" and bool(cut.any()):
-            i = int(cut.nonzero()[0])
+        long = over.any(dim=1)
+        if policy == "reject" and bool(long.any()):
+            i = int(long.nonzero()[0])
             side = 0 if bool(over[i, 0]) else 1
             _refuse_long(i, ("source", "target")[side], len(examples[i][side]), max_len)
-        return examples.truncated(limit, limit), int(cut.sum())
+        if policy == "drop":
+            return examples.select(~long), int(long.sum())
+        return examples.truncated(limit, limit), int(long.sum())
     out: list[tuple[list[int], list[int]]] = []
-    n_truncated = 0
+    n_long = 0
     for i, (src, tgt) in enumerate(examples):
         if len(src) > limit or len(tgt) > limit:
             if policy == "reject":
                 side, length = ("source", len(src)) if len(src) > limit else ("target", len(tgt))
                 _refuse_long(i, side, length, max_len)
-            n_truncated += 1
+            n_long += 1
+            if policy == "drop":
+                continue
         out.append((list(src[:limit]), list(tgt[:limit])))
-    return out, n_truncated
+    return out, n_long
 
 
 def _refuse_long(i: int, side: str, length: int, max_len: int) -> None:

@@ -23,6 +23,7 @@ from torch import Tensor
 # Texts encoded at a time: bounds the tokenizer's per-text objects (ids, offsets, tokens:
 # several times the ids' size), which exist only until a chunk is packed.
 ENCODE_CHUNK = 65536
+COPY_CHUNK = 65536  # sequences cut or selected at a time
 
 
 class Packed:
@@ -72,17 +73,38 @@ class Packed:
         lengths = self.lengths()
         if len(lengths) == 0 or int(lengths.max()) <= limit:
             return self
-        # Mark the ids past each long sequence's limit: +1 where its cut part starts, -1 where
-        # it ends; a running sum is then 1 on every id to drop. One byte an id, where an index
-        # per id would take eight.
-        long = lengths > limit
-        edges = torch.zeros(len(self.values) + 1, dtype=torch.int8)
-        ones = torch.ones(int(long.sum()), dtype=torch.int8)
-        # (summed, not set: with limit 0 one sequence's end is the next one's cut)
-        edges.index_put_((self.offsets[:-1][long] + limit,), ones, accumulate=True)
-        edges.index_put_((self.offsets[1:][long],), -ones, accumulate=True)
-        drop = torch.cumsum(edges, 0, dtype=torch.int8)[:-1].bool()
-        return Packed(self.values[~drop], _starts(lengths.clamp(max=limit)))
+
+        def kept(start: int, end: int) -> Tensor:
+            # Each id's place in its own sequence: its index minus where its sequence starts.
+            first = self.offsets[start:end] - self.offsets[start]
+            place = torch.arange(int(first[-1] + lengths[end - 1])) - torch.repeat_interleave(
+                first, lengths[start:end]
+            )
+            return place < limit
+
+        return self._copy(lengths.clamp(max=limit), kept)
+
+    def select(self, mask: Tensor) -> Packed:
+        """The sequences where `mask` (N,) is true, in order."""
+        lengths = self.lengths()
+        mask = mask.to(torch.bool)
+        return self._copy(
+            lengths[mask],
+            lambda start, end: torch.repeat_interleave(mask[start:end], lengths[start:end]),
+        )
+
+    def _copy(self, lengths: Tensor, kept: Callable[[int, int], Tensor]) -> Packed:
+        """A `Packed` of sequences of `lengths`, holding the ids of self for which `kept(start,
+        end)` (a bool for each id of sequences start to end) is true. A chunk of sequences at a
+        time, into the output: no index over the whole corpus (8 bytes an id) is ever made."""
+        values = torch.empty(int(lengths.sum()), dtype=torch.int32)
+        at = 0
+        for start in range(0, len(self), COPY_CHUNK):
+            end = min(start + COPY_CHUNK, len(self))
+            part = self.values[int(self.offsets[start]) : int(self.offsets[end])][kept(start, end)]
+            values[at : at + len(part)] = part
+            at += len(part)
+        return Packed(values, _starts(lengths))
 
     def nbytes(self) -> int:
         return self.values.nbytes + self.offsets.nbytes
@@ -133,6 +155,10 @@ class PackedPairs(Sequence[tuple[Tensor, Tensor]]):
     def truncated(self, src_limit: int, tgt_limit: int) -> PackedPairs:
         """Each source cut to its first `src_limit` ids, each target to `tgt_limit`."""
         return PackedPairs(self.src.truncated(src_limit), self.tgt.truncated(tgt_limit))
+
+    def select(self, mask: Tensor) -> PackedPairs:
+        """The pairs where `mask` (N,) is true, in order."""
+        return PackedPairs(self.src.select(mask), self.tgt.select(mask))
 
     def nbytes(self) -> int:
         return self.src.nbytes() + self.tgt.nbytes()

@@ -150,7 +150,7 @@ def check_experiment(exp: Experiment) -> PretrainData:
     data = PretrainData.from_dict(exp.data)
     if exp.decode:
         raise ConfigError("task pretrain has no decode section; remove it from the config")
-    cfg = exp.model_config(vocab_size=16, pad_id=0)
+    cfg = exp.model_before_tokenizer()
     enc, dec = cfg.n_encoder_layers, cfg.n_decoder_layers
     needs = {
         "mlm": (enc >= 1 and dec == 0, "an encoder-only model: set model.n_decoder_layers: 0"),

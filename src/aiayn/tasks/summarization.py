@@ -394,7 +394,7 @@ def train_summarization(
                 )
 
     if not fine_tuning:  # the architecture is known now; a source's only once it is read
-        check_lengths(exp.model_config(vocab_size=16, pad_id=0).max_len)
+        check_lengths(exp.model_before_tokenizer().max_len)
     check_run(exp, resume, data)
     train_pairs, valid_pairs = data.read("train"), data.read("valid")
 

@@ -46,7 +46,7 @@ class TranslationData(ConfigSection):
     SECTION: ClassVar[str] = "data"
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "format": ("multi30k", "text", "table", "hf"),
-        "max_len_policy": ("truncate", "reject"),
+        "max_len_policy": ("truncate", "drop", "reject"),
     }
 
     format: str = "multi30k"
@@ -67,7 +67,8 @@ class TranslationData(ConfigSection):
     train_split: str = "train"
     vocab_size: int = 8000  # joint source-target BPE vocabulary (§5.1 used 37000 for WMT)
     min_frequency: int = 2
-    max_len_policy: str = "truncate"  # a training pair longer than model.max_len: cut it, or stop
+    # A training pair longer than model.max_len: cut it, leave it out, or stop.
+    max_len_policy: str = "truncate"
     max_train_examples: int | None = None  # use only the first N pairs (quick experiments, tests)
     max_valid_examples: int | None = None  # validate BLEU on the first N pairs (speed)
 
@@ -382,11 +383,17 @@ def train_translation(
             ) from None
         if n_cut:
             logger.warning(
-                "%d of %d training pairs were longer than max_len %d and were truncated",
+                "%d of %d training pairs were longer than max_len %d and were %s",
                 n_cut,
-                len(train_ids),
+                len(examples),
                 model_cfg.max_len,
+                "left out" if data.max_len_policy == "drop" else "truncated",
             )
+            if not train_ids:
+                raise DataError(
+                    f"every training pair is longer than model.max_len {model_cfg.max_len}: "
+                    "raise it, or set data.max_len_policy to truncate"
+                )
         return train_ids
 
     def score(model: Transformer, tokenizer: Tokenizer) -> dict[str, float]:
