@@ -822,3 +822,49 @@ def test_decode_floor_writes_the_bound_it_prints(tmp_path: Path, one_thread) -> 
     assert result["floor_x_generate"] == pytest.approx(ms["hf-generate"] / result["floor_ms"])
     with pytest.raises(SystemExit):
         decode_floor.main([*FAST[:4], "--dtype", "bf16", "--out", str(tmp_path)])
+
+
+def test_data_memory_counts_both_layouts_in_processes_of_their_own(tmp_path: Path) -> None:
+    from bench import data_memory
+
+    src, tgt = tmp_path / "train.de", tmp_path / "train.en"
+    src.write_text("ein hund\nzwei kleine katzen laufen\nein\n" * 20, encoding="utf-8")
+    tgt.write_text("a dog\ntwo small cats run\none\n" * 20, encoding="utf-8")
+    data_memory.main(["--src", str(src), "--tgt", str(tgt), "--pairs", "300", "--vocab-size",
+                      "60", "--max-len", "4", "--out-dir", str(tmp_path)])  # fmt: skip
+    (path,) = tmp_path.glob("data_memory-cpu-*.json")
+    rows = json.loads(path.read_text(encoding="utf-8"))["results"]
+    assert [r["layout"] for r in rows] == ["lists", "packed"]
+    # The same pairs, cut alike (a third of them have 4 words: more than 3 ids), batched alike.
+    assert rows[0]["tokens"] == rows[1]["tokens"] and rows[0]["pairs"] == rows[1]["pairs"] == 300
+    assert rows[0]["cut_to_max_len"] == rows[1]["cut_to_max_len"] >= 100
+    assert rows[0]["batches"] == rows[1]["batches"]
+
+
+def test_source_reliance_sees_a_decoder_that_ignores_its_source(
+    tmp_path: Path, toy_config, one_thread
+) -> None:
+    """The loss with moved sources equals the loss with the own ones exactly when the decoder
+    cannot see the source (cross-attention's output projection zeroed), and differs otherwise."""
+    from aiayn.data.tokenizer import Tokenizer
+    from aiayn.experiment import Experiment
+    from aiayn.model import TransformerConfig
+    from bench.source_reliance import pair_losses
+
+    exp = Experiment.from_yaml(toy_config(tmp_path / "toy.yaml", tmp_path / "run"))
+    texts = [line for side in ("valid_src", "valid_tgt") for line in
+             Path(exp.data[side]).read_text(encoding="utf-8").splitlines()]  # fmt: skip
+    tok = Tokenizer.train(texts, vocab_size=60, min_frequency=1)
+    torch.manual_seed(0)
+    cfg = TransformerConfig(src_vocab_size=tok.vocab_size, tgt_vocab_size=tok.vocab_size,
+                            d_model=32, n_heads=2, d_ff=64, n_encoder_layers=1,
+                            n_decoder_layers=1, dropout=0.0, max_len=64)  # fmt: skip
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        own, moved = pair_losses(exp, model, tok)
+        assert own != moved
+        for layer in model.decoder.layers:
+            layer.cross_attn.w_o.weight.zero_()
+            layer.cross_attn.w_o.bias.zero_()
+        own, moved = pair_losses(exp, model, tok)
+    assert own == moved
